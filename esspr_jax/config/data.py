@@ -1,11 +1,160 @@
-"""Config section `data` (placeholder: its owner fills the keys)."""
+"""Config section `data`: the demo world generator, click-log mining, the input pipeline.
+
+  world.*     sizes, split and noise of the built-in demo marketplace (docs/data.md)
+  mining.*    the click-log pair-mining constraints, caps, bad-row policy, Beam runner
+  pipeline.*  owned by esspr_jax.config.pipeline (TFDS build + Grain loading)
+"""
 import ml_collections
+
+from esspr_jax.config import pipeline as pipeline_section
+from esspr_jax.errors import ConfigError
+
+# styles, suppliers in the pool, click-log sessions, image side in pixels.
+_WORLD_SIZES = {
+    "tiny": (96, 16, 400, 32),
+    "demo": (800, 60, 10000, 96),
+    "base": (1600, 120, 40000, 128),
+    "large": (1600, 120, 80000, 128),
+}
+
+
+def world_config(preset: str) -> ml_collections.ConfigDict:
+  styles, suppliers, sessions, image_size = _WORLD_SIZES.get(preset, _WORLD_SIZES["demo"])
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.num_styles = styles                # spread evenly over the categories
+  c.categories = ""                    # comma list of leaf names; "" = all 8
+  c.eval_style_fraction = 0.2          # styles held out of the click log, for eval_pairs.csv
+  c.eval_pairs_per_style = 1
+  c.min_suppliers_per_style = 2
+  c.max_suppliers_per_style = 6
+  c.num_suppliers = suppliers          # supplier pool; each has its own title habits
+  c.image_size = image_size
+  c.image_format = "jpeg"              # 'jpeg' or 'png'
+  c.jpeg_quality = 90
+  c.num_workers = 1 if preset == "tiny" else 0   # image rendering processes; 0 = one per core
+  c.watermark_prob = 0.15
+  c.typo_prob = 0.12                   # per title
+  c.noise_word_prob = 0.7              # per title: marketing words ("hot sale", "OEM")
+  # Click log.
+  c.num_sessions = sessions
+  c.results_per_session = 10
+  c.query_attribute_prob = 0.85        # each attribute of the wanted style named in the query
+  c.short_query_prob = 0.0             # share of queries naming one attribute ("red mug")
+  c.ranking_noise = 0.3                # std of the search engine's score noise
+  c.noise_result_prob = 0.2            # per slot: a result from another category
+  c.relevance_noise = 0.08             # std of the logged query-item relevance
+  c.position_bias = 0.7                # examination prob = position ** -position_bias
+  c.click_prob_wanted = 0.9            # attractiveness of the wanted style
+  c.click_prob_related = 0.2           # x relevance**2 for other same-category styles
+  c.click_prob_unrelated = 0.2         # results from other categories
+  c.corrupt_row_fraction = 0.002 if preset in ("demo", "base", "large") else 0.0
+  c.start_timestamp = 1_767_225_600    # 2026-01-01T00:00:00Z
+  c.span_days = 30
+  return c
+
+
+def mining_config(preset: str) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.group_by = "session"               # 'session' (one query issue) or 'query' (same text)
+  c.category_constraint = True         # both listings in the same leaf category
+  c.relevance_constraint = True        # both listings relevant to the query
+  c.min_relevance = 0.8
+  c.min_coclicks = 1                   # groups in which a pair must be co-clicked
+  c.max_pairs_per_query = 20           # 0 = no cap
+  c.max_pairs_per_listing = 30         # 0 = no cap
+  c.max_listings_per_group = 200       # most relevant clicked listings paired per query; 0 = all
+  c.seed = 0                           # tie-break hashing for caps and trigger/recall sides
+  c.input_format = "auto"              # 'auto' (by extension), 'csv' or 'parquet'
+  c.strict = False                     # first bad row raises, naming file and row
+  c.max_bad_fraction = 0.05            # stop when more of the click log than this is bad
+  c.write_rejects = True               # OUT.rejects.csv: reason, file:row, detail
+  c.runner = "DirectRunner"            # overridden by --runner=... pipeline options
+  c.pipeline_options = ""              # extra Beam options, e.g. "--direct_num_workers=2"
+  del preset
+  return c
 
 
 def default_config(preset: str) -> ml_collections.ConfigDict:
-  del preset
-  return ml_collections.ConfigDict()
+  c = ml_collections.ConfigDict()
+  c.world = world_config(preset)
+  c.mining = mining_config(preset)
+  c.pipeline = pipeline_section.default_config(preset)
+  return c
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+  if not cond:
+    raise ConfigError(key, msg)
+
+
+def _in_unit(value, key: str, open_low: bool = False) -> None:
+  ok = isinstance(value, (int, float)) and (0 < value <= 1 if open_low else 0 <= value <= 1)
+  _check(ok, key, f"must be in {'(0' if open_low else '[0'}, 1], got {value!r}")
+
+
+def _positive_int(value, key: str, minimum: int = 1) -> None:
+  _check(isinstance(value, int) and not isinstance(value, bool) and value >= minimum, key,
+         f"must be an integer >= {minimum}, got {value!r}")
+
+
+def validate_world(w, prefix: str = "data.world") -> None:
+  from esspr_jax.data import world_vocab  # pylint: disable=import-outside-toplevel
+  names = [n.strip() for n in w.categories.split(",") if n.strip()]
+  unknown = [n for n in names if n not in world_vocab.CATEGORY_BY_NAME]
+  _check(not unknown, f"{prefix}.categories",
+         f"unknown {unknown}; known: {list(world_vocab.CATEGORY_BY_NAME)}")
+  cats = [world_vocab.CATEGORY_BY_NAME[n] for n in names] or list(world_vocab.CATEGORIES)
+  _positive_int(w.num_styles, f"{prefix}.num_styles", 2 * len(cats))
+  fewest = min(cats, key=lambda c: c.num_combinations)
+  per_cat = -(-w.num_styles // len(cats))
+  _check(per_cat <= fewest.num_combinations, f"{prefix}.num_styles",
+         f"{w.num_styles} styles need {per_cat} per category but {fewest.name!r} has only "
+         f"{fewest.num_combinations} distinct styles")
+  _check(0 < w.eval_style_fraction < 1, f"{prefix}.eval_style_fraction",
+         f"must be in (0, 1), got {w.eval_style_fraction!r}")
+  _positive_int(w.eval_pairs_per_style, f"{prefix}.eval_pairs_per_style")
+  _positive_int(w.min_suppliers_per_style, f"{prefix}.min_suppliers_per_style", 2)
+  _positive_int(w.max_suppliers_per_style, f"{prefix}.max_suppliers_per_style",
+                w.min_suppliers_per_style)
+  _positive_int(w.num_suppliers, f"{prefix}.num_suppliers", w.max_suppliers_per_style)
+  _positive_int(w.image_size, f"{prefix}.image_size", 16)
+  _positive_int(w.num_workers, f"{prefix}.num_workers", 0)
+  _check(w.image_format in ("jpeg", "png"), f"{prefix}.image_format",
+         f"must be 'jpeg' or 'png', got {w.image_format!r}")
+  _positive_int(w.jpeg_quality, f"{prefix}.jpeg_quality")
+  _check(w.jpeg_quality <= 100, f"{prefix}.jpeg_quality", "must be <= 100")
+  for key in ("watermark_prob", "typo_prob", "noise_word_prob", "query_attribute_prob",
+              "short_query_prob", "noise_result_prob", "click_prob_wanted", "click_prob_related",
+              "click_prob_unrelated", "corrupt_row_fraction"):
+    _in_unit(w[key], f"{prefix}.{key}")
+  _positive_int(w.num_sessions, f"{prefix}.num_sessions")
+  _positive_int(w.results_per_session, f"{prefix}.results_per_session", 2)
+  for key in ("ranking_noise", "relevance_noise", "position_bias"):
+    _check(isinstance(w[key], (int, float)) and w[key] >= 0, f"{prefix}.{key}",
+           f"must be >= 0, got {w[key]!r}")
+  _positive_int(w.start_timestamp, f"{prefix}.start_timestamp", 0)
+  _positive_int(w.span_days, f"{prefix}.span_days")
+
+
+def validate_mining(m, prefix: str = "data.mining") -> None:
+  _check(m.group_by in ("session", "query"), f"{prefix}.group_by",
+         f"must be 'session' or 'query', got {m.group_by!r}")
+  _in_unit(m.min_relevance, f"{prefix}.min_relevance")
+  _positive_int(m.min_coclicks, f"{prefix}.min_coclicks")
+  _positive_int(m.max_pairs_per_query, f"{prefix}.max_pairs_per_query", 0)
+  _positive_int(m.max_pairs_per_listing, f"{prefix}.max_pairs_per_listing", 0)
+  _positive_int(m.max_listings_per_group, f"{prefix}.max_listings_per_group", 0)
+  _check(m.input_format in ("auto", "csv", "parquet"), f"{prefix}.input_format",
+         f"must be 'auto', 'csv' or 'parquet', got {m.input_format!r}")
+  _in_unit(m.max_bad_fraction, f"{prefix}.max_bad_fraction")
+  _check(isinstance(m.runner, str) and m.runner.strip() != "", f"{prefix}.runner",
+         "must name a Beam runner, e.g. 'DirectRunner'")
+  _check(isinstance(m.pipeline_options, str), f"{prefix}.pipeline_options",
+         "must be a string of Beam flags")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  del config
+  validate_world(config.data.world)
+  validate_mining(config.data.mining)
+  pipeline_section.validate(config)

@@ -1,11 +1,214 @@
-"""Config section `model` (placeholder: its owner fills the keys)."""
+"""Config section `model`: towers, fused head, embedding size, compute dtype, tokenizer.
+
+Keys (see docs/model.md for what each does):
+  dtype 'float32'|'bfloat16' (compute; params stay float32), embed_dim, dropout,
+  remat, scan, logit_scale_init, logit_bias_init,
+  image: enabled, size, patch, width, depth, heads, mlp_dim, cls_token, mean, std, ln_eps,
+         init_from (pretrained checkpoint; see esspr_jax/models/pretrained.py)
+  text: vocab_size, max_positions, type_vocab_size, width, depth, heads, mlp_dim,
+        norm 'post'|'pre', ln_eps, pooler, init_from
+  fused: num_layers, width, heads, mlp_dim, pool 'cls'|'map'|'mean', input_proj,
+         output_proj, ln_eps
+  tokenizer: kind 'train'|'vocab_txt'|'file', path, vocab_size, max_len, lowercase,
+             strip_accents
+"""
+import json
+import math
+import pathlib
+
 import ml_collections
+
+from esspr_jax.errors import ConfigError
+
+DTYPES = ("float32", "bfloat16")
+POOLS = ("cls", "map", "mean")
+NORMS = ("pre", "post")
+TOKENIZER_KINDS = ("train", "vocab_txt", "file")
+
+# name: (image size, patch, width, depth, heads, mlp) / (width, depth, heads, mlp) / fused
+_SIZES = {
+    "tiny": dict(image=(32, 8, 32, 1, 2, 64), text=(32, 1, 2, 64), fused=(32, 1, 2, 64),
+                 embed_dim=32, vocab=512, positions=32, max_len=16, dtype="float32",
+                 remat=False, scan=False),
+    "demo": dict(image=(64, 8, 128, 3, 4, 256), text=(128, 3, 4, 256), fused=(128, 1, 4, 256),
+                 embed_dim=128, vocab=4096, positions=64, max_len=32, dtype="float32",
+                 remat=False, scan=False),
+    # ViT-B/16 + BERT-base.
+    "base": dict(image=(224, 16, 768, 12, 12, 3072), text=(768, 12, 12, 3072),
+                 fused=(768, 2, 12, 3072), embed_dim=512, vocab=30522, positions=512,
+                 max_len=64, dtype="bfloat16", remat=False, scan=True),
+    # ViT-L/16 + BERT-large.
+    "large": dict(image=(224, 16, 1024, 24, 16, 4096), text=(1024, 24, 16, 4096),
+                  fused=(1024, 2, 16, 4096), embed_dim=768, vocab=30522, positions=512,
+                  max_len=64, dtype="bfloat16", remat=True, scan=True),
+}
 
 
 def default_config(preset: str) -> ml_collections.ConfigDict:
-  del preset
-  return ml_collections.ConfigDict()
+  from esspr_jax.models import pretrained  # noqa: PLC0415 - keeps `import config` light
+  s = _SIZES[preset]
+  c = ml_collections.ConfigDict()
+  c.dtype = s["dtype"]
+  c.embed_dim = s["embed_dim"]
+  c.dropout = 0.0
+  c.remat = s["remat"]
+  c.scan = s["scan"]
+  c.logit_scale_init = math.log(10.0)
+  c.logit_bias_init = -10.0
+
+  size, patch, width, depth, heads, mlp = s["image"]
+  c.image = ml_collections.ConfigDict(dict(
+      enabled=True, size=size, patch=patch, width=width, depth=depth, heads=heads, mlp_dim=mlp,
+      cls_token=True, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), ln_eps=1e-6,
+      init_from=pretrained.default_init_from("image")))
+
+  width, depth, heads, mlp = s["text"]
+  c.text = ml_collections.ConfigDict(dict(
+      vocab_size=s["vocab"], max_positions=s["positions"], type_vocab_size=2, width=width,
+      depth=depth, heads=heads, mlp_dim=mlp, norm="post", ln_eps=1e-12, pooler=False,
+      init_from=pretrained.default_init_from("text")))
+
+  width, depth, heads, mlp = s["fused"]
+  c.fused = ml_collections.ConfigDict(dict(
+      num_layers=depth, width=width, heads=heads, mlp_dim=mlp, pool="cls", input_proj=True,
+      output_proj=True, ln_eps=1e-6))
+
+  c.tokenizer = ml_collections.ConfigDict(dict(
+      kind="train", path="", vocab_size=s["vocab"], max_len=s["max_len"], lowercase=True,
+      strip_accents=True))
+  return c
+
+
+def _check_keys(section, reference, prefix: str) -> None:
+  """Unknown or missing keys, compared with the tiny preset's layout."""
+  for key in section.keys():
+    if key not in reference:
+      raise ConfigError(f"{prefix}.{key}", f"unknown key; known keys: {sorted(reference.keys())}")
+  for key in reference.keys():
+    if key not in section:
+      raise ConfigError(f"{prefix}.{key}", "missing")
+    if isinstance(reference[key], ml_collections.ConfigDict):
+      if not isinstance(section[key], ml_collections.ConfigDict):
+        raise ConfigError(f"{prefix}.{key}", "must be a section")
+      _check_keys(section[key], reference[key], f"{prefix}.{key}")
+
+
+def _positive_int(cfg, key: str, prefix: str, allow_zero: bool = False) -> int:
+  value = cfg[key]
+  if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+    raise ConfigError(f"{prefix}.{key}",
+                      f"must be an integer {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+  return value
+
+
+def _one_of(cfg, key: str, prefix: str, choices) -> None:
+  if cfg[key] not in choices:
+    raise ConfigError(f"{prefix}.{key}", f"must be one of {choices}, got {cfg[key]!r}")
+
+
+def _heads_divide(cfg, prefix: str) -> None:
+  if cfg.width % cfg.heads:
+    raise ConfigError(f"{prefix}.heads",
+                      f"{prefix}.width={cfg.width} is not divisible by heads={cfg.heads}")
+
+
+def _file_vocab_size(kind: str, path: str) -> int:
+  """Entries in a vocab.txt or tokenizer.json, read without building the tokenizer."""
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise ConfigError("model.tokenizer.path", f"{path!r} does not exist")
+  try:
+    if kind == "vocab_txt":
+      with file.open(encoding="utf-8") as f:
+        return sum(1 for _ in f)  # ids are line numbers
+    spec = json.loads(file.read_text(encoding="utf-8"))
+    ids = set(spec["model"]["vocab"].values()) | {t["id"] for t in spec.get("added_tokens", [])}
+    return max(ids) + 1
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    raise ConfigError("model.tokenizer.path", f"{path!r} is not a readable {kind} ({e})") from e
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  del config
+  """Raises ConfigError naming the first bad `model.*` key."""
+  from esspr_jax.models import pretrained  # noqa: PLC0415
+  if "model" not in config:
+    raise ConfigError("model", "missing section")
+  m = config.model
+  _check_keys(m, default_config("tiny"), "model")
+  _one_of(m, "dtype", "model", DTYPES)
+  _positive_int(m, "embed_dim", "model")
+  if not 0.0 <= m.dropout < 1.0:
+    raise ConfigError("model.dropout", f"must be in [0, 1), got {m.dropout!r}")
+  for key in ("logit_scale_init", "logit_bias_init"):
+    if not math.isfinite(m[key]):
+      raise ConfigError(f"model.{key}", f"must be finite, got {m[key]!r}")
+
+  img = m.image
+  if img.enabled:
+    for key in ("size", "patch", "width", "heads", "mlp_dim"):
+      _positive_int(img, key, "model.image")
+    _positive_int(img, "depth", "model.image", allow_zero=True)
+    if img.size % img.patch:
+      raise ConfigError("model.image.patch",
+                        f"model.image.size={img.size} is not divisible by patch={img.patch}")
+    _heads_divide(img, "model.image")
+    for key in ("mean", "std"):
+      values = tuple(img[key])
+      if len(values) != 3:
+        raise ConfigError(f"model.image.{key}", f"needs 3 values (R, G, B), got {values!r}")
+    if any(not v > 0 for v in img.std):
+      raise ConfigError("model.image.std", f"must be > 0, got {tuple(img.std)!r}")
+    if not img.ln_eps > 0:
+      raise ConfigError("model.image.ln_eps", f"must be > 0, got {img.ln_eps!r}")
+    pretrained.validate_init_from(config, "image")
+
+  txt = m.text
+  for key in ("vocab_size", "max_positions", "type_vocab_size", "width", "heads", "mlp_dim"):
+    _positive_int(txt, key, "model.text")
+  _positive_int(txt, "depth", "model.text", allow_zero=True)
+  _heads_divide(txt, "model.text")
+  _one_of(txt, "norm", "model.text", NORMS)
+  if not txt.ln_eps > 0:
+    raise ConfigError("model.text.ln_eps", f"must be > 0, got {txt.ln_eps!r}")
+  pretrained.validate_init_from(config, "text")
+
+  fu = m.fused
+  _positive_int(fu, "num_layers", "model.fused", allow_zero=True)
+  for key in ("width", "heads", "mlp_dim"):
+    _positive_int(fu, key, "model.fused")
+  _one_of(fu, "pool", "model.fused", POOLS)
+  if fu.num_layers > 0 or fu.pool == "map":
+    _heads_divide(fu, "model.fused")
+  if fu.pool == "cls" and fu.num_layers == 0:
+    raise ConfigError("model.fused.pool", "'cls' needs model.fused.num_layers > 0 (with no "
+                      "layers the CLS token never sees the input); use 'mean' or 'map'")
+  if not fu.input_proj:
+    if fu.width != txt.width:
+      raise ConfigError("model.fused.width", f"must equal model.text.width={txt.width} "
+                        "when model.fused.input_proj=False")
+    if img.enabled and img.width != txt.width:
+      raise ConfigError("model.fused.input_proj", f"image width {img.width} != text width "
+                        f"{txt.width}: the towers need input projections")
+  if not fu.output_proj and m.embed_dim != fu.width:
+    raise ConfigError("model.embed_dim", f"must equal model.fused.width={fu.width} "
+                      "when model.fused.output_proj=False")
+
+  tok = m.tokenizer
+  _one_of(tok, "kind", "model.tokenizer", TOKENIZER_KINDS)
+  if tok.kind != "train" and not tok.path:
+    raise ConfigError("model.tokenizer.path", f"kind {tok.kind!r} needs a path")
+  if _positive_int(tok, "max_len", "model.tokenizer") < 2:
+    raise ConfigError("model.tokenizer.max_len", "must be >= 2 ([CLS] and [SEP])")
+  if tok.max_len > txt.max_positions:
+    raise ConfigError("model.tokenizer.max_len",
+                      f"{tok.max_len} exceeds model.text.max_positions={txt.max_positions}")
+  _positive_int(tok, "vocab_size", "model.tokenizer")
+  if tok.kind == "train" and tok.vocab_size > txt.vocab_size:
+    raise ConfigError("model.tokenizer.vocab_size",
+                      f"{tok.vocab_size} exceeds the embedding table model.text.vocab_size="
+                      f"{txt.vocab_size}")
+  if tok.kind != "train":  # ids past the table would be clamped silently inside jit
+    size = _file_vocab_size(tok.kind, tok.path)
+    if size > txt.vocab_size:
+      raise ConfigError("model.tokenizer.path", f"{tok.path!r} has {size} tokens, more than "
+                        f"the embedding table model.text.vocab_size={txt.vocab_size}")

@@ -9,7 +9,6 @@ is an annotated positive). Both read into the canonical dict.
 """
 import csv
 import dataclasses
-import io
 import math
 import os
 import pathlib
@@ -37,6 +36,8 @@ class PairRow:
   trigger_img: str
   recall_img: str
   label: int
+  # Line of the row in its file (1 = header), so later stages can name it; not compared.
+  source_row: int = dataclasses.field(default=0, compare=False)
 
 
 def canonical_header(header: list[str]) -> list[str]:
@@ -48,6 +49,20 @@ def canonical_header(header: list[str]) -> list[str]:
   return names
 
 
+def _decoded_lines(path: pathlib.Path, skips: SkipCounter) -> Iterator[str]:
+  """The file's lines as text, streamed; a line that is not UTF-8 is counted and blanked
+  (so later line numbers stay true and the CSV reader skips it)."""
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, start=1):
+      try:
+        yield raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+      except UnicodeDecodeError:
+        if lineno == 1:
+          raise DataError(f"{path}: header is not UTF-8") from None
+        skips.skip("bad_encoding", f"{path}:{lineno}", "line is not UTF-8")
+        yield "\n"
+
+
 def read_pairs(path: str | os.PathLike, skips: SkipCounter | None = None) -> Iterator[PairRow]:
   """Yields valid rows; bad rows are skipped and counted in `skips` by reason.
 
@@ -56,28 +71,13 @@ def read_pairs(path: str | os.PathLike, skips: SkipCounter | None = None) -> Ite
   """
   skips = skips or SkipCounter(f"pairs {path}")
   path = pathlib.Path(path)
-  raw = path.read_bytes()
-  try:
-    text = raw.decode("utf-8-sig")
-  except UnicodeDecodeError:
-    text = None
-  if text is None:
-    lines = raw.split(b"\n")
-    good = []
-    for i, line in enumerate(lines):
-      try:
-        good.append(line.decode("utf-8"))
-      except UnicodeDecodeError:
-        if i == 0:
-          raise DataError(f"{path}: header is not UTF-8")
-        skips.skip("bad_encoding", f"{path}:{i + 1}")
-    text = "\n".join(good)
-  reader = csv.reader(io.StringIO(text), skipinitialspace=True)
+  reader = csv.reader(_decoded_lines(path, skips), skipinitialspace=True)
   try:
     header = canonical_header(next(reader))
   except StopIteration:
-    raise DataError(f"{path}: empty pair file (no header)")
-  for rowno, values in enumerate(reader, start=2):
+    raise DataError(f"{path}: empty pair file (no header)") from None
+  for values in reader:
+    rowno = reader.line_num
     if not values or all(not v.strip() for v in values):
       continue
     where = f"{path}:{rowno}"
@@ -104,7 +104,8 @@ def read_pairs(path: str | os.PathLike, skips: SkipCounter | None = None) -> Ite
         cate_lv1_name=row.get("cate_lv1_name", ""), cate_name=row.get("cate_name", ""),
         trigger_id=row["trigger_id"], trigger_title=row["trigger_title"],
         recall_id=row["recall_id"], recall_title=row["recall_title"],
-        trigger_img=row["trigger_img"], recall_img=row["recall_img"], label=int(label))
+        trigger_img=row["trigger_img"], recall_img=row["recall_img"], label=int(label),
+        source_row=rowno)
 
 
 def write_pairs(path: str | os.PathLike, rows: Iterable[PairRow]) -> int:

@@ -1,0 +1,18 @@
+"""The `base` preset on nodes of 8 GPUs (e.g. 8 x H100 80 GiB per node, NVLink inside).
+
+The base model's weights and Adam state fit on each GPU many times over, so plain
+data parallelism is fastest: every GPU of every node takes a slice of the batch
+(`data` = all devices), gradients are all-reduced. One node or many, one process per
+GPU or per node: the mesh is the same. For the `large` preset, set
+`--config.train.mesh.fsdp=8` to shard weights and optimizer state within a node.
+Launch with `python -m launch.slurm` or on one node directly (docs/scaling.md).
+"""
+from esspr_jax.config import compose
+
+
+def get_config():
+  config = compose("base")
+  config.train.mesh.data = -1
+  config.train.mesh.fsdp = 1
+  config.train.mesh.tensor = 1
+  return config

@@ -1,0 +1,324 @@
+"""Multi-process start-up: join every process of a run into one JAX system.
+
+Call `initialize()` first thing in a command, before anything touches a device
+(`jax.devices()`, a jit, `device_put`): JAX fixes the device set at backend start.
+
+Where the settings come from, first match wins:
+1. explicit arguments (main's `--coordinator_address/--num_processes/--process_id`),
+   each falling back to its env var ESSPR_COORDINATOR / ESSPR_NUM_PROCESSES /
+   ESSPR_PROCESS_ID (what `launch/local_multiprocess.py` sets);
+2. a SLURM job step (`srun`) or an Open MPI job (`mpirun`): JAX's cluster
+   detection, with our fixes for one-process-per-node and for Open MPI 5;
+3. a Cloud TPU VM: JAX reads the slice from the VM metadata;
+4. otherwise one process: nothing to do.
+
+Settings are resolved by a pure function (`plan_initialization`) so every rule is
+testable without starting anything; `initialize` only carries the plan out.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping, Sequence
+
+import jax
+
+from esspr_jax.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+ENV_COORDINATOR = "ESSPR_COORDINATOR"
+ENV_NUM_PROCESSES = "ESSPR_NUM_PROCESSES"
+ENV_PROCESS_ID = "ESSPR_PROCESS_ID"
+ENV_LOCAL_DEVICE_IDS = "ESSPR_LOCAL_DEVICE_IDS"
+ENV_INIT_TIMEOUT = "ESSPR_INIT_TIMEOUT_S"
+# 'auto' (default) or 'off': 'off' forces a single process even inside a cluster job.
+ENV_CLUSTER = "ESSPR_CLUSTER"
+
+_SLURM_STEP_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+                    "SLURM_LOCALID")
+_DEFAULT_INIT_TIMEOUT_S = 300
+
+
+class DistributedSetupError(ConfigError):
+  """The multi-process settings are incomplete or inconsistent.
+
+  `key` names the flag or environment variable to fix (not a config key)."""
+
+  def __init__(self, key: str, message: str):
+    ValueError.__init__(self, f"{key}: {message}")
+    self.key = key
+
+
+@dataclasses.dataclass(frozen=True)
+class InitPlan:
+  """What `initialize` will do. `kind` is 'single' (nothing), 'explicit', 'slurm',
+  'ompi' or 'tpu'; `jax_kwargs` go to `jax.distributed.initialize` verbatim."""
+  kind: str
+  jax_kwargs: Mapping[str, object] = dataclasses.field(default_factory=dict)
+
+  @property
+  def is_single(self) -> bool:
+    return self.kind == "single"
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessInfo:
+  """Where this process sits in the run, as JAX sees it after start-up."""
+  process_id: int
+  num_processes: int
+  local_device_count: int
+  global_device_count: int
+  kind: str
+
+  @property
+  def is_primary(self) -> bool:
+    return self.process_id == 0
+
+
+def _parse_int(value, key: str, minimum: int) -> int | None:
+  if value is None or value == "":
+    return None
+  try:
+    number = int(value)
+  except (TypeError, ValueError):
+    raise DistributedSetupError(key, f"expected an integer, got {value!r}") from None
+  if number < minimum:
+    raise DistributedSetupError(key, f"must be >= {minimum}, got {number}")
+  return number
+
+
+def _parse_device_ids(value, key: str) -> list[int] | None:
+  """'0,1,3' -> [0, 1, 3]; 'all' -> [] (JAX then restricts nothing); unset -> None."""
+  if value is None or value == "":
+    return None
+  if isinstance(value, str):
+    if value.strip().lower() == "all":
+      return []
+    parts = [p.strip() for p in value.split(",")]
+  else:
+    parts = list(value)
+  try:
+    ids = [int(p) for p in parts]
+  except (TypeError, ValueError):
+    raise DistributedSetupError(
+        key, f"expected comma-separated device ids or 'all', got {value!r}") from None
+  if any(i < 0 for i in ids) or len(set(ids)) != len(ids):
+    raise DistributedSetupError(key, f"device ids must be distinct and >= 0, got {ids}")
+  return ids
+
+
+def _check_address(address: str, key: str) -> str:
+  host, sep, port = address.rpartition(":")
+  if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise DistributedSetupError(key, f"expected HOST:PORT, got {address!r}")
+  return address
+
+
+def _slurm_tasks(environ: Mapping[str, str]) -> int | None:
+  if all(v in environ for v in _SLURM_STEP_VARS):
+    return _parse_int(environ["SLURM_NTASKS"], "SLURM_NTASKS", 1)
+  return None
+
+
+def _one_task_per_node_under_slurm(environ: Mapping[str, str], tasks: int) -> bool:
+  nodes = environ.get("SLURM_STEP_NUM_NODES") or environ.get("SLURM_NNODES")
+  return nodes is not None and nodes.isdigit() and int(nodes) == tasks
+
+
+def plan_initialization(*,
+                        coordinator_address: str | None = None,
+                        num_processes: int | str | None = None,
+                        process_id: int | str | None = None,
+                        local_device_ids: str | Sequence[int] | None = None,
+                        initialization_timeout_s: int | str | None = None,
+                        environ: Mapping[str, str] | None = None,
+                        on_tpu_vm: bool | None = None) -> InitPlan:
+  """Decides how this process joins the run, from arguments and `environ` alone.
+
+  Raises DistributedSetupError naming the flag/env var when the explicit settings
+  are half given (e.g. a coordinator but no process id) or malformed.
+  """
+  environ = os.environ if environ is None else environ
+  if on_tpu_vm is None:
+    on_tpu_vm = running_on_tpu_vm()
+
+  cluster_mode = environ.get(ENV_CLUSTER, "auto").strip().lower() or "auto"
+  if cluster_mode not in ("auto", "off"):
+    raise DistributedSetupError(ENV_CLUSTER, f"expected 'auto' or 'off', got {cluster_mode!r}")
+
+  def pick(arg, env_key):
+    """The flag wins over the env var; remembers which one was used for messages."""
+    if arg is not None and arg != "":
+      return arg, f"--{_FLAG_FOR_ENV[env_key]}"
+    return environ.get(env_key) or None, env_key
+
+  coordinator, coordinator_key = pick(coordinator_address, ENV_COORDINATOR)
+  processes_raw, processes_key = pick(num_processes, ENV_NUM_PROCESSES)
+  pid_raw, pid_key = pick(process_id, ENV_PROCESS_ID)
+  devices_raw, devices_key = pick(local_device_ids, ENV_LOCAL_DEVICE_IDS)
+  timeout_raw, timeout_key = pick(initialization_timeout_s, ENV_INIT_TIMEOUT)
+
+  if coordinator is not None:
+    coordinator = _check_address(str(coordinator), coordinator_key)
+  processes = _parse_int(processes_raw, processes_key, 1)
+  pid = _parse_int(pid_raw, pid_key, 0)
+  devices = _parse_device_ids(devices_raw, devices_key)
+  timeout = _parse_int(timeout_raw, timeout_key, 1) or _DEFAULT_INIT_TIMEOUT_S
+  if processes is not None and pid is not None and pid >= processes:
+    raise DistributedSetupError(pid_key, f"process id {pid} must be < {processes_key}={processes}")
+
+  common = {"initialization_timeout": timeout}
+  if devices is not None:
+    common["local_device_ids"] = devices
+
+  if cluster_mode == "off" or processes == 1:
+    return InitPlan("single")
+
+  given = {coordinator_key: coordinator, processes_key: processes, pid_key: pid}
+  if all(v is not None for v in given.values()):
+    return InitPlan("explicit", {"coordinator_address": coordinator, "num_processes": processes,
+                                 "process_id": pid, "cluster_detection_method": "deactivate",
+                                 **common})
+  partial = {k: v for k, v in given.items() if v is not None}
+
+  slurm_tasks = _slurm_tasks(environ)
+  if slurm_tasks is not None:
+    if slurm_tasks == 1:
+      return InitPlan("single")
+    kwargs = {**common, **_given_jax_kwargs(coordinator, processes, pid)}
+    if devices is None and _one_task_per_node_under_slurm(environ, slurm_tasks):
+      # JAX would pin each process to GPU SLURM_LOCALID (=0): one process per node
+      # must see all of its node's GPUs instead.
+      kwargs["local_device_ids"] = []
+    return InitPlan("slurm", kwargs)
+
+  if "OMPI_COMM_WORLD_SIZE" in environ:
+    world = _parse_int(environ["OMPI_COMM_WORLD_SIZE"], "OMPI_COMM_WORLD_SIZE", 1)
+    if world == 1:
+      return InitPlan("single")
+    rank = _parse_int(environ.get("OMPI_COMM_WORLD_RANK"), "OMPI_COMM_WORLD_RANK", 0)
+    local_rank = _parse_int(environ.get("OMPI_COMM_WORLD_LOCAL_RANK"),
+                            "OMPI_COMM_WORLD_LOCAL_RANK", 0)
+    if devices is None and not on_tpu_vm:
+      # Like JAX's own Open MPI support: rank i of a node drives GPU i; but a lone
+      # rank on its node drives all of them.
+      if environ.get("OMPI_COMM_WORLD_LOCAL_SIZE") == "1":
+        common["local_device_ids"] = []
+      elif local_rank is not None:
+        common["local_device_ids"] = [local_rank]
+    if "OMPI_MCA_orte_hnp_uri" in environ and coordinator is None:
+      return InitPlan("ompi", dict(common))  # Open MPI 4: JAX finds the launcher's address.
+    if coordinator is None:
+      raise DistributedSetupError(
+          ENV_COORDINATOR, "Open MPI 5 does not publish a coordinator address; set "
+          f"{ENV_COORDINATOR}=HOST:PORT (rank 0's host, a free port) for every rank")
+    if rank is None:
+      raise DistributedSetupError("OMPI_COMM_WORLD_RANK", "missing under Open MPI")
+    return InitPlan("ompi", {"coordinator_address": coordinator, "num_processes": world,
+                             "process_id": rank, "cluster_detection_method": "deactivate",
+                             **common})
+
+  if on_tpu_vm:
+    kwargs = {**common, **_given_jax_kwargs(coordinator, processes, pid)}
+    return InitPlan("tpu", kwargs)  # JAX reads workers and ids from the TPU metadata.
+
+  if partial:
+    missing = [k for k, v in given.items() if v is None]
+    raise DistributedSetupError(
+        missing[0],
+        f"multi-process settings are half given ({', '.join(f'{k}={v}' for k, v in partial.items())}) "
+        f"and no SLURM/Open MPI/TPU environment was found to fill in the rest; "
+        f"also set {' and '.join(missing)}")
+  return InitPlan("single")
+
+
+def _given_jax_kwargs(coordinator, processes, pid) -> dict:
+  """Explicit values JAX's cluster detection should keep (it fills only the rest)."""
+  named = {"coordinator_address": coordinator, "num_processes": processes, "process_id": pid}
+  return {k: v for k, v in named.items() if v is not None}
+
+
+_FLAG_FOR_ENV = {
+    ENV_COORDINATOR: "coordinator_address",
+    ENV_NUM_PROCESSES: "num_processes",
+    ENV_PROCESS_ID: "process_id",
+    ENV_LOCAL_DEVICE_IDS: "local_device_ids",
+    ENV_INIT_TIMEOUT: "initialization_timeout_s",
+}
+
+
+def running_on_tpu_vm() -> bool:
+  """True on a Cloud TPU VM (JAX checks for TPU chips on the PCI bus at import)."""
+  try:
+    from jax._src import cloud_tpu_init  # pylint: disable=g-import-not-at-top
+    return bool(cloud_tpu_init.running_in_cloud_tpu_vm)
+  except (ImportError, AttributeError):
+    return "TPU_WORKER_HOSTNAMES" in os.environ or "TPU_ACCELERATOR_TYPE" in os.environ
+
+
+def initialize(coordinator_address: str | None = None,
+               num_processes: int | str | None = None,
+               process_id: int | str | None = None,
+               local_device_ids: str | Sequence[int] | None = None,
+               initialization_timeout_s: int | str | None = None) -> ProcessInfo:
+  """Joins this process to the run (no-op for one process); safe to call twice.
+
+  Must run before the first device use. Returns where this process sits.
+  """
+  if not jax.distributed.is_initialized():
+    plan = plan_initialization(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id,
+                               local_device_ids=local_device_ids,
+                               initialization_timeout_s=initialization_timeout_s)
+    if not plan.is_single:
+      log.info("Starting multi-process JAX (%s): %s", plan.kind, dict(plan.jax_kwargs))
+      jax.distributed.initialize(**plan.jax_kwargs)
+    kind = plan.kind
+  else:
+    kind = "already-initialized"
+  info = process_info(kind)
+  if info.num_processes > 1:
+    log.info("Process %d of %d: %d local / %d global devices", info.process_id,
+             info.num_processes, info.local_device_count, info.global_device_count)
+  return info
+
+
+def define_flags(flag_values=None) -> None:
+  """Adds --coordinator_address, --num_processes, --process_id, --local_device_ids
+  to an absl command (each defaults to its ESSPR_* env var; see `initialize`)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flag_values = flags.FLAGS if flag_values is None else flag_values
+  flags.DEFINE_string("coordinator_address", None,
+                      f"HOST:PORT of process 0 (default: ${ENV_COORDINATOR}, or the cluster's)",
+                      flag_values=flag_values)
+  flags.DEFINE_integer("num_processes", None,
+                       f"processes in the run (default: ${ENV_NUM_PROCESSES}, or the cluster's)",
+                       flag_values=flag_values)
+  flags.DEFINE_integer("process_id", None,
+                       f"this process's rank (default: ${ENV_PROCESS_ID}, or the cluster's)",
+                       flag_values=flag_values)
+  flags.DEFINE_string("local_device_ids", None,
+                      f"GPUs of this process, e.g. 0,1 or all (default: ${ENV_LOCAL_DEVICE_IDS})",
+                      flag_values=flag_values)
+
+
+def initialize_from_flags(flag_values=None) -> ProcessInfo:
+  """`initialize` with the values of the flags `define_flags` added."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS if flag_values is None else flag_values
+  return initialize(coordinator_address=f.coordinator_address, num_processes=f.num_processes,
+                    process_id=f.process_id, local_device_ids=f.local_device_ids)
+
+
+def process_info(kind: str = "current") -> ProcessInfo:
+  """This process's place in the run (starts the backend if it is not yet up)."""
+  return ProcessInfo(process_id=jax.process_index(), num_processes=jax.process_count(),
+                     local_device_count=jax.local_device_count(),
+                     global_device_count=jax.device_count(), kind=kind)
+
+
+def is_primary() -> bool:
+  """True on process 0: the one that writes logs, console output, metadata, manifests."""
+  return jax.process_index() == 0

@@ -1,0 +1,37 @@
+"""Batch hinge: the paper's PPM term, and PDC (the same hinge on trigger views).
+
+loss = mean_k mean_j max(0, margin * [j != k] + S_kj - S_kk), S = query gallery^T:
+every other gallery row must score at least `margin` below row k's own positive.
+The j = k term is 0 and still counts in the mean over j (so B = 1 gives 0).
+"""
+import jax
+import jax.numpy as jnp
+
+from esspr_jax.losses.chunking import scan_row_chunks
+from esspr_jax.losses.similarity import similarity
+
+
+def positive_scores(scores: jax.Array, row_ids: jax.Array) -> jax.Array:
+  """scores[c, row_ids[c]]: each query row's score against its own gallery row.
+
+  Padding rows (row_ids >= B) read column B-1 instead, so that nothing out of range
+  (NaN-filled) ever enters the graph; callers mask those rows.
+  """
+  cols = jnp.minimum(row_ids, scores.shape[1] - 1)
+  return jnp.take_along_axis(scores, cols[:, None], axis=1)[:, 0]
+
+
+def batch_hinge(query: jax.Array, gallery: jax.Array, margin: float, *,
+                chunk_size: int = 0, precision: str = "highest") -> jax.Array:
+  """Mean batch-hinge loss of normalised query [B, E] rows against gallery [B, E]."""
+  batch = gallery.shape[0]
+
+  def block(total, q, ids, valid):
+    scores = similarity(q, gallery, precision)
+    pos = positive_scores(scores, ids)
+    negative = jnp.arange(batch)[None, :] != ids[:, None]
+    violation = jnp.where(negative, jax.nn.relu(margin + scores - pos[:, None]), 0.0)
+    return total + jnp.sum(jnp.where(valid, violation.sum(axis=1), 0.0))
+
+  return scan_row_chunks(block, jnp.zeros((), jnp.float32), query, chunk_size) / (
+      batch * batch)

@@ -1,0 +1,167 @@
+"""Turns `config.loss` into a flat list of terms to compute.
+
+One pure-Python reading of the config serves both `validate()` (before anything
+compiles) and `loss_unit` (at trace time), so the two can never disagree about
+which embeddings a term needs or what its key is called.
+"""
+import dataclasses
+import math
+import numbers
+from typing import Any, Mapping, Optional, Tuple
+
+from esspr_jax.errors import ConfigError
+
+MODALITIES = ("i", "t", "m")
+# Query->gallery pairs, trigger modality x vs recall modality y. Config keys use '_'
+# (`pairs.t_m`) so they can be overridden from the command line; logged names use '-'.
+PAIR_NAMES = tuple(f"{x}_{y}" for x in MODALITIES for y in MODALITIES)
+PAIR_KINDS = ("hinge", "infonce", "sigmoid")
+# Logged prefix per pair kind: the batch hinge is the paper's PPM term.
+KIND_PREFIX = {"hinge": "ppm", "infonce": "infonce", "sigmoid": "sigmoid"}
+SINGLE_VIEWS = ("t", "i")  # single-modality views PDC / PLC regularise
+PRECISIONS = ("default", "high", "highest")
+
+_PAIR_FIELDS = ("kind", "weight", "margin")
+_VIEW_FIELDS = ("weight", "margin")
+_SECTION_FIELDS = ("pairs", "pdc", "plc", "max_logit_scale", "chunk_size",
+                   "similarity_precision")
+
+# (side, modality): which embedding a term reads.
+Ref = Tuple[str, str]
+
+
+@dataclasses.dataclass(frozen=True)
+class TermSpec:
+  """One weighted loss term.
+
+  kind: 'hinge' (PPM, PDC), 'infonce', 'sigmoid' or 'locality' (PLC).
+  query rows are scored against gallery rows; for 'locality' `anchor` is the fused
+  trigger view whose top-k neighbourhood the query view must keep.
+  """
+  name: str
+  key: str
+  kind: str
+  weight: float
+  margin: float
+  query: Ref
+  gallery: Ref
+  anchor: Optional[Ref] = None
+
+  @property
+  def refs(self) -> Tuple[Ref, ...]:
+    return (self.query, self.gallery) + ((self.anchor,) if self.anchor else ())
+
+
+@dataclasses.dataclass(frozen=True)
+class LossPlan:
+  terms: Tuple[TermSpec, ...]
+  top_k: int
+  max_logit_scale: float
+  chunk_size: int
+  precision: str
+
+
+def _number(section: Mapping[str, Any], field: str, key: str, *, minimum: float,
+            integer: bool = False) -> float:
+  if field not in section:
+    raise ConfigError(key, "is missing")
+  value = section[field]
+  ok_type = numbers.Integral if integer else numbers.Real
+  if isinstance(value, bool) or not isinstance(value, ok_type):
+    kind = "an integer" if integer else "a number"
+    raise ConfigError(key, f"must be {kind}, got {value!r}")
+  if not math.isfinite(value) or value < minimum:
+    raise ConfigError(key, f"must be finite and >= {minimum}, got {value!r}")
+  return value
+
+
+def _check_fields(section: Any, allowed: Tuple[str, ...], key: str, *,
+                  required: bool = True) -> None:
+  """Unknown keys are always errors; missing ones only where `required`."""
+  if not hasattr(section, "keys"):
+    raise ConfigError(key, f"must be a dict with keys {allowed}, got {section!r}")
+  unknown = sorted(set(section.keys()) - set(allowed))
+  if unknown:
+    raise ConfigError(f"{key}.{unknown[0]}", f"unknown key; allowed: {allowed}")
+  missing = [f for f in allowed if f not in section]
+  if required and missing:
+    raise ConfigError(f"{key}.{missing[0]}", "is missing")
+
+
+def plan_terms(loss_cfg: Any) -> LossPlan:
+  """Reads and checks `config.loss`; raises ConfigError naming the bad key.
+
+  Terms with weight 0 are switched off and left out of the plan.
+  """
+  _check_fields(loss_cfg, _SECTION_FIELDS, "loss")
+  # A pair or view left out of the config is simply off (weight 0).
+  _check_fields(loss_cfg["pairs"], PAIR_NAMES, "loss.pairs", required=False)
+  _check_fields(loss_cfg["pdc"], SINGLE_VIEWS, "loss.pdc", required=False)
+  _check_fields(loss_cfg["plc"], SINGLE_VIEWS + ("top_k",), "loss.plc", required=False)
+
+  terms = []
+  for pair in PAIR_NAMES:
+    if pair not in loss_cfg["pairs"]:
+      continue
+    key = f"loss.pairs.{pair}"
+    entry = loss_cfg["pairs"][pair]
+    _check_fields(entry, _PAIR_FIELDS, key)
+    kind = entry["kind"]
+    if kind not in PAIR_KINDS:
+      raise ConfigError(f"{key}.kind", f"must be one of {PAIR_KINDS}, got {kind!r}")
+    weight = _number(entry, "weight", f"{key}.weight", minimum=0.0)
+    margin = _number(entry, "margin", f"{key}.margin", minimum=0.0)
+    if weight > 0:
+      x, y = pair.split("_")
+      terms.append(TermSpec(f"{KIND_PREFIX[kind]}/{x}-{y}", key, kind, float(weight),
+                            float(margin), ("trigger", x), ("recall", y)))
+
+  for view in SINGLE_VIEWS:
+    if view not in loss_cfg["pdc"]:
+      continue
+    key = f"loss.pdc.{view}"
+    _check_fields(loss_cfg["pdc"][view], _VIEW_FIELDS, key)
+    weight = _number(loss_cfg["pdc"][view], "weight", f"{key}.weight", minimum=0.0)
+    margin = _number(loss_cfg["pdc"][view], "margin", f"{key}.margin", minimum=0.0)
+    if weight > 0:
+      terms.append(TermSpec(f"pdc/{view}", key, "hinge", float(weight), float(margin),
+                            ("trigger", view), ("trigger", "m")))
+
+  for view in SINGLE_VIEWS:
+    if view not in loss_cfg["plc"]:
+      continue
+    key = f"loss.plc.{view}"
+    _check_fields(loss_cfg["plc"][view], _VIEW_FIELDS, key)
+    weight = _number(loss_cfg["plc"][view], "weight", f"{key}.weight", minimum=0.0)
+    margin = _number(loss_cfg["plc"][view], "margin", f"{key}.margin", minimum=0.0)
+    if weight > 0:
+      terms.append(TermSpec(f"plc/{view}", key, "locality", float(weight), float(margin),
+                            ("trigger", view), ("recall", "m"), anchor=("trigger", "m")))
+
+  top_k = _number(loss_cfg["plc"], "top_k", "loss.plc.top_k", minimum=1, integer=True)
+  max_logit_scale = _number(loss_cfg, "max_logit_scale", "loss.max_logit_scale",
+                            minimum=0.0)
+  chunk_size = _number(loss_cfg, "chunk_size", "loss.chunk_size", minimum=0, integer=True)
+  precision = loss_cfg["similarity_precision"]
+  if precision not in PRECISIONS:
+    raise ConfigError("loss.similarity_precision",
+                      f"must be one of {PRECISIONS}, got {precision!r}")
+  if not terms:
+    raise ConfigError("loss.pairs", "no loss term has a weight > 0; enable at least one "
+                      "pair (e.g. --config.loss.pairs.m_m.weight=1)")
+  return LossPlan(tuple(terms), int(top_k), float(max_logit_scale), int(chunk_size),
+                  precision)
+
+
+def available_modalities(config: Any) -> Tuple[str, ...]:
+  """Modalities the model section says it produces (defensive: the model section
+  may not define `image`/`text` at all, in which case both count as enabled)."""
+  model = config.get("model", {}) if hasattr(config, "get") else {}
+  model = model if model is not None else {}
+  image = model.get("image", {}) or {}
+  text = model.get("text", {}) or {}
+  has_image = bool(image.get("enabled", True))
+  has_text = bool(text.get("enabled", True))
+  if has_image and has_text:
+    return MODALITIES
+  return tuple(m for m, on in (("i", has_image), ("t", has_text)) if on)

@@ -1,0 +1,187 @@
+"""WordPiece tokenisation of product titles into fixed-length id rows.
+
+Wraps a `tokenizers.Tokenizer` (Rust, fast) with BERT's normalisation
+(clean text, CJK splitting, optional lower-casing and accent stripping) and
+BERT's single-sequence layout `[CLS] tokens... [SEP] [PAD]...`.
+
+Three ways to get one: `Tokenizer.train` on a corpus of titles,
+`Tokenizer.from_vocab_txt` for a BERT-family `vocab.txt` (gives the same ids as
+the Hugging Face uncased BERT tokenizer), `Tokenizer.load` for a `tokenizer.json`
+written by `save` (or by Hugging Face).
+
+Empty titles: an empty, whitespace-only or missing (`None`, NaN) title, or one
+whose characters all normalise away, encodes as `[CLS] [SEP]` followed by
+padding, with `text_mask` 1 on those two positions and `text_empty=True`. This is
+exactly what BERT itself produces for "", so a pretrained text tower sees a
+well-formed input, and no row ever has an all-zero mask because of its title.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import tokenizers
+from tokenizers import decoders, normalizers, pre_tokenizers, processors, trainers
+
+from esspr_jax.errors import ConfigError
+
+PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
+SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)  # trained vocabularies put them at ids 0..4
+
+
+def _title_text(title) -> str:
+  """A title as text; anything that is not text (None, NaN, numbers) is empty."""
+  if isinstance(title, str):
+    return title
+  if isinstance(title, (bytes, bytearray)):  # TFDS hands text back as bytes
+    return bytes(title).decode("utf-8", errors="replace")
+  return ""
+
+
+def _bert_pipeline(backend: tokenizers.Tokenizer, lowercase: bool, strip_accents: bool) -> None:
+  """Installs BERT's normaliser, pre-tokeniser, decoder and [CLS]/[SEP] template."""
+  backend.normalizer = normalizers.BertNormalizer(
+      clean_text=True, handle_chinese_chars=True,
+      strip_accents=strip_accents, lowercase=lowercase)
+  backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  backend.decoder = decoders.WordPiece(prefix="##")
+  backend.post_processor = processors.TemplateProcessing(
+      single=f"{CLS} $A {SEP}", pair=f"{CLS} $A {SEP} $B:1 {SEP}:1",
+      special_tokens=[(CLS, backend.token_to_id(CLS)), (SEP, backend.token_to_id(SEP))])
+
+
+class Tokenizer:
+  """Titles -> `{'text_ids', 'text_mask', 'text_empty'}` NumPy rows (see module doc)."""
+
+  def __init__(self, backend: tokenizers.Tokenizer):
+    missing = [t for t in (PAD, UNK, CLS, SEP) if backend.token_to_id(t) is None]
+    if missing:
+      raise ValueError(f"tokenizer vocabulary lacks the special tokens {missing}")
+    self.backend = backend
+    backend.no_truncation()
+    backend.no_padding()
+    self.pad_id = backend.token_to_id(PAD)
+    self.unk_id = backend.token_to_id(UNK)
+    self.cls_id = backend.token_to_id(CLS)
+    self.sep_id = backend.token_to_id(SEP)
+
+  # ---- construction ----
+  @classmethod
+  def train(cls, titles: Iterable, vocab_size: int, lowercase: bool = True,
+            strip_accents: bool = True, min_frequency: int = 2) -> "Tokenizer":
+    """Learns a WordPiece vocabulary of at most `vocab_size` entries from titles."""
+    if vocab_size <= len(SPECIAL_TOKENS):
+      raise ConfigError("model.tokenizer.vocab_size",
+                        f"must exceed the {len(SPECIAL_TOKENS)} special tokens, got {vocab_size}")
+    backend = tokenizers.Tokenizer(tokenizers.models.WordPiece(unk_token=UNK))
+    backend.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True,
+        strip_accents=strip_accents, lowercase=lowercase)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+        special_tokens=list(SPECIAL_TOKENS))
+    texts = (t for t in map(_title_text, titles) if t.strip())
+    backend.train_from_iterator(texts, trainer)
+    _bert_pipeline(backend, lowercase, strip_accents)
+    return cls(backend)
+
+  @classmethod
+  def from_vocab_txt(cls, path, lowercase: bool = True, strip_accents: bool = True) -> "Tokenizer":
+    """A BERT-family `vocab.txt` (one token per line, line number = id)."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+      raise FileNotFoundError(f"vocab.txt not found: {path}")
+    vocab = {}
+    with path.open(encoding="utf-8") as f:
+      for index, line in enumerate(f):
+        token = line.rstrip("\n").rstrip("\r")
+        vocab.setdefault(token, index)  # BERT keeps the first id of a duplicate line
+    backend = tokenizers.Tokenizer(tokenizers.models.WordPiece(vocab, unk_token=UNK))
+    backend.add_special_tokens([t for t in SPECIAL_TOKENS if t in vocab])
+    try:
+      _bert_pipeline(backend, lowercase, strip_accents)
+    except Exception as e:  # noqa: BLE001 - a vocab without [CLS]/[SEP] is the usual cause
+      raise ValueError(f"{path}: not a BERT vocabulary ({e})") from e
+    return cls(backend)
+
+  @classmethod
+  def load(cls, path) -> "Tokenizer":
+    """A `tokenizer.json` written by `save` (or any Hugging Face BERT tokenizer.json)."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+      raise FileNotFoundError(f"tokenizer file not found: {path}")
+    return cls(tokenizers.Tokenizer.from_file(str(path)))
+
+  def save(self, path) -> None:
+    """Writes `tokenizer.json` atomically (temp file + rename)."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+      with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(self.backend.to_str(pretty=False))
+      os.replace(tmp, path)
+    except BaseException:
+      if os.path.exists(tmp):
+        os.unlink(tmp)
+      raise
+
+  # ---- use ----
+  @property
+  def vocab_size(self) -> int:
+    return self.backend.get_vocab_size(with_added_tokens=True)
+
+  def encode_batch(self, titles: Sequence, max_len: int) -> dict:
+    """Encodes titles into `int32[B,max_len]` ids and mask plus `bool[B]` empty flags.
+
+    Titles longer than `max_len - 2` word pieces are truncated; `[SEP]` always ends
+    the real tokens. Never raises on a title's content (see module doc).
+    """
+    if max_len < 2:
+      raise ConfigError("model.tokenizer.max_len",
+                        f"must be >= 2 for [CLS] and [SEP], got {max_len}")
+    texts = [_title_text(t) for t in titles]
+    encodings = self.backend.encode_batch(texts, add_special_tokens=False)
+    ids = np.full((len(texts), max_len), self.pad_id, dtype=np.int32)
+    mask = np.zeros((len(texts), max_len), dtype=np.int32)
+    empty = np.zeros((len(texts),), dtype=bool)
+    for row, encoding in enumerate(encodings):
+      pieces = encoding.ids[:max_len - 2]
+      length = len(pieces) + 2
+      ids[row, 0] = self.cls_id
+      ids[row, 1:length - 1] = pieces
+      ids[row, length - 1] = self.sep_id
+      mask[row, :length] = 1
+      empty[row] = not pieces
+    return {"text_ids": ids, "text_mask": mask, "text_empty": empty}
+
+  def decode(self, ids: Sequence[int]) -> str:
+    """Text of an id row, specials and padding dropped (for debugging and search UIs)."""
+    return self.backend.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def tokenizer_from_config(tokenizer_config, titles: Optional[Iterable] = None) -> Tokenizer:
+  """Builds the tokenizer `config.model.tokenizer` describes.
+
+  kind 'train' learns one from `titles`; 'vocab_txt' reads a BERT vocab.txt at
+  `path`; 'file' loads a tokenizer.json at `path`.
+  """
+  kind = tokenizer_config.kind
+  if kind == "train":
+    if titles is None:
+      raise ConfigError("model.tokenizer.kind", "'train' needs the training titles")
+    return Tokenizer.train(titles, tokenizer_config.vocab_size, tokenizer_config.lowercase,
+                           tokenizer_config.strip_accents)
+  if not tokenizer_config.path:
+    raise ConfigError("model.tokenizer.path", f"kind {kind!r} needs a path")
+  if kind == "vocab_txt":
+    return Tokenizer.from_vocab_txt(tokenizer_config.path, tokenizer_config.lowercase,
+                                    tokenizer_config.strip_accents)
+  if kind == "file":
+    return Tokenizer.load(tokenizer_config.path)
+  raise ConfigError("model.tokenizer.kind",
+                    f"unknown kind {kind!r}; use 'train', 'vocab_txt' or 'file'")

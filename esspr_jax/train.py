@@ -1,0 +1,408 @@
+"""The training loop, top to bottom: mesh -> data -> model -> shard -> step ->
+checkpoint -> evals -> loop.
+
+One jitted step updates the sharded train state from one global batch; the loss sees
+every example of the global batch as a negative (it runs on global arrays, XLA
+inserts the collectives). The state is donated, so params and optimizer state are
+never held twice. Nothing here knows mesh axis names: they live in the config's rules.
+"""
+import dataclasses
+import functools
+import json
+import logging
+import os
+import pathlib
+import tempfile
+import time
+from typing import Any, Callable, Mapping
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from esspr_jax import checkpoint as checkpoint_lib
+from esspr_jax import metrics_writer as metrics_lib
+from esspr_jax import optim
+from esspr_jax import sharding
+from esspr_jax.config import validate_config
+from esspr_jax.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+# (trigger_emb, recall_emb, *, logit_scale, logit_bias) -> (total, {term: scalar})
+LossFn = Callable[..., tuple[jax.Array, Mapping[str, jax.Array]]]
+# (params, step) -> {metric: float}
+EvalFn = Callable[[Any, int], Mapping[str, float] | None]
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss or gradient went NaN/inf and `config.train.skip_nonfinite` is off."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # number of batches consumed (int32 scalar)
+  params: Any
+  opt_state: Any
+
+
+@dataclasses.dataclass
+class TrainResult:
+  step: int
+  state: TrainState
+  stopped: str  # 'done' or 'preempted'
+  resumed_from: int | None  # the checkpoint step this run started from
+  workdir: pathlib.Path
+  checkpoint_dir: pathlib.Path
+  metrics_path: pathlib.Path
+  last_metrics: dict
+  eval_metrics: dict | None
+  skipped_steps: int
+
+
+# ----------------------------------------------------------------------------- data
+def data_dir(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> pathlib.Path:
+  """The TFDS data dir: config.data.pipeline.data_dir, or <workdir>/tfds when empty."""
+  configured = config.data.pipeline.data_dir
+  return pathlib.Path(configured) if configured else pathlib.Path(workdir) / "tfds"
+
+
+def default_train_dataset(config: ml_collections.ConfigDict, workdir: pathlib.Path):
+  """This process's slice of the training data, as a Grain dataset of host batches."""
+  from esspr_jax.data import pipeline  # noqa: PLC0415  (heavy, and only the default)
+  return pipeline.train_dataset(config, per_process_batch_size(config),
+                                data_dir=data_dir(config, workdir))
+
+
+def per_process_batch_size(config) -> int:
+  processes = jax.process_count()
+  if config.train.batch_size % processes:
+    raise ConfigError("train.batch_size", f"{config.train.batch_size} is not divisible by "
+                      f"the {processes} processes")
+  return config.train.batch_size // processes
+
+
+def _check_batch(sample: Any, expected_rows: int) -> None:
+  for path, leaf in jax.tree_util.tree_leaves_with_path(sample):
+    rows = np.shape(leaf)[0] if np.ndim(leaf) else None
+    if rows != expected_rows:
+      raise DataError(f"training batch leaf {jax.tree_util.keystr(path)} has {rows} rows; "
+                      f"expected the per-process batch size {expected_rows}")
+
+
+def _peek(iterator) -> Any:
+  """The iterator's next batch, leaving it where it was (shapes for compiling)."""
+  position = iterator.get_state()
+  batch = next(iterator)
+  iterator.set_state(position)
+  return batch
+
+
+def _strip_host_only(batch: Any) -> Any:
+  """Drops keys the step does not use (e.g. string ids), keeping arrays only."""
+  if isinstance(batch, Mapping):
+    return {k: _strip_host_only(v) for k, v in batch.items()
+            if not (isinstance(v, np.ndarray) and v.dtype.kind in "OSU")}
+  return batch
+
+
+# ----------------------------------------------------------------------------- model
+def default_model_and_loss(config) -> tuple[nn.Module, LossFn]:
+  from esspr_jax.losses import loss_unit  # noqa: PLC0415
+  from esspr_jax.models import build_model  # noqa: PLC0415
+  return build_model(config.model), functools.partial(loss_unit, config=config.loss)
+
+
+def _with_pretrained_towers(state: "TrainState", config, model, param_shardings) -> "TrainState":
+  """Loads each tower's `config.model.<tower>.init_from` checkpoint into a fresh state
+  (on the host, then sharded: each device receives only its shard)."""
+  from esspr_jax.models import pretrained  # noqa: PLC0415
+  if isinstance(model, pretrained.PretrainedInit):
+    return state  # the wrapper already put the values in at init
+  towers = [t for t in pretrained.TOWER_KEYS if t in config.model
+            and config.model[t].get("init_from") is not None and config.model[t].init_from.path]
+  if not towers:
+    return state
+  params = pretrained.apply_init_from(state.params, config.model)
+  log.info("loaded pretrained towers %s", towers)
+  return state.replace(params=jax.device_put(params, param_shardings))
+
+
+def _init_variables(model: nn.Module, rng: jax.Array, side: Any) -> Any:
+  params_rng, dropout_rng = jax.random.split(rng)
+  return model.init({"params": params_rng, "dropout": dropout_rng}, side)
+
+
+# ----------------------------------------------------------------------------- step
+def _loss_and_grads(params, batch, rng, *, model, loss_fn):
+  def loss_of(p):
+    trigger_rng, recall_rng = jax.random.split(rng)
+    trigger = model.apply({"params": p}, batch["trigger"], train=True,
+                          rngs={"dropout": trigger_rng})
+    recall = model.apply({"params": p}, batch["recall"], train=True,
+                         rngs={"dropout": recall_rng})
+    return loss_fn(trigger, recall, logit_scale=p.get("logit_scale"),
+                   logit_bias=p.get("logit_bias"))
+  (loss, terms), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+  return loss, dict(terms), grads
+
+
+def _accumulated_loss_and_grads(params, batch, rng, *, micro_steps, **kw):
+  """Mean loss/grads over `micro_steps` micro-batches, one at a time (less memory).
+
+  Micro-batch j takes rows j, j+k, j+2k, ... so every device keeps its own rows."""
+  if micro_steps == 1:
+    return _loss_and_grads(params, batch, rng, **kw)
+
+  def split(x):
+    x = x.reshape((x.shape[0] // micro_steps, micro_steps) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+
+  micro = jax.tree_util.tree_map(split, batch)
+
+  def body(carry, inputs):
+    loss_sum, terms_sum, grads_sum = carry
+    index, micro_batch = inputs
+    loss, terms, grads = _loss_and_grads(params, micro_batch, jax.random.fold_in(rng, index),
+                                         **kw)
+    add = lambda a, b: jax.tree_util.tree_map(jnp.add, a, b)
+    return (loss_sum + loss, add(terms_sum, terms), add(grads_sum, grads)), None
+
+  first_loss, first_terms, first_grads = _loss_and_grads(
+      params, jax.tree_util.tree_map(lambda x: x[0], micro), jax.random.fold_in(rng, 0), **kw)
+  rest = jax.tree_util.tree_map(lambda x: x[1:], micro)
+  (loss, terms, grads), _ = jax.lax.scan(
+      body, (first_loss, first_terms, first_grads), (jnp.arange(1, micro_steps), rest))
+  scale = lambda t: jax.tree_util.tree_map(lambda x: x / micro_steps, t)
+  return loss / micro_steps, scale(terms), scale(grads)
+
+
+def train_step(state: TrainState, batch, *, model, loss_fn, tx, schedule, base_rng,
+               logical_rules, micro_steps):
+  """One update. A non-finite loss or gradient leaves params and optimizer unchanged
+  (the host then stops or counts a skip); the step counter always advances."""
+  with nn.logical_axis_rules(logical_rules):
+    rng = jax.random.fold_in(base_rng, state.step)
+    loss, terms, grads = _accumulated_loss_and_grads(
+        state.params, batch, rng, micro_steps=micro_steps, model=model, loss_fn=loss_fn)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep_if_bad = lambda new, old: jax.tree_util.tree_map(
+        lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = TrainState(step=state.step + 1,
+                           params=keep_if_bad(new_params, state.params),
+                           opt_state=keep_if_bad(new_opt_state, state.opt_state))
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
+               "finite": finite.astype(jnp.float32),
+               **{f"loss/{name}": value for name, value in terms.items()}}
+  return new_state, metrics
+
+
+# ----------------------------------------------------------------------------- loop
+def _write_json_atomic(path: pathlib.Path, payload: Any) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+  with os.fdopen(fd, "w", encoding="utf-8") as f:
+    json.dump(payload, f, indent=2, sort_keys=True, default=str)
+  os.replace(tmp, path)
+
+
+def _host_scalars(metrics: Mapping[str, jax.Array]) -> dict[str, float]:
+  return {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+          model: nn.Module | None = None, loss_fn: LossFn | None = None,
+          train_dataset=None, eval_fn: EvalFn | None = None,
+          devices=None) -> TrainResult:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint if any.
+
+  `model`/`loss_fn`/`train_dataset` default to the project's (build_model, loss_unit,
+  the Grain pipeline); `train_dataset` yields this process's share of each batch.
+  `eval_fn(params, step)` runs every `eval.every_steps` steps and at the end.
+  """
+  validate_config(config)
+  tc = config.train
+  eval_every = int(config.eval.get("every_steps", 0) or 0)
+  workdir = pathlib.Path(workdir).absolute()
+  primary = sharding.is_primary_process()
+
+  # --- mesh
+  mesh = sharding.make_mesh(tc, devices)
+  logical_rules = sharding.rules(tc)
+  batch_sharding = sharding.batch_sharding(mesh, logical_rules)
+  shards = sharding.batch_shards(mesh, logical_rules)
+  micro_batch = tc.batch_size // tc.grad_accum_steps
+  if micro_batch % shards:
+    raise ConfigError("train.batch_size", f"the (micro-)batch of {micro_batch} rows cannot be "
+                      f"split over the {shards} batch shards of mesh {dict(mesh.shape)}")
+
+  # --- data
+  local_rows = per_process_batch_size(config)
+  if train_dataset is None:
+    train_dataset = default_train_dataset(config, workdir)
+  data_iterator = iter(train_dataset)
+  sample = _strip_host_only(_peek(data_iterator))
+  _check_batch(sample, local_rows)
+
+  # --- model
+  if model is None or loss_fn is None:
+    default_model, default_loss = default_model_and_loss(config)
+    model, loss_fn = model or default_model, loss_fn or default_loss
+  init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+  init_side = jax.tree_util.tree_map(lambda x: x[:1], sample["trigger"])
+  abstract_vars = jax.eval_shape(functools.partial(_init_variables, model), init_rng,
+                                 init_side)
+  param_logical = sharding.logical_specs(abstract_vars["params"])
+  abstract_params = nn.unbox(abstract_vars["params"])
+  tx, schedule = optim.make_optimizer(tc, abstract_params, param_logical)
+
+  # --- shard
+  param_shardings = sharding.mesh_shardings(param_logical, mesh, logical_rules)
+  sharding.check_divisible(abstract_params, param_shardings, param_logical)
+  repl = sharding.replicated(mesh)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
+                                        transform_non_params=lambda _: repl)
+  state_shardings = TrainState(step=repl, params=param_shardings, opt_state=opt_shardings)
+
+  def init_state(rng, side):
+    params = nn.unbox(_init_variables(model, rng, side)["params"])
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  with jax.set_mesh(mesh):
+    abstract_state = jax.eval_shape(init_state, init_rng, init_side)
+    abstract_state = checkpoint_lib.abstract_like(abstract_state, state_shardings)
+
+    # --- step
+    step_fn = jax.jit(
+        functools.partial(train_step, model=model, loss_fn=loss_fn, tx=tx, schedule=schedule,
+                          base_rng=train_rng, logical_rules=logical_rules,
+                          micro_steps=tc.grad_accum_steps),
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, repl), donate_argnums=(0,))
+    global_shape = lambda x: jax.ShapeDtypeStruct(
+        (x.shape[0] * jax.process_count(),) + x.shape[1:], x.dtype, sharding=batch_sharding)
+    abstract_batch = jax.tree_util.tree_map(global_shape, sample)
+    compile_start = time.time()
+    lowered = step_fn.lower(abstract_state, abstract_batch)
+    compiled_step = lowered.compile()
+    compile_seconds = time.time() - compile_start
+    flops_per_step = metrics_lib.compiled_flops(lowered)
+
+    # --- checkpoint
+    ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", every=tc.checkpoint.every,
+                                       keep=tc.checkpoint.keep,
+                                       async_save=tc.checkpoint.async_save)
+    start_step = ckpt.latest_step()
+    if start_step is not None:
+      state = ckpt.restore(start_step, abstract_state, data_iterator)
+      log.info("resumed from %s", ckpt.path(start_step))
+    else:
+      state = jax.jit(init_state, out_shardings=state_shardings)(init_rng, init_side)
+      state = _with_pretrained_towers(state, config, model, param_shardings)
+    step = int(jax.device_get(state.step))
+    saved_step = start_step
+
+    writer = metrics_lib.MetricsWriter(workdir, tc.steps, enabled=primary)
+    if primary:
+      _write_json_atomic(workdir / "config.json", config.to_dict())
+    peak = metrics_lib.peak_flops_per_device(tc.peak_flops, metrics_lib.device_kind())
+    writer.say(f"training {tc.steps} steps on mesh {dict(mesh.shape)} "
+               f"({mesh.devices.size} {metrics_lib.device_kind()} devices), global batch "
+               f"{tc.batch_size}; step compiled in {compile_seconds:.1f}s"
+               + (f"; resumed at step {step}" if start_step is not None else ""))
+
+    # --- evals
+    eval_metrics = None
+
+    def run_eval(at_step):
+      nonlocal eval_metrics
+      if eval_fn is None:
+        return
+      start = time.time()
+      result = eval_fn(state.params, at_step)
+      if result:
+        eval_metrics = dict(result)
+        writer.write(at_step, {**eval_metrics, "eval_seconds": time.time() - start}, kind="eval")
+
+    # --- loop
+    skipped = 0
+    last_metrics: dict = {}
+    interval_sums: dict = {}
+    interval_steps = 0
+    interval_start = time.time()
+    seconds_per_step = 0.0
+    stopped = "done"
+    with checkpoint_lib.PreemptionWatch() as preemption:
+      while step < tc.steps:
+        host_batch = _strip_host_only(next(data_iterator))
+        batch = sharding.global_batch(host_batch, batch_sharding)
+        with jax.transfer_guard(tc.transfer_guard):
+          state, device_metrics = compiled_step(state, batch)
+        metrics = _host_scalars(device_metrics)
+        step += 1
+        if not metrics.pop("finite"):
+          terms = {k: v for k, v in metrics.items() if k.startswith("loss")}
+          if not tc.skip_nonfinite:
+            ckpt.wait()
+            raise NonFiniteLossError(
+                f"non-finite loss or gradient at step {step} (loss terms {terms}, grad_norm "
+                f"{metrics['grad_norm']}); the update was not applied. Last good checkpoint: "
+                f"{ckpt.last_good()}. Set config.train.skip_nonfinite=True to skip such "
+                f"updates instead, or lower the learning rate.")
+          skipped += 1
+          log.warning("step %d: non-finite loss %s; update skipped (%d so far)", step, terms,
+                      skipped)
+        for k, v in metrics.items():
+          interval_sums[k] = interval_sums.get(k, 0.0) + v
+        interval_steps += 1
+
+        if step % tc.log_every == 0 or step == tc.steps:
+          elapsed = time.time() - interval_start
+          seconds_per_step = elapsed / interval_steps
+          last_metrics = {k: v / interval_steps for k, v in interval_sums.items()}
+          last_metrics.update({
+              "step_seconds": seconds_per_step,
+              "examples_per_sec": tc.batch_size / seconds_per_step,
+              "skipped_steps": skipped,
+          })
+          if flops_per_step:
+            last_metrics["flops_per_step"] = flops_per_step
+            last_metrics["tflops_per_device"] = (
+                flops_per_step / seconds_per_step / mesh.devices.size / 1e12)
+            last_metrics["mfu"] = metrics_lib.mfu(flops_per_step, seconds_per_step,
+                                                  mesh.devices.size, peak)
+          writer.write(step, last_metrics)
+          writer.progress(step, last_metrics, seconds_per_step)
+          interval_sums, interval_steps, interval_start = {}, 0, time.time()
+
+        if ckpt.save(step, state, data_iterator):
+          saved_step = step
+        if eval_every and step % eval_every == 0 and step < tc.steps:
+          run_eval(step)
+        if preemption.requested:
+          if saved_step != step:
+            ckpt.save(step, state, data_iterator, force=True)
+          stopped = "preempted"
+          writer.say(f"preemption signal: saved step {step} to {ckpt.path(step)}; exiting")
+          break
+
+    if stopped == "done":
+      if saved_step != step:
+        ckpt.save(step, state, data_iterator, force=True)
+      if tc.eval_at_end or (eval_every and step % eval_every == 0):
+        run_eval(step)
+    ckpt.close()
+    writer.close()
+  return TrainResult(step=step, state=state, stopped=stopped, resumed_from=start_step,
+                     workdir=workdir,
+                     checkpoint_dir=ckpt.directory, metrics_path=writer.jsonl_path,
+                     last_metrics=last_metrics, eval_metrics=eval_metrics,
+                     skipped_steps=skipped)

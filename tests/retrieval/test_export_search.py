@@ -1,0 +1,198 @@
+"""Export round trip (kill + resume gives identical ids and vectors), search API and errors."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from esspr_jax.data.catalog import Listing
+from esspr_jax.errors import ConfigError, DataError
+from esspr_jax.retrieval import export, search
+
+
+class Killed(RuntimeError):
+  pass
+
+
+class FlakyItems(list):
+  """A catalog whose reads fail after `budget` items, like a process killed mid-export."""
+
+  def __init__(self, items, budget):
+    super().__init__(items)
+    self.budget = budget
+
+  def __getitem__(self, i):
+    self.budget -= 1
+    if self.budget < 0:
+      raise Killed("simulated kill")
+    return list.__getitem__(self, i)
+
+
+def catalog(tiny):
+  """The sample's 20 listings plus a duplicate listing of item_1 by the same supplier."""
+  items, listings = [], {}
+  for n, pair in enumerate(tiny.source):
+    for side in ("trigger", "recall"):
+      s = pair[side]
+      items.append(dict(s))
+      listings[s["id"]] = Listing(s["id"], f"sup{n % 3}", "lv1", "cat_a" if n % 2 else "cat_b",
+                                  s["title"], f"{s['id']}.jpg")
+  first = items[0]
+  items.append(dict(first, id="item_1_dup"))
+  listings["item_1_dup"] = Listing("item_1_dup", listings[first["id"]].supplier_id, "lv1",
+                                   listings[first["id"]].cate_name, first["title"], "item_1.jpg")
+  return items, listings
+
+
+@pytest.fixture(scope="module")
+def exported(tiny, tmp_path_factory, shared_data):
+  items, listings = catalog(tiny)
+  out = tmp_path_factory.mktemp("export") / "full"
+  manifest = export.export_embeddings(tiny.model, tiny.params, items, out, tiny.config,
+                                      tokenizer=tiny.tokenizer, listings=listings,
+                                      checkpoint_info={"checkpoint": None, "step": 5},
+                                      image_dir=shared_data / "esspr_sample")
+  return out, manifest, items, listings
+
+
+def test_export_layout_and_manifest(exported, tiny):
+  out, manifest, items, _ = exported
+  assert manifest["count"] == len(items) == 21
+  assert manifest["dim"] == tiny.config.model.embed_dim
+  assert manifest["modalities"] == ["i", "t", "m"] and manifest["index"]["m"]["kind"] == "exact"
+  assert json.loads((out / "manifest.json").read_text())["step"] == 5
+  ids = np.load(out / export.shard_name("ids", 0, 1))
+  assert ids.tolist() == [it["id"] for it in items]
+  m = np.load(out / export.shard_name("emb_m", 0, 1))
+  assert m.dtype == np.float32 and m.shape == (21, manifest["dim"])
+  np.testing.assert_allclose(np.linalg.norm(m, axis=1), 1.0, rtol=1e-5)
+  assert not (out / "work").exists()
+
+
+def test_export_resumes_after_a_kill_without_duplicates(exported, tiny, tmp_path):
+  out, _, items, listings = exported
+  run = lambda it, cfg=tiny.config: export.export_embeddings(
+      tiny.model, tiny.params, it, tmp_path / "resumed", cfg, tokenizer=tiny.tokenizer,
+      listings=listings, checkpoint_info={"checkpoint": None, "step": 5})
+  with pytest.raises(Killed):
+    run(FlakyItems(items, budget=11))   # chunk 0 (8 rows) finishes, chunk 1 dies
+  progress = json.loads((tmp_path / "resumed" / "work" / "progress.process-00000.json").read_text())
+  assert progress["chunks_done"] == 1 and progress["chunks"] == 3
+  assert not (tmp_path / "resumed" / "manifest.json").exists()
+  with pytest.raises(DataError, match="not a finished export"):
+    search.Searcher(tmp_path / "resumed")
+  other = tiny.config.copy_and_resolve_references()
+  other.eval.export.dtype = "float16"
+  with pytest.raises(DataError, match="other settings.*dtype"):
+    run(items, other)
+  resumed_items = FlakyItems(items, budget=10**6)
+  run(resumed_items)
+  assert 10**6 - resumed_items.budget == 21 - 8   # the finished chunk was not redone
+  for kind in ("ids", "emb_i", "emb_t", "emb_m"):
+    a = np.load(out / export.shard_name(kind, 0, 1))
+    b = np.load(tmp_path / "resumed" / export.shard_name(kind, 0, 1))
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def searcher(exported, tiny):
+  return search.Searcher(exported[0], model=tiny.model, params=tiny.params, config=tiny.config)
+
+
+def test_by_id_filters_and_scores(searcher):
+  hits = searcher.by_id("item_1", k=5)
+  assert len(hits) == 5 and "item_1" not in [h.listing_id for h in hits]
+  assert hits[0].listing_id == "item_1_dup" and hits[0].score == pytest.approx(1.0, abs=1e-5)
+  assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+  vec = searcher.vectors("m")
+  for h in hits:
+    expected = float(vec[searcher.row("item_1")] @ vec[searcher.row(h.listing_id)])
+    assert h.score == pytest.approx(expected, abs=1e-5)
+  supplier = hits[0].supplier_id
+  more = searcher.by_id("item_1", k=5, more_suppliers=True)
+  assert more and all(h.supplier_id != supplier for h in more)
+  cat = searcher.by_id("item_1", k=30, category="cat_a")
+  assert cat and all(h.category == "cat_a" for h in cat) and len(cat) == 10
+
+
+def test_duplicates_report_and_interactive_query(searcher, shared_data, tmp_path):
+  supplier = searcher.meta["supplier_id"][searcher.row("item_1")]
+  pairs = searcher.duplicates(supplier, threshold=0.999)
+  rows = np.nonzero(searcher.meta["supplier_id"] == supplier)[0]
+  vec = searcher.vectors("m")[rows]
+  sim = vec @ vec.T
+  expected = {(searcher.ids[rows[a]], searcher.ids[rows[b]])
+              for a in range(len(rows)) for b in range(a + 1, len(rows)) if sim[a, b] >= 0.999}
+  assert {(a.listing_id, b.listing_id) for a, b, _ in pairs} == expected
+  assert (pairs[0][0].listing_id, pairs[0][1].listing_id) == ("item_1", "item_1_dup")
+  assert pairs[0][2] == pytest.approx(1.0, abs=1e-5)
+  image = shared_data / "esspr_sample" / "item_1.jpg"
+  title = searcher.meta["title"][searcher.row("item_1")]
+  hits = searcher.by_image_text(image, title, k=3)
+  assert {hits[0].listing_id, hits[1].listing_id} == {"item_1", "item_1_dup"}
+  assert hits[0].score == pytest.approx(1.0, abs=1e-4)
+  page = searcher.write_html(tmp_path / "hits.html", "test", hits, query_image=image,
+                             query_text=title)
+  text = page.read_text()
+  assert text.count('class="card"') == 3 and "item_1.jpg" in text
+
+
+def test_search_errors_name_the_problem(searcher, exported, tiny, tmp_path):
+  with pytest.raises(DataError, match="unknown listing id 'nope'"):
+    searcher.by_id("nope")
+  bad = tmp_path / "broken.jpg"
+  bad.write_bytes(b"not an image at all")
+  with pytest.raises(DataError, match="cannot read query image .*broken.jpg"):
+    searcher.by_image(bad)
+  with pytest.raises(DataError, match="empty query text"):
+    searcher.by_text("   ")
+  with pytest.raises(DataError, match="unknown supplier"):
+    searcher.duplicates("nobody")
+  with pytest.raises(DataError, match="need the model"):
+    search.Searcher(exported[0]).by_text("mug")
+  # An export built without 't', and one whose vectors have another dimension.
+  copy = tmp_path / "copy"
+  shutil.copytree(exported[0], copy)
+  manifest = json.loads((copy / "manifest.json").read_text())
+  manifest["modalities"] = ["i", "m"]
+  (copy / "manifest.json").write_text(json.dumps(manifest))
+  with pytest.raises(DataError, match="has no 't' index"):
+    search.Searcher(copy).by_id("item_1", gallery="t")
+  manifest["dim"] = 64
+  (copy / "manifest.json").write_text(json.dumps(manifest))
+  with pytest.raises(DataError, match="embeds in 32 dimensions.*64-dimensional"):
+    search.Searcher(copy, model=tiny.model, params=tiny.params, config=tiny.config)
+  other = tiny.config.copy_and_resolve_references()
+  other.model.embed_dim = 48
+  with pytest.raises(ConfigError, match="model.embed_dim.*another model config"):
+    search.Searcher(exported[0], model=tiny.model, params=tiny.params, config=other)
+
+
+def test_command_entry_prints_hits_and_duplicates(exported, tiny, capsys, tmp_path):
+  out = exported[0]
+  hits = search.search_from_config(tiny.config, None, out, listing_id="item_1", k=3,
+                                   html_out=str(tmp_path / "p.html"))
+  printed = capsys.readouterr().out
+  assert len(hits) == 3 and "item_1_dup" in printed and (tmp_path / "p.html").is_file()
+  supplier = hits[0].supplier_id
+  pairs = search.search_from_config(tiny.config, None, out, supplier=supplier)
+  assert ("item_1", "item_1_dup") in [(a.listing_id, b.listing_id) for a, b, _ in pairs]
+  with pytest.raises(DataError, match="give a listing id"):
+    search.search_from_config(tiny.config, None, out)
+
+
+def test_two_process_export_covers_every_id_once(exported, tiny, tmp_path):
+  out, _, items, listings = exported
+  for process in ((1, 2), (0, 2)):   # index 0 last: it builds the indexes from both shards
+    manifest = export.export_embeddings(
+        tiny.model, tiny.params, items, tmp_path / "two", tiny.config, tokenizer=tiny.tokenizer,
+        listings=listings, process=process)
+  assert manifest["processes"] == 2 and manifest["count"] == 21
+  ids = export.load_shards(tmp_path / "two", "ids", 2)
+  assert ids.tolist() == [it["id"] for it in items[0::2]] + [it["id"] for it in items[1::2]]
+  one = dict(zip(np.load(out / export.shard_name("ids", 0, 1)).tolist(),
+                 np.load(out / export.shard_name("emb_m", 0, 1))))
+  two = export.load_shards(tmp_path / "two", "emb_m", 2)
+  np.testing.assert_allclose(two, np.stack([one[i] for i in ids.tolist()]), rtol=1e-5, atol=1e-6)
+  hits = search.Searcher(tmp_path / "two").by_id("item_1", k=1)
+  assert hits[0].listing_id == "item_1_dup"

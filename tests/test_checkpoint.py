@@ -1,0 +1,164 @@
+"""Checkpoints: exact resume after SIGKILL, SIGTERM saves and exits 0, round trips.
+
+The kill tests run the trainer in a subprocess (this file, run as a script)."""
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+TESTS = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))
+
+STEPS = 6
+ROWS = 8
+
+
+def _config():
+  from esspr_jax.config import compose
+  config = compose("tiny")
+  config.train.steps = STEPS
+  config.train.batch_size = ROWS
+  config.train.schedule.warmup_steps = 1
+  config.train.optimizer.learning_rate = 1e-2
+  config.train.log_every = 1
+  config.train.checkpoint.every = 2
+  return config
+
+
+def _train(workdir, delay=0.0):
+  import standin
+  from esspr_jax import train
+  return train.train(_config(), workdir, model=standin.StandInModel(),
+                     loss_fn=standin.standin_loss,
+                     train_dataset=standin.dataset(ROWS, delay=delay))
+
+
+def _worker(workdir: str, delay: float) -> int:
+  """Subprocess entry: trains; exit 0 when done or preempted (what main.py does)."""
+  result = _train(workdir, delay)
+  print(f"WORKER stopped={result.stopped} step={result.step}", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  sys.exit(_worker(sys.argv[1], float(sys.argv[2])))
+
+
+import grain  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from esspr_jax import checkpoint  # noqa: E402
+
+
+def _start_worker(workdir, delay):
+  env = dict(os.environ)
+  env["PYTHONPATH"] = str(TESTS.parent) + os.pathsep + env.get("PYTHONPATH", "")
+  return subprocess.Popen([sys.executable, str(TESTS / "test_checkpoint.py"), str(workdir),
+                           str(delay)], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def _logged_steps(workdir) -> int:
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  if not path.exists():
+    return 0
+  return len([1 for line in path.read_text().splitlines() if '"kind": "train"' in line])
+
+
+def _wait_for(predicate, process, timeout=240):
+  deadline = time.time() + timeout
+  while not predicate():
+    if process.poll() is not None:
+      raise AssertionError(f"worker exited early:\n{process.stdout.read()}")
+    if time.time() > deadline:
+      process.kill()
+      raise AssertionError("timed out waiting for the worker")
+    time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  return _train(tmp_path_factory.mktemp("uninterrupted"))
+
+
+def test_sigkill_then_restart_reaches_the_same_params(tmp_path, uninterrupted):
+  process = _start_worker(tmp_path, delay=0.4)
+  committed = tmp_path / "checkpoints" / "2"
+  # Kill once step 2 is committed and step 3 has run, i.e. mid-way between checkpoints.
+  _wait_for(lambda: committed.is_dir() and _logged_steps(tmp_path) >= 3, process)
+  process.send_signal(signal.SIGKILL)
+  process.wait(timeout=60)
+  assert process.returncode == -signal.SIGKILL
+  killed_at = _logged_steps(tmp_path)
+  assert killed_at < STEPS
+
+  resumed = _train(tmp_path)
+  assert resumed.resumed_from in (2, 4) and resumed.step == STEPS
+  for name, value in resumed.state.params.items():
+    np.testing.assert_array_equal(np.asarray(value),
+                                  np.asarray(uninterrupted.state.params[name]), err_msg=name)
+  # The metrics log shows the replayed steps: losses after the resume point are the
+  # uninterrupted run's own losses for those steps.
+  assert resumed.last_metrics["loss"] == pytest.approx(uninterrupted.last_metrics["loss"],
+                                                       rel=1e-6)
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path):
+  process = _start_worker(tmp_path, delay=0.4)
+  _wait_for(lambda: _logged_steps(tmp_path) >= 1, process)
+  process.send_signal(signal.SIGTERM)
+  out, _ = process.communicate(timeout=120)
+  assert process.returncode == 0, out
+  assert "WORKER stopped=preempted" in out
+  stopped_at = int(out.split("WORKER stopped=preempted step=")[1].split()[0])
+  assert stopped_at < STEPS
+  assert (tmp_path / "checkpoints" / str(stopped_at)).is_dir()
+  ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints", every=2, keep=3)
+  assert ckpt.latest_step() == stopped_at
+  ckpt.close()
+
+
+def test_round_trip_restores_state_and_data_position(tmp_path):
+  dataset = grain.MapDataset.range(100).map(lambda i: {"x": np.full((2,), i, np.int32)})
+  iterator = iter(dataset)
+  for _ in range(3):
+    next(iterator)
+  state = {"w": jax.numpy.arange(6.0).reshape(2, 3), "step": jax.numpy.int32(3)}
+  ckpt = checkpoint.Checkpointer(tmp_path, every=1, keep=2)
+  assert ckpt.save(3, state, iterator)
+  ckpt.wait()
+
+  fresh = iter(dataset)
+  abstract = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  restored = ckpt.restore(3, abstract, fresh)
+  np.testing.assert_array_equal(np.asarray(restored["w"]), np.asarray(state["w"]))
+  assert int(next(fresh)["x"][0]) == 3  # continues at the 4th element
+  ckpt.close()
+
+
+def test_keeps_only_the_newest_k(tmp_path):
+  iterator = iter(grain.MapDataset.range(10))
+  ckpt = checkpoint.Checkpointer(tmp_path, every=1, keep=2)
+  for step in (1, 2, 3):
+    ckpt.save(step, {"v": jax.numpy.float32(step)}, iterator)
+  ckpt.wait()
+  assert ckpt.all_steps() == [2, 3]
+  assert ckpt.last_good() == str(tmp_path / "3")
+  ckpt.close()
+
+
+def test_preemption_watch_turns_sigterm_into_a_flag():
+  with checkpoint.PreemptionWatch() as watch:
+    assert not watch.requested
+    os.kill(os.getpid(), signal.SIGTERM)
+    deadline = time.time() + 5
+    while not watch.requested and time.time() < deadline:
+      time.sleep(0.01)
+    assert watch.requested
+  assert signal.getsignal(signal.SIGTERM) is not watch._on_signal
