@@ -41,13 +41,6 @@ from esspr_jax.retrieval.report import atomic_write
 REPO = pathlib.Path(__file__).resolve().parents[2]
 KS = (1, 5, 10, 20)
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", str(REPO / "configs" / "finetune_products_text.py"), "recipe config file")
-_WORKDIR = flags.DEFINE_string("workdir", None, "output directory", required=True)
-_DATA_ROOT = flags.DEFINE_string("data_root", None,
-                                 "folder holding amazon_google/, walmart_amazon/, promap_en_cz/")
-
-
 # ----------------------------------------------------------------------------- eval
 
 def embed_titles(embed, params, tokenizer, titles: Sequence[str], max_len: int,
@@ -163,11 +156,22 @@ def run(config, workdir, data_root=None) -> dict:
   return summary
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  run(_CONFIG.value, _WORKDIR.value, _DATA_ROOT.value)
+def _define_flags():
+  """Flags exist only when this module is the program (so importing it never clashes
+  with another entry point's --config / --workdir)."""
+  config = config_flags.DEFINE_config_file(
+      "config", str(REPO / "configs" / "finetune_products_text.py"), "recipe config file")
+  workdir = flags.DEFINE_string("workdir", None, "output directory", required=True)
+  data_root = flags.DEFINE_string(
+      "data_root", None, "folder holding amazon_google/, walmart_amazon/, promap_en_cz/")
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    run(config.value, workdir.value, data_root.value)
+
+  return main
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(_define_flags())
