@@ -2,13 +2,18 @@
 
     python benchmarks/bench_pipeline.py                       # demo preset, workers 0 and 2
     python benchmarks/bench_pipeline.py --workers=0,1,2 --batches=40
-    python benchmarks/bench_pipeline.py --trainer_rate=850    # print the trainer's rate beside
+    python benchmarks/bench_pipeline.py --trainer_steps=0     # pipeline only
+    python benchmarks/bench_pipeline.py --trainer_rate=850    # a known trainer rate instead
 
 Data: the demo world's mined training pairs (`train_pairs.csv`) if present in
 --world_dir, else its eval pairs; the world is generated there first if missing. One
-example is one (trigger, recall) pair, i.e. two images and two titles. The trainer's
-consumption rate (examples/s) can be passed in (`--trainer_rate`, or `trainer_rate=`
-to `run`) so both are printed side by side: the pipeline must outpace it.
+example is one (trigger, recall) pair, i.e. two images and two titles.
+
+The trainer's consumption rate is measured in the same run (`measure_trainer`): the
+real trainer (`train.train`, the preset's model, loss, mesh and optimizer) on one real
+batch from the pipeline, repeated, so only the step is timed, not the input. It is
+printed beside the pipeline's rate: the pipeline must outpace it. `--trainer_rate`
+skips the measurement and uses the given examples/s.
 """
 from __future__ import annotations
 
@@ -58,9 +63,28 @@ def measure(source, tokenizer, spec: pipeline.PipelineSpec, batch_size: int, bat
     it.close()
 
 
+def measure_trainer(config, batch: dict, steps: int, workdir: pathlib.Path) -> float:
+  """Examples/s the trainer consumes with `config` (one process, all local devices):
+  `steps` timed steps after `steps` untimed ones (compilation and warm-up excluded),
+  always on `batch`, so the input pipeline costs nothing here."""
+  import grain  # noqa: PLC0415
+  from esspr_jax import train  # noqa: PLC0415
+  config = config.copy_and_resolve_references()
+  config.train.steps = 2 * steps
+  config.train.log_every = steps  # the last logged interval: the timed steps only
+  config.train.schedule.warmup_steps = min(config.train.schedule.warmup_steps, steps)
+  config.train.checkpoint.every = 10 * steps
+  config.train.eval_at_end = False
+  config.eval.every_steps = 0
+  dataset = grain.MapDataset.source([batch]).repeat(None)
+  result = train.train(config, workdir, train_dataset=dataset)
+  return float(result.last_metrics["examples_per_sec"])
+
+
 def run(preset: str = "demo", workers=(0, 2), batches: int = 30, world_dir=None,
-        trainer_rate: float | None = None) -> list[dict]:
-  """Measures each worker count; returns and prints rows of the table."""
+        trainer_rate: float | None = None, trainer_steps: int = 5) -> list[dict]:
+  """Measures each worker count (and, unless `trainer_rate` is given and when
+  `trainer_steps` > 0, the trainer); returns and prints rows of the table."""
   config = config_lib.compose(preset)
   root = pathlib.Path(tempfile.mkdtemp(prefix="bench_pipeline_"))
   world_dir = pathlib.Path(world_dir) if world_dir else root / "world"
@@ -74,11 +98,20 @@ def run(preset: str = "demo", workers=(0, 2), batches: int = 30, world_dir=None,
     spec = dataclasses.replace(base, worker_count=count)
     rate, per_cpu_s = measure(source, tokenizer, spec, batch_size, batches)
     rows.append({"workers": count, "examples_per_s": rate, "examples_per_cpu_s": per_cpu_s})
+  trainer_note = "given"
+  if trainer_rate is None and trainer_steps > 0:
+    print(f"measuring the {preset} trainer ({trainer_steps} timed steps) ...", flush=True)
+    batch = next(iter(pipeline.make_train_dataset(source, tokenizer,
+                                                  dataclasses.replace(base, worker_count=0),
+                                                  batch_size, process_index=0,
+                                                  process_count=1)))
+    trainer_rate = measure_trainer(config, batch, trainer_steps, root / "trainer")
+    trainer_note = f"measured, {trainer_steps} steps"
   print(f"\nGrain input pipeline, preset '{preset}': {ds.num_examples} pairs, batch {batch_size}, "
         f"image {base.image_size}px, max_len {base.max_len}, augment "
         f"{'on' if base.augment else 'off'}, read_threads {base.read_threads}")
   header = "| workers | pipeline examples/s | examples per CPU-s |" + (
-      " trainer examples/s | headroom |" if trainer_rate else "")
+      f" trainer examples/s ({trainer_note}) | headroom |" if trainer_rate else "")
   print(header)
   print("|" + "---|" * (header.count("|") - 1))
   for row in rows:
@@ -99,10 +132,12 @@ def main() -> None:
   parser.add_argument("--batches", type=int, default=30, help="timed batches per setting")
   parser.add_argument("--world_dir", default=None, help="existing/target demo world dir")
   parser.add_argument("--trainer_rate", type=float, default=None,
-                      help="trainer consumption in examples/s, printed beside")
+                      help="a known trainer rate in examples/s (skips measuring it)")
+  parser.add_argument("--trainer_steps", type=int, default=5,
+                      help="timed trainer steps for measuring its rate (0: do not measure)")
   args = parser.parse_args()
   run(args.preset, tuple(int(w) for w in args.workers.split(",")), args.batches,
-      args.world_dir, args.trainer_rate)
+      args.world_dir, args.trainer_rate, args.trainer_steps)
 
 
 if __name__ == "__main__":

@@ -4,16 +4,27 @@ The Grain iterator's position is saved next to params and optimizer state, so a 
 restarted after a crash or preemption sees the very batches it would have seen. Saves
 are asynchronous (training continues while arrays are written); Orbax commits a step
 atomically, so a run killed mid-save leaves the previous step as the latest.
+
+The data position is written once per process (`data/process_I-of-N.json`). A run
+resumed with another process count reuses it when every process saved the same
+position, which is what the project's pipeline does: its state counts batches of one
+global order, and batch k is the same global rows for any process count.
 """
+import json
 import pathlib
+import re
 import signal
 import threading
-from typing import Any
+from typing import Any, Mapping
 
 import grain
 import grain.checkpoint  # noqa: F401  (registers the Grain handler with Orbax)
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from esspr_jax import distributed
+from esspr_jax.errors import ConfigError
 
 STATE = "state"
 DATA = "data"
@@ -57,13 +68,14 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
     """The state at `step`, laid out as `abstract_state` says (shapes, dtypes,
-    shardings: the mesh may differ from the one that saved); sets the iterator's
-    position in place."""
+    shardings: the mesh and the process count may differ from the run that saved);
+    sets the iterator's position in place (see `data_position_for`)."""
     restored = self._manager.restore(
-        step, args=ocp.args.Composite(**{
-            STATE: ocp.args.StandardRestore(abstract_state),
-            DATA: grain.checkpoint.CheckpointRestore(data_iterator),
-        }))
+        step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract_state)}))
+    saved = read_data_positions(epath.Path(self.path(step)) / DATA)
+    position = data_position_for(saved, jax.process_index(), jax.process_count(),
+                                 where=str(self.path(step) / DATA))
+    set_iterator_state(data_iterator, position)
     return restored[STATE]
 
   def wait(self) -> None:
@@ -78,6 +90,73 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs carrying the target shardings, for a restore."""
   return jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+_POSITION_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
+
+
+def read_data_positions(data_dir: epath.Path) -> dict[tuple[int, int], str]:
+  """{(process_index, process_count): saved iterator state text} of one checkpoint."""
+  saved = {}
+  if data_dir.is_dir():
+    for path in data_dir.iterdir():
+      match = _POSITION_FILE.fullmatch(path.name)
+      if match:
+        saved[(int(match[1]), int(match[2]))] = path.read_text()
+  return saved
+
+
+def data_position_for(saved: Mapping[tuple[int, int], str], process_index: int,
+                      process_count: int, where: str = "the checkpoint") -> str:
+  """The iterator state process `process_index` of `process_count` resumes from.
+
+  Its own file when the process count is unchanged. Otherwise the saved position is
+  carried over only if every process of the saving run stored the same one (a
+  position in a global order of batches, as `data.pipeline` keeps it); anything else
+  cannot be repositioned safely and is a ConfigError saying what to do.
+  """
+  own = saved.get((process_index, process_count))
+  if own is not None:
+    return own
+  if not saved:
+    raise ConfigError("train.checkpoint", f"{where} holds no data-iterator position "
+                      f"(process_*-of-*.json); it was not written by this trainer")
+  counts = sorted({count for _, count in saved})
+  if len(counts) != 1:
+    raise ConfigError("train.checkpoint", f"{where} mixes data positions of runs with "
+                      f"{counts} processes; remove the stray files")
+  saved_count = counts[0]
+  missing = sorted(set(range(saved_count)) - {index for index, _ in saved})
+  if missing:
+    raise ConfigError("train.checkpoint", f"{where} lacks the data position of process(es) "
+                      f"{missing} of {saved_count}; the checkpoint is incomplete")
+  states = {_canonical(text) for text in saved.values()}
+  if len(states) != 1:
+    raise ConfigError(
+        "train.checkpoint",
+        f"{where} was saved by {saved_count} processes at different data positions, so it "
+        f"cannot be resumed by {process_count}: resume with {saved_count} processes, or "
+        f"start a new workdir from these params (e.g. a model.*.init_from checkpoint)")
+  return saved[(0, saved_count)]
+
+
+def _canonical(text: str) -> str:
+  try:
+    return json.dumps(json.loads(text), sort_keys=True)
+  except ValueError:
+    return text
+
+
+def set_iterator_state(iterator: Any, text: str) -> None:
+  """Sets a Grain iterator's position from its saved text (what Grain's own Orbax
+  handler does on restore), then starts its prefetching."""
+  if isinstance(iterator, grain.DatasetIterator):
+    iterator.set_state(json.loads(text))
+  else:
+    iterator.set_state(text.encode())
+  start = getattr(iterator, "start_prefetch", None)
+  if start is not None:
+    start()
 
 
 class PreemptionWatch:
@@ -106,4 +185,10 @@ class PreemptionWatch:
 
   @property
   def requested(self) -> bool:
+    """A signal reached this process."""
     return self._event.is_set()
+
+  def agreed(self) -> bool:
+    """True on every process once a signal reached any of them. A collective: all
+    processes call it after the same step, so they all stop after that step."""
+    return distributed.any_process(self.requested)

@@ -320,5 +320,29 @@ def process_info(kind: str = "current") -> ProcessInfo:
 
 
 def is_primary() -> bool:
-  """True on process 0: the one that writes logs, console output, metadata, manifests."""
+  """True on process 0: the one that writes logs, console output, metadata, manifests.
+
+  The one switch for every process-0-only action, so multi-host runs stay consistent."""
   return jax.process_index() == 0
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process when `flag` is true on at least one (a collective: every
+  process must call it at the same point). One process: `flag` itself.
+
+  Used to agree on a stop step: a SIGTERM seen by some processes only must still stop
+  all of them after the same step, or the collective save would hang."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  flags_of_all = multihost_utils.process_allgather(np.array([int(bool(flag))], np.int32))
+  return bool(np.asarray(flags_of_all).any())
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches `name` (no-op for one process), e.g. until
+  process 0 has prepared the files the others are about to open."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)

@@ -33,6 +33,9 @@ from esspr_jax.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 MODES = ("all", "demo-world", "mine", "build", "train", "eval", "export", "search")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+# Loggers that write a line per file or per array at INFO (Orbax: hundreds per save).
+QUIET_LOGGERS = ("absl", "orbax", "grain", "tensorflow_datasets", "jax", "apache_beam")
 
 
 def define_flags(fv: flags.FlagValues, sys_argv: list[str] | None = None) -> None:
@@ -73,6 +76,10 @@ def define_flags(fv: flags.FlagValues, sys_argv: list[str] | None = None) -> Non
   flags.DEFINE_string("gallery", "m", "search: gallery modality i, t or m", flag_values=fv)
   flags.DEFINE_integer("k", 0, "search: results (0: config.eval.search.k)", flag_values=fv)
   flags.DEFINE_string("html_out", "", "search: also write an HTML page here", flag_values=fv)
+  flags.DEFINE_enum("log_level", "warning", LOG_LEVELS,
+                    "console log level of the libraries (Orbax, Grain, TFDS, JAX) and of "
+                    "esspr_jax's own log records; progress and stage lines always print",
+                    flag_values=fv)
   distributed.define_flags(fv)
 
 
@@ -86,15 +93,31 @@ class Paths:
   @classmethod
   def of(cls, config, fv) -> "Paths":
     from esspr_jax import train  # noqa: PLC0415
-    workdir = pathlib.Path(fv.workdir).absolute()
-    world = pathlib.Path(fv.world_dir).absolute() if fv.world_dir else workdir / "world"
+    workdir = train.local_workdir(fv.workdir)
+    world = train.local_workdir(fv.world_dir) if fv.world_dir else workdir / "world"
     return cls(workdir, world, train.data_dir(config, workdir).absolute())
 
 
 def _say(message: str) -> None:
-  from esspr_jax.sharding import is_primary_process  # noqa: PLC0415
-  if is_primary_process():
+  if distributed.is_primary():
     print(message, flush=True)
+
+
+_SHOW_LIBRARY_PROGRESS = True  # TFDS's progress bars; off below --log_level=info
+
+
+def configure_logging(level: str) -> None:
+  """Console log level for absl (what Orbax, Grain and TFDS log through) and the
+  libraries' Python loggers. Default 'warning': a checkpoint then prints nothing, and
+  the progress line and results stay readable; 'info' brings the details back."""
+  from absl import logging as absl_logging  # noqa: PLC0415
+  absl_logging.set_verbosity(level)
+  numeric = getattr(logging, level.upper())
+  logging.getLogger().setLevel(numeric)
+  for name in QUIET_LOGGERS + ("esspr_jax",):
+    logging.getLogger(name).setLevel(numeric)
+  global _SHOW_LIBRARY_PROGRESS
+  _SHOW_LIBRARY_PROGRESS = numeric <= logging.INFO
 
 
 # ----------------------------------------------------------------------------- stages
@@ -121,6 +144,9 @@ def mine(config, clicklog, catalog, out) -> None:
 def build(config, paths: Paths, train_pairs, eval_pairs, image_dir) -> None:
   """Both datasets (each reused when its CSV and settings are unchanged)."""
   from esspr_jax.data import esspr_tfds  # noqa: PLC0415
+  if not _SHOW_LIBRARY_PROGRESS:
+    import tensorflow_datasets as tfds  # noqa: PLC0415
+    tfds.disable_progress_bar()
   p = config.data.pipeline
   for name, csv in ((p.train_dataset, train_pairs), (p.eval_dataset, eval_pairs)):
     start = time.time()
@@ -142,28 +168,68 @@ def train(config, paths: Paths, tok=None):
   from esspr_jax.data import pipeline  # noqa: PLC0415
   from esspr_jax.models import build_model  # noqa: PLC0415
   from esspr_jax.retrieval import evaluate  # noqa: PLC0415
-  tok = tok or pipeline.tokenizer_from_config(config, paths.data_dir)
+  tok = tok or shared_tokenizer(config, paths)
   model = build_model(config.model)
   dataset = pipeline.train_dataset(config, train_lib.per_process_batch_size(config),
                                    data_dir=paths.data_dir, tokenizer=tok)
   eval_batches = lambda: pipeline.eval_dataset(config, config.eval.batch_size,  # noqa: E731
                                                data_dir=paths.data_dir, tokenizer=tok)
-  eval_fn = evaluate.make_eval_hook(config, paths.workdir, model, eval_batches)
+  eval_fn = evaluate.make_eval_hook(config, paths.workdir, model, eval_batches,
+                                    batch_sharding=eval_batch_sharding(config))
   return train_lib.train(config, paths.workdir, model=model, train_dataset=dataset,
                          eval_fn=eval_fn)
 
 
-def run_all(config, paths: Paths):
-  """The main job: from nothing to a results table."""
-  start = time.time()
+def eval_batch_sharding(config):
+  """The trainer's batch sharding (same mesh, same rules) for the eval hook, so eval
+  embeds each batch split over all devices. None (eval unsharded, with a warning) when
+  the eval batch cannot be split evenly over the batch shards."""
+  from esspr_jax import sharding  # noqa: PLC0415
+  import jax  # noqa: PLC0415
+  mesh = sharding.make_mesh(config.train)
+  logical_rules = sharding.rules(config.train)
+  shards = sharding.batch_shards(mesh, logical_rules)
+  global_rows = config.eval.batch_size * jax.process_count()
+  if global_rows % shards:
+    log.warning("eval.batch_size %d x %d processes does not split over the %d batch shards; "
+                "eval embeds without sharding the batch", config.eval.batch_size,
+                jax.process_count(), shards)
+    return None
+  return sharding.batch_sharding(mesh, logical_rules)
+
+
+def prepare_data(config, paths: Paths) -> None:
+  """Demo world -> mined pairs -> both datasets -> tokenizer cache (each reused when
+  present). Writes shared files, so only one process may run it (see run_all)."""
   world = make_world(config, paths)
   if not world.train_pairs.is_file():
     mine(config, world.clicklog, world.catalog, world.train_pairs)
   else:
     _say(f"[mine] reusing {world.train_pairs}")
   build(config, paths, world.train_pairs, world.eval_pairs, world.out_dir)
-  tok = tokenizer(config, paths)
-  result = train(config, paths, tok)
+  tokenizer(config, paths)
+
+
+def shared_tokenizer(config, paths: Paths):
+  """The run's tokenizer on every process. A trained one is cached in the data dir:
+  process 0 trains/writes it first, the others load it after a barrier."""
+  from esspr_jax.data import pipeline  # noqa: PLC0415
+  if distributed.is_primary():
+    tok = pipeline.tokenizer_from_config(config, paths.data_dir)
+  distributed.barrier("esspr_jax.main: tokenizer cached")
+  if not distributed.is_primary():
+    tok = pipeline.tokenizer_from_config(config, paths.data_dir)
+  return tok
+
+
+def run_all(config, paths: Paths):
+  """The main job: from nothing to a results table. Process 0 prepares the data while
+  the others wait at a barrier, then every process opens it and trains."""
+  start = time.time()
+  if distributed.is_primary():
+    prepare_data(config, paths)
+  distributed.barrier("esspr_jax.main: data prepared")
+  result = train(config, paths, shared_tokenizer(config, paths))
   _say(summary(paths, result, time.time() - start))
   return result
 
@@ -264,6 +330,7 @@ def main(argv) -> int:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   fv = flags.FLAGS
   try:
+    configure_logging(fv.log_level)
     config = config_from_flags(fv)
     distributed.initialize_from_flags(fv)
     run(config, fv)

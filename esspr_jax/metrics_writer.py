@@ -1,6 +1,6 @@
 """Where training metrics go: JSON lines, TensorBoard events, a console progress line.
 
-Only the primary process writes (`sharding.is_primary_process`). The FLOPs/MFU
+Only the primary process writes (`distributed.is_primary`). The FLOPs/MFU
 helpers are pure so they can be tested against hand-computed numbers.
 """
 import json

@@ -17,14 +17,6 @@ from esspr_jax.config.train import MESH_AXES
 from esspr_jax.errors import ConfigError
 
 
-def is_primary_process() -> bool:
-  """True on the one process that owns side effects: logs, console, manifests.
-
-  Every process-0-only action goes through here so multi-host runs have one switch.
-  """
-  return jax.process_index() == 0
-
-
 def resolve_mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
   """Sizes of (data, fsdp, tensor) for `num_devices`; a -1 takes what is left."""
   sizes = [int(mesh_config[axis]) for axis in MESH_AXES]

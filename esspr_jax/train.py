@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 from esspr_jax import checkpoint as checkpoint_lib
+from esspr_jax import distributed
 from esspr_jax import metrics_writer as metrics_lib
 from esspr_jax import optim
 from esspr_jax import sharding
@@ -65,6 +66,18 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------- data
+def local_workdir(workdir: str | os.PathLike) -> pathlib.Path:
+  """The workdir as an absolute local path. A URL (gs://, s3://) is refused here with
+  a clear error rather than turned into a local 'gs:/...' directory: metrics, reports
+  and datasets are written with local file APIs (use a gcsfuse/NFS mount instead)."""
+  text = os.fspath(workdir)
+  if "://" in text:
+    raise ConfigError("--workdir", f"{text!r} is a URL; workdirs must be filesystem paths for "
+                      f"now. Mount the bucket on every host (e.g. gcsfuse at /mnt/gcs) and "
+                      f"pass the mounted path (launch.tpu_pod --shared_mount)")
+  return pathlib.Path(text).absolute()
+
+
 def data_dir(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> pathlib.Path:
   """The TFDS data dir: config.data.pipeline.data_dir, or <workdir>/tfds when empty."""
   configured = config.data.pipeline.data_dir
@@ -230,8 +243,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   validate_config(config)
   tc = config.train
   eval_every = int(config.eval.get("every_steps", 0) or 0)
-  workdir = pathlib.Path(workdir).absolute()
-  primary = sharding.is_primary_process()
+  workdir = local_workdir(workdir)
+  primary = distributed.is_primary()
 
   # --- mesh
   mesh = sharding.make_mesh(tc, devices)
@@ -387,7 +400,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
           saved_step = step
         if eval_every and step % eval_every == 0 and step < tc.steps:
           run_eval(step)
-        if preemption.requested:
+        # Every process checks (a tiny collective) after every step, so a SIGTERM seen
+        # by some processes only still stops all of them after this same step.
+        if preemption.agreed():
           if saved_step != step:
             ckpt.save(step, state, data_iterator, force=True)
           stopped = "preempted"

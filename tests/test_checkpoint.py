@@ -53,6 +53,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from esspr_jax import checkpoint  # noqa: E402
+from esspr_jax.errors import ConfigError  # noqa: E402
 
 
 def _start_worker(workdir, delay):
@@ -162,3 +163,51 @@ def test_preemption_watch_turns_sigterm_into_a_flag():
       time.sleep(0.01)
     assert watch.requested
   assert signal.getsignal(signal.SIGTERM) is not watch._on_signal
+
+
+def _saved_by_two_processes(tmp_path, positions):
+  """A checkpoint as a 2-process run leaves it: one data position file per process."""
+  dataset = grain.MapDataset.range(100).map(lambda i: {"x": np.full((2,), i, np.int32)})
+  iterator = iter(dataset)
+  for _ in range(3):
+    next(iterator)
+  state = {"w": jax.numpy.arange(4.0)}
+  ckpt = checkpoint.Checkpointer(tmp_path, every=1, keep=2)
+  ckpt.save(3, state, iterator)
+  ckpt.wait()
+  data_dir = tmp_path / "3" / checkpoint.DATA
+  (data_dir / "process_0-of-1.json").unlink()
+  for index, position in enumerate(positions):
+    (data_dir / f"process_{index}-of-2.json").write_text(f'{{"next_index": {position}}}')
+  abstract = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  return ckpt, abstract, dataset
+
+
+def test_resume_with_another_process_count_keeps_the_global_position(tmp_path):
+  ckpt, abstract, dataset = _saved_by_two_processes(tmp_path, positions=(3, 3))
+  fresh = iter(dataset)
+  restored = ckpt.restore(3, abstract, fresh)  # 1 process reads a 2-process checkpoint
+  np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(4.0))
+  assert int(next(fresh)["x"][0]) == 3
+  ckpt.close()
+
+
+def test_resume_with_another_process_count_refuses_diverging_positions(tmp_path):
+  ckpt, abstract, dataset = _saved_by_two_processes(tmp_path, positions=(3, 4))
+  with pytest.raises(ConfigError, match="saved by 2 processes at different data positions"):
+    ckpt.restore(3, abstract, iter(dataset))
+  ckpt.close()
+
+
+def test_data_position_rules():
+  two = {(0, 2): '{"next_index": 5}', (1, 2): '{ "next_index":5 }'}
+  assert checkpoint.data_position_for({(1, 3): "a", (0, 3): "b"}, 1, 3) == "a"  # own file
+  assert checkpoint.data_position_for(two, 0, 1) == two[(0, 2)]
+  assert checkpoint.data_position_for(two, 3, 4) == two[(0, 2)]
+  with pytest.raises(ConfigError, match=r"lacks the data position of process\(es\) \[1\]"):
+    checkpoint.data_position_for({(0, 2): "x"}, 0, 1)
+  with pytest.raises(ConfigError, match="no data-iterator position"):
+    checkpoint.data_position_for({}, 0, 1)
+  with pytest.raises(ConfigError, match=r"mixes data positions of runs with \[1, 2\]"):
+    checkpoint.data_position_for({(0, 1): "x", (0, 2): "x", (1, 2): "x"}, 0, 4)

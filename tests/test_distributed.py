@@ -178,8 +178,12 @@ _PROBE = textwrap.dedent("""
     info = distributed.initialize()
     from jax.experimental import multihost_utils
     ids = multihost_utils.process_allgather(np.array([info.process_id * 10 + 1]))
+    distributed.barrier("probe")
+    # A stop request seen by process 1 only is agreed on by both; none by neither.
+    agreed = (distributed.any_process(info.process_id == 1), distributed.any_process(False))
     print("PROBE", info.process_id, info.num_processes, info.local_device_count,
-          info.global_device_count, int(distributed.is_primary()), ids.ravel().tolist(), flush=True)
+          info.global_device_count, int(distributed.is_primary()), ids.ravel().tolist(),
+          *map(int, agreed), flush=True)
 """)  # JAX leaves the distributed system at exit, after its backend (before can hang).
 
 
@@ -214,7 +218,13 @@ def test_two_real_processes_join_one_system(kind, tmp_path, monkeypatch):
   assert code == 0, logs
   for pid, out in enumerate(logs):
     line = next(l for l in out.splitlines() if "PROBE" in l)
-    assert line.split("PROBE ", 1)[1] == f"{pid} 2 3 6 {int(pid == 0)} [1, 11]"
+    assert line.split("PROBE ", 1)[1] == f"{pid} 2 3 6 {int(pid == 0)} [1, 11] 1 0"
+
+
+def test_single_process_agreement_and_barrier_are_local(plain_environment):
+  assert distributed.any_process(True) is True
+  assert distributed.any_process(False) is False
+  distributed.barrier("alone")  # returns at once
 
 
 def test_absl_flags_feed_the_plan():

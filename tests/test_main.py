@@ -1,5 +1,6 @@
 """The command line: overrides, bad keys, and the main job end to end (tiny config)."""
 import pathlib
+import types
 
 import pytest
 from absl import flags
@@ -51,6 +52,13 @@ def test_missing_workdir_is_an_error():
     main.config_from_flags(fv)
 
 
+def test_url_workdir_is_refused_not_mangled():
+  fv = _parse(f"--config={TINY}", "--workdir=gs://bucket/runs/x", "--mode=train")
+  with pytest.raises(ConfigError, match="gs://bucket/runs/x' is a URL") as info:
+    main.run(main.config_from_flags(fv), fv)
+  assert info.value.key == "--workdir"
+
+
 def test_mode_needs_its_flags(tmp_path):
   fv = _parse(f"--config={TINY}", f"--workdir={tmp_path}", "--mode=mine")
   with pytest.raises(ConfigError, match="--clicklog, --catalog, --out"):
@@ -65,8 +73,9 @@ def test_main_returns_2_on_a_config_error(tmp_path, capsys, monkeypatch):
 
 
 def test_main_job_runs_from_nothing_to_a_table(tmp_path, capsys):
+  # Eval batch 24 > the 16 eval pairs: one batch, 8 padding rows, split over 8 devices.
   fv = _parse(f"--config={TINY}", f"--workdir={tmp_path}", "--config.train.steps=2",
-              "--config.train.checkpoint.every=1")
+              "--config.train.checkpoint.every=1", "--config.eval.batch_size=24")
   result = main.run(main.config_from_flags(fv), fv)
   assert result.step == 2 and result.stopped == "done"
   out = capsys.readouterr().out
@@ -78,3 +87,51 @@ def test_main_job_runs_from_nothing_to_a_table(tmp_path, capsys):
   for path in ("world/manifest.json", "world/train_pairs.csv", "metrics.jsonl",
                "config.json", "checkpoints/2"):
     assert (tmp_path / path).exists(), path
+
+
+def test_eval_uses_the_trainers_batch_sharding(tmp_path):
+  import jax
+  config = main.config_from_flags(_parse(f"--config={TINY}", f"--workdir={tmp_path}",
+                                         "--config.eval.batch_size=24"))
+  sharding = main.eval_batch_sharding(config)
+  assert sharding.num_devices == jax.device_count() == 8
+  assert sharding.shard_shape((24, 5)) == (3, 5)
+  config.eval.batch_size = 12  # 12 rows do not split 8 ways: unsharded, not an error
+  assert main.eval_batch_sharding(config) is None
+
+
+def test_only_process_0_prepares_data_and_the_others_wait(tmp_path, monkeypatch):
+  """--mode=all on a non-primary process: no preparation, the barrier, then training."""
+  from esspr_jax.data import pipeline
+  calls = []
+  monkeypatch.setattr(main.distributed, "is_primary", lambda: False)
+  monkeypatch.setattr(main, "prepare_data", lambda *a: calls.append("prepare"))
+  monkeypatch.setattr(main.distributed, "barrier", lambda name: calls.append("barrier"))
+  monkeypatch.setattr(pipeline, "tokenizer_from_config", lambda *a: calls.append("open") or "tok")
+  trained = types.SimpleNamespace(stopped="done", step=0, checkpoint_dir=tmp_path,
+                                  metrics_path=tmp_path / "metrics.jsonl")
+  monkeypatch.setattr(main, "train",
+                      lambda config, paths, tok: calls.append(("train", tok)) or trained)
+  fv = _parse(f"--config={TINY}", f"--workdir={tmp_path}")
+  main.run(main.config_from_flags(fv), fv)
+  assert calls == ["barrier", "barrier", "open", ("train", "tok")]
+  monkeypatch.setattr(main.distributed, "is_primary", lambda: True)
+  calls.clear()
+  main.run(main.config_from_flags(fv), fv)
+  assert calls[:4] == ["prepare", "barrier", "open", "barrier"]
+
+
+def test_library_logging_is_quiet_by_default_and_restorable():
+  import logging
+  from absl import logging as absl_logging
+  fv = _parse(f"--config={TINY}")
+  assert fv.log_level == "warning"
+  try:
+    main.configure_logging("warning")
+    assert logging.getLogger("orbax").getEffectiveLevel() == logging.WARNING
+    assert absl_logging.get_verbosity() == absl_logging.WARNING
+    main.configure_logging("info")
+    assert logging.getLogger("orbax").getEffectiveLevel() == logging.INFO
+    assert absl_logging.get_verbosity() == absl_logging.INFO
+  finally:
+    main.configure_logging("warning")

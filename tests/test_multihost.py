@@ -7,8 +7,9 @@ module-scoped fixture and the tests only compare what the runs left behind:
 
   one_5   1 x 8, mesh data=8, 5 steps                       (the reference)
   two_5   2 x 4, mesh data=8, 5 steps; first it restores one_5's checkpoint state
-  one_7   1 x 8, mesh fsdp=4 x tensor=2, resumes a copy of one_5 (restore only, dump),
-          then trains to 7; first it restores two_5's checkpoint state
+  one_7   1 x 8, mesh fsdp=4 x tensor=2, resumes a copy of two_5 (restore only, dump:
+          other process count AND other mesh), then trains to 7; first it restores
+          two_5's checkpoint state
   two_7   2 x 4, resumes two_5 to 7, saving every step; process 1 hangs before step
           7 and is killed -> the launch fails; then a relaunch resumes from step 6.
 
@@ -84,9 +85,9 @@ def runs(tmp_path_factory):
                                      f"--dump={d('two_5')}", f"--restore_from={w['one_5']}",
                                      f"--restore_dump={d('one_5_in_two')}"], root / "log_two_5")
   # A copy, so the 2-process relaunch below still starts from the untouched two_5.
-  shutil.copytree(w["one_5"], w["one_7"])
+  shutil.copytree(w["two_5"], w["one_7"])
   out["logs"]["one_7"] = _launch(1, [f"--workdir={w['one_7']}", "--steps=7", "--mesh=1,4,2",
-                                     f"--resumed_dump={d('one_5_on_fsdp_tensor')}",
+                                     f"--resumed_dump={d('two_5_on_fsdp_tensor')}",
                                      f"--dump={d('one_7')}", f"--restore_from={w['two_5']}",
                                      f"--restore_dump={d('two_5_in_one')}"], root / "log_one_7")
 
@@ -140,9 +141,11 @@ def test_checkpoints_restore_across_process_counts_exactly(runs):
   _assert_same_state(runs["dump"]("two_5"), runs["dump"]("two_5_in_one"), 0.0)
 
 
-def test_restore_onto_a_different_mesh_is_exact_and_training_continues(runs):
-  # data=8 -> fsdp=4 x tensor=2: params and optimizer state identical after restore
-  _assert_same_state(runs["dump"]("one_5"), runs["dump"]("one_5_on_fsdp_tensor"), 0.0)
+def test_resume_on_another_mesh_and_process_count_is_exact_and_continues(runs):
+  # 2 processes, data=8 -> 1 process, fsdp=4 x tensor=2: params and optimizer state
+  # identical after the trainer's restore, and the data position carried over: steps
+  # 6-7 see the batches the 2-process run saw (same losses).
+  _assert_same_state(runs["dump"]("two_5"), runs["dump"]("two_5_on_fsdp_tensor"), 0.0)
   assert "resumed at step 5" in runs["logs"]["one_7"]
   assert runs["dump"]("one_7")["step"] == 7
   continued = _losses(runs["workdirs"]["one_7"])
@@ -177,13 +180,17 @@ def _main_job(num_processes, workdir, log_dir, *flags):
 @pytest.mark.skipif(os.environ.get("ESSPR_SLOW_TESTS") != "1",
                     reason="the real main job twice (~4 min on 2 cores); set ESSPR_SLOW_TESTS=1")
 def test_main_job_in_two_processes_matches_one_process(tmp_path):
-  """The real model, Grain pipeline and eval hook: 2 x 4 devices reproduce 1 x 8."""
+  """The real main job (data preparation on process 0, model, Grain pipeline, eval
+  hook): 2 x 4 devices reproduce 1 x 8."""
   one, two = tmp_path / "one", tmp_path / "two"
-  _main_job(1, one, tmp_path / "log_one")  # world, mining, datasets, train, eval
-  two.mkdir()
+  # --mode=all in 2 processes from nothing: process 0 generates the world, mines, builds
+  # the datasets and trains the tokenizer while process 1 waits at the barrier.
+  _main_job(2, two, tmp_path / "log_two")
+  # 1 process on the very same data (a retrained tokenizer need not repeat bit for bit).
+  one.mkdir()
   for shared in ("world", "tfds"):
-    shutil.copytree(one / shared, two / shared)
-  _main_job(2, two, tmp_path / "log_two", "--mode=train")
+    shutil.copytree(two / shared, one / shared)
+  _main_job(1, one, tmp_path / "log_one", "--mode=train")
   losses_one, losses_two = _losses(one), _losses(two)
   assert sorted(losses_one) == sorted(losses_two)
   for step, loss in losses_one.items():
