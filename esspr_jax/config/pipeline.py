@@ -10,7 +10,8 @@ import re
 import ml_collections
 
 from esspr_jax.data.images import RESIZE_MODES
-from esspr_jax.errors import ConfigError
+from esspr_jax.config.checks import check as _check
+from esspr_jax.config.checks import is_int as _is_int
 
 DATASET_NAME = re.compile(r"[a-z][a-z0-9_]*")
 
@@ -57,13 +58,6 @@ def default_config(preset: str) -> ml_collections.ConfigDict:
   return c
 
 
-def _check(ok: bool, key: str, message: str) -> None:
-  if not ok:
-    raise ConfigError(key, message)
-
-
-def _is_int(value) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value) -> bool:

@@ -7,7 +7,8 @@ knows the mesh, so a new layout is a config change.
 """
 import ml_collections
 
-from esspr_jax.errors import ConfigError
+from esspr_jax.config.checks import check as _check
+from esspr_jax.config.checks import is_int as _is_int
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -100,13 +101,6 @@ def default_config(preset: str) -> ml_collections.ConfigDict:
   return c
 
 
-def _check(ok: bool, key: str, message: str) -> None:
-  if not ok:
-    raise ConfigError(key, message)
-
-
-def _is_int(value) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
 
 
 def validate_rules(rules, key: str = "train.sharding_rules") -> None:
