@@ -12,7 +12,7 @@ from esspr_jax.errors import ConfigError
 # styles, suppliers in the pool, click-log sessions, image side in pixels.
 _WORLD_SIZES = {
     "tiny": (96, 16, 400, 32),
-    "demo": (800, 60, 10000, 96),
+    "demo": (800, 60, 20000, 96),   # 20k sessions: ~3,400 mined pairs (10k gave ~2,000)
     "base": (1600, 120, 40000, 128),
     "large": (1600, 120, 80000, 128),
 }
