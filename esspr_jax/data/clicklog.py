@@ -21,10 +21,9 @@ the plain reader here both use it, so a row is judged the same way everywhere.
 import csv
 import math
 import os
-import pathlib
-import tempfile
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
+from esspr_jax.atomic_io import atomic_open
 from esspr_jax.data.skips import SkipCounter
 from esspr_jax.errors import DataError
 
@@ -261,21 +260,13 @@ def read_clicklog(path: str, categories: frozenset | None = None,
 def write_csv_atomic(path: str | os.PathLike, header: Sequence[str],
                      rows: Iterable[Sequence]) -> int:
   """Writes a CSV via temp file + rename, so readers never see half a file."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
   n = 0
-  try:
-    with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-      writer = csv.writer(f, lineterminator="\n")
-      writer.writerow(header)
-      for row in rows:
-        writer.writerow(row)
-        n += 1
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  with atomic_open(path, "w", newline="", encoding="utf-8") as f:
+    writer = csv.writer(f, lineterminator="\n")
+    writer.writerow(header)
+    for row in rows:
+      writer.writerow(row)
+      n += 1
   return n
 
 

@@ -12,9 +12,9 @@ import dataclasses
 import math
 import os
 import pathlib
-import tempfile
 from typing import Iterable, Iterator
 
+from esspr_jax.atomic_io import atomic_open
 from esspr_jax.data.skips import SkipCounter
 from esspr_jax.errors import DataError
 
@@ -110,19 +110,11 @@ def read_pairs(path: str | os.PathLike, skips: SkipCounter | None = None) -> Ite
 
 def write_pairs(path: str | os.PathLike, rows: Iterable[PairRow]) -> int:
   """Writes rows in the canonical format atomically (temp file + rename). Returns the count."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
   n = 0
-  try:
-    with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-      writer = csv.writer(f)
-      writer.writerow(FIELDS)
-      for row in rows:
-        writer.writerow([getattr(row, k) for k in FIELDS])
-        n += 1
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  with atomic_open(path, "w", newline="", encoding="utf-8") as f:
+    writer = csv.writer(f)
+    writer.writerow(FIELDS)
+    for row in rows:
+      writer.writerow([getattr(row, k) for k in FIELDS])
+      n += 1
   return n

@@ -17,15 +17,14 @@ well-formed input, and no row ever has an all-zero mask because of its title.
 """
 from __future__ import annotations
 
-import os
 import pathlib
-import tempfile
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import tokenizers
 from tokenizers import decoders, normalizers, pre_tokenizers, processors, trainers
 
+from esspr_jax.atomic_io import atomic_write
 from esspr_jax.errors import ConfigError
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
@@ -118,17 +117,7 @@ class Tokenizer:
 
   def save(self, path) -> None:
     """Writes `tokenizer.json` atomically (temp file + rename)."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-      with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(self.backend.to_str(pretty=False))
-      os.replace(tmp, path)
-    except BaseException:
-      if os.path.exists(tmp):
-        os.unlink(tmp)
-      raise
+    atomic_write(path, self.backend.to_str(pretty=False))
 
   # ---- use ----
   @property

@@ -6,24 +6,10 @@ import json
 import math
 import os
 import pathlib
-import tempfile
 from typing import Sequence
 
+from esspr_jax.atomic_io import atomic_write  # noqa: F401 - callers import it from here
 from esspr_jax.retrieval.scoring import SettingResult
-
-
-def atomic_write(path, data: bytes | str) -> pathlib.Path:
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data.encode("utf-8") if isinstance(data, str) else data)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
-  return path
 
 
 def _search_note(retrieval: dict) -> str:
