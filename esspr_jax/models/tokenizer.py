@@ -17,12 +17,13 @@ well-formed input, and no row ever has an all-zero mask because of its title.
 """
 from __future__ import annotations
 
+import collections
 import pathlib
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import tokenizers
-from tokenizers import decoders, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import decoders, normalizers, pre_tokenizers, processors
 
 from esspr_jax.atomic_io import atomic_write
 from esspr_jax.errors import ConfigError
@@ -71,20 +72,28 @@ class Tokenizer:
   @classmethod
   def train(cls, titles: Iterable, vocab_size: int, lowercase: bool = True,
             strip_accents: bool = True, min_frequency: int = 2) -> "Tokenizer":
-    """Learns a WordPiece vocabulary of at most `vocab_size` entries from titles."""
+    """Learns a WordPiece vocabulary of at most `vocab_size` entries from titles.
+
+    Deterministic: the same titles give the same vocabulary and ids in every run
+    (Hugging Face's WordPieceTrainer breaks count ties in hash order, so a fresh run
+    would not repeat). See `_wordpiece_vocab` for the selection rule.
+    """
     if vocab_size <= len(SPECIAL_TOKENS):
       raise ConfigError("model.tokenizer.vocab_size",
                         f"must exceed the {len(SPECIAL_TOKENS)} special tokens, got {vocab_size}")
-    backend = tokenizers.Tokenizer(tokenizers.models.WordPiece(unk_token=UNK))
-    backend.normalizer = normalizers.BertNormalizer(
+    normalizer = normalizers.BertNormalizer(
         clean_text=True, handle_chinese_chars=True,
         strip_accents=strip_accents, lowercase=lowercase)
-    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
-        special_tokens=list(SPECIAL_TOKENS))
-    texts = (t for t in map(_title_text, titles) if t.strip())
-    backend.train_from_iterator(texts, trainer)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    word_counts: collections.Counter = collections.Counter()
+    for title in map(_title_text, titles):
+      if title.strip():
+        words = pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(title))
+        word_counts.update(word for word, _ in words)
+    vocab = _wordpiece_vocab(word_counts, vocab_size, min_frequency)
+    backend = tokenizers.Tokenizer(tokenizers.models.WordPiece(
+        {token: i for i, token in enumerate(vocab)}, unk_token=UNK))
+    backend.add_special_tokens(list(SPECIAL_TOKENS))
     _bert_pipeline(backend, lowercase, strip_accents)
     return cls(backend)
 
@@ -174,3 +183,37 @@ def tokenizer_from_config(tokenizer_config, titles: Optional[Iterable] = None) -
     return Tokenizer.load(tokenizer_config.path)
   raise ConfigError("model.tokenizer.kind",
                     f"unknown kind {kind!r}; use 'train', 'vocab_txt' or 'file'")
+
+
+_MAX_CONTINUATION = 8  # longest '##' piece considered, in characters
+
+
+def _wordpiece_vocab(word_counts: dict, vocab_size: int, min_frequency: int) -> list:
+  """Specials, then characters (word-initial and '##' continuation) by frequency,
+  then word-initial prefixes and '##' continuations scored by the frequency of the
+  words containing them (ties: longer first, then alphabetical). Every word stays
+  encodable (characters are always in), frequent words become single tokens, and
+  the order is a pure function of the counts."""
+  chars: collections.Counter = collections.Counter()
+  pieces: collections.Counter = collections.Counter()
+  for word, n in word_counts.items():
+    for c in word:
+      chars[c] += n
+    if n < min_frequency:
+      continue
+    for j in range(2, len(word) + 1):
+      pieces[word[:j]] += n
+    for i in range(1, len(word)):
+      for j in range(i + 2, min(len(word), i + _MAX_CONTINUATION) + 1):
+        pieces["##" + word[i:j]] += n
+  by_score = lambda kv: (-kv[1], -len(kv[0]), kv[0])  # noqa: E731
+  vocab = list(SPECIAL_TOKENS)
+  for c, _ in sorted(chars.items(), key=by_score):
+    if len(vocab) + 2 > vocab_size:
+      break
+    vocab += [c, "##" + c]
+  for piece, _ in sorted(pieces.items(), key=by_score):
+    if len(vocab) >= vocab_size:
+      break
+    vocab.append(piece)
+  return vocab

@@ -122,3 +122,24 @@ def test_pickles_for_grain_workers(bert):
   clone = pickle.loads(pickle.dumps(bert))
   np.testing.assert_array_equal(clone.encode_batch(TITLES, 9)["text_ids"],
                                 bert.encode_batch(TITLES, 9)["text_ids"])
+
+
+def test_training_is_deterministic_across_processes(tmp_path):
+  """Fresh processes (fresh hash seeds) must learn the identical vocabulary and ids."""
+  import subprocess
+  import sys
+  corpus = tmp_path / "titles.txt"
+  words = ["m6", "m8", "bolt", "nut", "hex", "steel", "zinc", "40mm", "red", "blue", "mug",
+           "ceramic", "tall", "squat", "10kohm", "resistor", "1/4w", "cotton", "dress"]
+  rng = np.random.default_rng(0)
+  corpus.write_text("\n".join(" ".join(rng.choice(words, 6)) for _ in range(300)))
+  script = ("import sys; from esspr_jax.models.tokenizer import Tokenizer; "
+            "t = Tokenizer.train(open(sys.argv[1]).read().splitlines(), vocab_size=150); "
+            "t.save(sys.argv[2])")
+  outs = []
+  for i, seed in enumerate(("1", "2")):
+    out = tmp_path / f"tok{i}.json"
+    subprocess.run([sys.executable, "-c", script, str(corpus), str(out)], check=True,
+                   env={**__import__("os").environ, "PYTHONHASHSEED": seed})
+    outs.append(out.read_text())
+  assert outs[0] == outs[1]
