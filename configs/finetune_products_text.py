@@ -46,6 +46,7 @@ def get_config():
     for view in ("t", "i"):
       config.loss.pdc[view].weight = 0.0
       config.loss.plc[view].weight = 0.0
+    config.loss.composed.weight = 0.0  # photo + words: no photos here
 
     t = config.train
     t.batch_size = 64

@@ -1,17 +1,32 @@
-"""Atomic file writes: a temp file in the target's directory, renamed into place.
+"""Atomic file writes: a reader (or a run resumed after a kill) sees the old file or
+the whole new one, never half of one; a failed write leaves nothing behind.
 
-A reader (or a run resumed after a kill) sees the old file or the whole new one, never
-half of one; a failed write leaves no temp file behind.
+Local paths: a temp file in the target's directory, renamed into place (os.replace).
+Object stores (gs://, s3://): rename is a copy there, not atomic, but one object upload
+is: the object appears under its name only once the upload completes. So the content
+is collected in memory and uploaded in one request (a resumable upload for objects of
+50 MiB and more, which is also committed only at its end); a writer that fails before
+the end uploads nothing.
 """
 import contextlib
+import io
 import os
 import pathlib
 import tempfile
 
 
+def is_remote(path) -> bool:
+  """True for a URL (gs://, s3://): an object store, written by whole-object uploads."""
+  return "://" in os.fspath(path)
+
+
 @contextlib.contextmanager
 def atomic_open(path, mode: str = "w", **open_kwargs):
   """Like open(path, mode) for writing; the file appears at `path` only on success."""
+  if is_remote(path):
+    with _remote_open(os.fspath(path), mode, **open_kwargs) as f:
+      yield f
+    return
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
@@ -25,8 +40,43 @@ def atomic_open(path, mode: str = "w", **open_kwargs):
     raise
 
 
-def atomic_write(path, data: bytes | str) -> pathlib.Path:
-  """Writes bytes, or str as UTF-8, to `path` atomically."""
+@contextlib.contextmanager
+def _remote_open(url: str, mode: str, encoding: str | None = None, newline: str | None = None):
+  if mode not in ("w", "wb"):
+    raise ValueError(f"atomic_open: mode {mode!r} is not supported for {url} (use 'w' or 'wb')")
+  buffer = io.BytesIO() if mode == "wb" else io.StringIO(newline=newline)
+  yield buffer
+  data = buffer.getvalue()
+  upload(url, data if mode == "wb" else data.encode(encoding or "utf-8"))
+
+
+def _object_store(url: str):
+  import fsspec  # noqa: PLC0415  (gcsfs/s3fs behind it; only remote paths need it)
+  return fsspec.core.url_to_fs(url)
+
+
+def upload(url: str, data: bytes) -> None:
+  """Writes `data` as the object `url` in one upload (never a partial object)."""
+  fs, path = _object_store(url)
+  fs.pipe_file(path, data)
+
+
+def download(url: str) -> bytes | None:
+  """The object's current bytes (no cached listing or size), or None if absent."""
+  fs, path = _object_store(url)
+  fs.invalidate_cache(path)
+  try:
+    return fs.cat_file(path)
+  except FileNotFoundError:
+    return None
+
+
+def atomic_write(path, data: bytes | str):
+  """Writes bytes, or str as UTF-8, to `path` atomically; returns the path (an
+  epath.Path for a URL, else a pathlib.Path)."""
   with atomic_open(path, "wb") as f:
     f.write(data.encode("utf-8") if isinstance(data, str) else data)
+  if is_remote(path):
+    from etils import epath  # noqa: PLC0415
+    return epath.Path(os.fspath(path))
   return pathlib.Path(path)

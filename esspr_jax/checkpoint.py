@@ -9,9 +9,12 @@ The data position is written once per process (`data/process_I-of-N.json`). A ru
 resumed with another process count reuses it when every process saved the same
 position, which is what the project's pipeline does: its state counts batches of one
 global order, and batch k is the same global rows for any process count.
+
+The directory may be local or a URL (gs://...): it stays an `epath.Path` all the way to
+Orbax (pathlib would turn 'gs://b' into 'gs:/b'), which writes GCS through tensorstore's
+own driver and commits a step there with a marker object instead of a rename.
 """
 import json
-import pathlib
 import re
 import signal
 import threading
@@ -33,9 +36,9 @@ DATA = "data"
 class Checkpointer:
   """Saves every `every` steps (and on demand), keeps the newest `keep`."""
 
-  def __init__(self, directory: str | pathlib.Path, every: int, keep: int,
+  def __init__(self, directory: str | epath.PathLike, every: int, keep: int,
                async_save: bool = True):
-    self.directory = pathlib.Path(directory).absolute()
+    self.directory = checkpoint_dir(directory)
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=every, max_to_keep=keep, create=True,
         enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
@@ -48,7 +51,7 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def path(self, step: int) -> pathlib.Path:
+  def path(self, step: int) -> epath.Path:
     return self.directory / str(step)
 
   def last_good(self) -> str:
@@ -72,7 +75,7 @@ class Checkpointer:
     sets the iterator's position in place (see `data_position_for`)."""
     restored = self._manager.restore(
         step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract_state)}))
-    saved = read_data_positions(epath.Path(self.path(step)) / DATA)
+    saved = read_data_positions(self.path(step) / DATA)
     position = data_position_for(saved, jax.process_index(), jax.process_count(),
                                  where=str(self.path(step) / DATA))
     set_iterator_state(data_iterator, position)
@@ -84,6 +87,14 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def checkpoint_dir(directory) -> epath.Path:
+  """An epath for Orbax: a URL unchanged, a local path made absolute."""
+  text = str(directory)
+  if "://" in text:
+    return epath.Path(text.rstrip("/"))
+  return epath.Path(text).absolute()
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

@@ -85,16 +85,29 @@ def define_flags(fv: flags.FlagValues, sys_argv: list[str] | None = None) -> Non
 
 @dataclasses.dataclass
 class Paths:
-  """Where a run writes; printed at the end of the main job."""
-  workdir: pathlib.Path
+  """Where a run writes; printed at the end of the main job. The workdir may be a
+  gs:// URL (an epath); the world and the datasets are local (esspr_jax/workdir.py)."""
+  workdir: "epath.Path"
   world: pathlib.Path
   data_dir: pathlib.Path
+
+  @property
+  def data_per_host(self) -> bool:
+    """Each host prepares its own local copy of the data: the workdir is remote."""
+    from esspr_jax import workdir as workdir_lib  # noqa: PLC0415
+    return workdir_lib.is_remote(self.workdir) and not workdir_lib.is_remote(self.data_dir)
 
   @classmethod
   def of(cls, config, fv) -> "Paths":
     from esspr_jax import train  # noqa: PLC0415
-    workdir = train.local_workdir(fv.workdir)
-    world = train.local_workdir(fv.world_dir) if fv.world_dir else workdir / "world"
+    from esspr_jax import workdir as workdir_lib  # noqa: PLC0415
+    workdir = workdir_lib.workdir_path(fv.workdir)
+    if fv.world_dir:
+      world = workdir_lib.local_path(fv.world_dir, "--world_dir")
+    elif workdir_lib.is_remote(workdir):
+      world = workdir_lib.local_data_root(config) / "world"
+    else:
+      world = pathlib.Path(workdir) / "world"
     return cls(workdir, world, train.data_dir(config, workdir).absolute())
 
 
@@ -147,8 +160,16 @@ def build(config, paths: Paths, train_pairs, eval_pairs, image_dir) -> None:
   if not _SHOW_LIBRARY_PROGRESS:
     import tensorflow_datasets as tfds  # noqa: PLC0415
     tfds.disable_progress_bar()
+  from esspr_jax.config.loss import composed_enabled  # noqa: PLC0415
   p = config.data.pipeline
-  for name, csv in ((p.train_dataset, train_pairs), (p.eval_dataset, eval_pairs)):
+  datasets = [(p.train_dataset, train_pairs), (p.eval_dataset, eval_pairs)]
+  if composed_enabled(config):  # the demo world's modification triplets
+    composed_csv = pathlib.Path(image_dir) / "composed_pairs.csv"
+    if not composed_csv.is_file():
+      raise DataError(f"loss.composed.weight > 0 but {composed_csv} is missing; set "
+                      f"data.world.composed_per_style > 0 or loss.composed.weight=0")
+    datasets.append((p.composed_dataset, composed_csv))
+  for name, csv in datasets:
     start = time.time()
     esspr_tfds.build_from_config(config, csv, image_dir, name, data_dir=paths.data_dir)
     _say(f"[build] {name} from {csv} in {time.time() - start:.1f}s")
@@ -222,11 +243,26 @@ def shared_tokenizer(config, paths: Paths):
   return tok
 
 
+def prepare_data_on_every_host(config, paths: Paths) -> None:
+  """A remote workdir: the data is local, so every process prepares it (seeded, so
+  every host gets the same files); processes sharing a host take turns (a lock in the
+  data dir; later ones reuse what the first wrote). Then all processes check that they
+  hold the same pairs, since each trains on its shard of one global order."""
+  from esspr_jax import workdir as workdir_lib  # noqa: PLC0415
+  with workdir_lib.host_lock(paths.data_dir):
+    prepare_data(config, paths)
+  workdir_lib.check_same_everywhere(
+      workdir_lib.files_digest(sorted(paths.world.glob("*.csv"))),
+      f"the demo data prepared under {paths.world}")
+
+
 def run_all(config, paths: Paths):
   """The main job: from nothing to a results table. Process 0 prepares the data while
   the others wait at a barrier, then every process opens it and trains."""
   start = time.time()
-  if distributed.is_primary():
+  if paths.data_per_host:
+    prepare_data_on_every_host(config, paths)
+  elif distributed.is_primary():
     prepare_data(config, paths)
   distributed.barrier("esspr_jax.main: data prepared")
   result = train(config, paths, shared_tokenizer(config, paths))
@@ -259,6 +295,13 @@ def _require(fv, *names) -> None:
     raise ConfigError("flags", f"--mode={fv.mode} needs {', '.join('--' + n for n in missing)}")
 
 
+def _local_export_dir(fv, paths: Paths) -> pathlib.Path:
+  """--export_dir, else <workdir>/export. Local either way: the shards and the ScaNN
+  index are memory-mapped local files (with a gs:// workdir, pass --export_dir)."""
+  from esspr_jax import workdir as workdir_lib  # noqa: PLC0415
+  return workdir_lib.local_path(fv.export_dir or paths.workdir / "export", "--export_dir")
+
+
 def run(config, fv):
   """Runs `fv.mode` for a parsed, validated config."""
   paths = Paths.of(config, fv)
@@ -284,14 +327,14 @@ def run(config, fv):
   if mode == "export":
     _require(fv, "catalog", "image_dir")
     from esspr_jax.retrieval import export  # noqa: PLC0415
-    out = fv.export_dir or paths.workdir / "export"
+    out = _local_export_dir(fv, paths)
     return export.export_catalog(config, paths.workdir, fv.catalog, fv.image_dir, out,
                                  checkpoint=fv.checkpoint, step=fv.step,
                                  data_dir=paths.data_dir)
   if mode == "search":
     from esspr_jax.retrieval import search  # noqa: PLC0415
     return search.search_from_config(
-        config, paths.workdir, fv.export_dir or paths.workdir / "export",
+        config, paths.workdir, _local_export_dir(fv, paths),
         listing_id=fv.listing_id, image=fv.image, text=fv.text, supplier=fv.supplier,
         more_suppliers=fv.more_suppliers, category=fv.category, gallery=fv.gallery, k=fv.k,
         html_out=fv.html_out, image_dir=fv.image_dir or "", checkpoint=fv.checkpoint)

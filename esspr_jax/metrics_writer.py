@@ -2,17 +2,34 @@
 
 Only the primary process writes (`distributed.is_primary`). The FLOPs/MFU
 helpers are pure so they can be tested against hand-computed numbers.
+
+A local workdir gets `metrics.jsonl` appended line by line and TensorBoard events
+flushed at every write, as before. Objects in a bucket (gs://) cannot be appended to, so
+for a remote workdir the writer reads the existing `metrics.jsonl` once at start (rows of
+earlier runs of this workdir), keeps the whole log in memory, and uploads it as one
+object (`atomic_io.upload`) at each sync: after every checkpoint save (train.py calls
+`flush()`), after every eval row, at most every `sync_every_s` seconds in between, and
+at close. A run killed between syncs loses only rows after its last checkpoint, which
+the resumed run logs again. TensorBoard events go to a local temp dir and the changed
+event files are uploaded whole at the same points (`TensorBoard`).
 """
+import io
 import json
 import logging
 import math
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 import time
+import uuid
 from typing import Mapping
 
 import jax
+from etils import epath
+
+from esspr_jax import atomic_io
 
 log = logging.getLogger(__name__)
 
@@ -87,23 +104,104 @@ def progress_line(step: int, total: int, metrics: Mapping[str, float],
   return " | ".join(parts)
 
 
+# Remote workdirs: the longest stretch between two uploads of metrics and events.
+SYNC_EVERY_S = 60.0
+
+
+class TensorBoard:
+  """tensorboardX event files in `directory`, local or remote.
+
+  tensorboardX writes with local file APIs; its own gs:// writer (google-cloud-storage,
+  a second GCS client with its own auth) re-uploads the whole file at every flush. For a
+  remote directory the events are written to a local temp dir instead, and `flush()`
+  (and `close()`) uploads each changed event file whole (one upload per file, so TensorBoard never reads
+  a half-written object), on the writer's schedule."""
+
+  def __init__(self, directory):
+    import tensorboardX  # noqa: PLC0415  (heavy; only the primary process needs it)
+    self.directory = directory
+    self.remote = atomic_io.is_remote(directory)
+    self._local = (pathlib.Path(tempfile.mkdtemp(prefix="esspr-tensorboard-")) if self.remote
+                   else pathlib.Path(os.fspath(directory)))
+    # Event files are named by the second and host; on a bucket a second writer in the
+    # same second would replace the first's object, so remote names get a unique suffix.
+    suffix = f".{os.getpid()}.{uuid.uuid4().hex[:8]}" if self.remote else ""
+    self._writer = tensorboardX.SummaryWriter(str(self._local), filename_suffix=suffix)
+    self._uploaded: dict[str, int] = {}
+
+  def add_scalar(self, tag: str, value: float, step: int) -> None:
+    self._writer.add_scalar(tag, value, step)
+
+  def flush(self) -> None:
+    self._writer.flush()
+    if self.remote:
+      self._sync()
+
+  def _sync(self) -> None:
+    base = os.fspath(self.directory).rstrip("/")
+    for path in sorted(self._local.iterdir()):
+      size = path.stat().st_size if path.is_file() else None
+      if size is not None and self._uploaded.get(path.name) != size:
+        atomic_io.upload(f"{base}/{path.name}", path.read_bytes())
+        self._uploaded[path.name] = size
+
+  def close(self) -> None:
+    self._writer.close()
+    if self.remote:
+      try:
+        self._sync()
+      finally:
+        shutil.rmtree(self._local, ignore_errors=True)
+
+
+class _ObjectLog:
+  """A text log kept whole in memory and uploaded as one object at each flush (object
+  stores cannot append). Starts from the object's current content."""
+
+  def __init__(self, url: str):
+    self.url = url
+    self._buffer = io.StringIO()
+    existing = atomic_io.download(url)
+    if existing:
+      text = existing.decode("utf-8")
+      self._buffer.write(text if text.endswith("\n") else text + "\n")
+    self._dirty = False
+
+  def write(self, text: str) -> None:
+    self._buffer.write(text)
+    self._dirty = True
+
+  def flush(self) -> None:
+    if self._dirty:
+      atomic_io.upload(self.url, self._buffer.getvalue().encode("utf-8"))
+      self._dirty = False
+
+  def close(self) -> None:
+    self.flush()
+
+
 class MetricsWriter:
   """Writes `metrics.jsonl` and TensorBoard events under `workdir`, prints progress."""
 
   def __init__(self, workdir: str | os.PathLike, total_steps: int, enabled: bool = True,
-               console=sys.stdout):
+               console=sys.stdout, sync_every_s: float = SYNC_EVERY_S):
     self.enabled = enabled
     self.total_steps = total_steps
     self.console = console
-    self.jsonl_path = pathlib.Path(workdir) / "metrics.jsonl"
-    self.tensorboard_dir = pathlib.Path(workdir) / "tensorboard"
+    self.remote = atomic_io.is_remote(workdir)
+    self.sync_every_s = sync_every_s
+    self.jsonl_path = epath.Path(workdir) / "metrics.jsonl"
+    self.tensorboard_dir = epath.Path(workdir) / "tensorboard"
     self._jsonl = None
     self._tb = None
+    self._synced_at = time.monotonic()
     if enabled:
-      import tensorboardX  # noqa: PLC0415  (heavy; only the primary process needs it)
-      self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
-      self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
-      self._tb = tensorboardX.SummaryWriter(str(self.tensorboard_dir))
+      if self.remote:
+        self._jsonl = _ObjectLog(os.fspath(self.jsonl_path))
+      else:
+        self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+      self._tb = TensorBoard(self.tensorboard_dir)
 
   def write(self, step: int, metrics: Mapping[str, float], kind: str = "train") -> None:
     if not self.enabled:
@@ -112,11 +210,29 @@ class MetricsWriter:
     record = {"step": step, "kind": kind, "time": time.time(),
               **{k: (v if math.isfinite(v) else str(v)) for k, v in clean.items()}}
     self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
     for key, value in clean.items():
       if math.isfinite(value):
         self._tb.add_scalar(f"{kind}/{key}", value, step)
-    self._tb.flush()
+    if not self.remote or kind != "train" or (
+        time.monotonic() - self._synced_at >= self.sync_every_s):
+      self.flush(strict=False)
+
+  def flush(self, strict: bool = False) -> None:
+    """Everything written so far reaches the workdir (remote: uploads metrics.jsonl and
+    the changed event files). A failed upload is logged and retried at the next flush,
+    unless `strict`."""
+    if not self.enabled or self._jsonl is None:
+      return
+    try:
+      self._jsonl.flush()
+      self._tb.flush()
+    except Exception as e:  # noqa: BLE001  (a network hiccup must not stop training)
+      if strict or not self.remote:
+        raise
+      log.warning("could not upload metrics to %s (retrying at the next sync): %s",
+                  self.jsonl_path.parent, e)
+      return
+    self._synced_at = time.monotonic()
 
   def progress(self, step: int, metrics: Mapping[str, float], seconds_per_step: float) -> None:
     if self.enabled:
@@ -128,11 +244,14 @@ class MetricsWriter:
       print(message, file=self.console, flush=True)
 
   def close(self) -> None:
-    if self._jsonl:
-      self._jsonl.close()
+    """Final sync (a failed upload raises here) and close."""
+    try:
+      if self._jsonl:
+        self._jsonl.close()
+      if self._tb:
+        self._tb.close()
+    finally:
       self._jsonl = None
-    if self._tb:
-      self._tb.close()
       self._tb = None
 
 

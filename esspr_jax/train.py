@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import pathlib
-import tempfile
 import time
 from typing import Any, Callable, Mapping
 
@@ -23,13 +22,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 
+from esspr_jax import atomic_io
 from esspr_jax import checkpoint as checkpoint_lib
 from esspr_jax import distributed
 from esspr_jax import metrics_writer as metrics_lib
 from esspr_jax import optim
 from esspr_jax import sharding
+from esspr_jax import workdir as workdir_lib
 from esspr_jax.config import validate_config
+from esspr_jax.config.loss import composed_enabled
 from esspr_jax.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -57,31 +60,19 @@ class TrainResult:
   state: TrainState
   stopped: str  # 'done' or 'preempted'
   resumed_from: int | None  # the checkpoint step this run started from
-  workdir: pathlib.Path
-  checkpoint_dir: pathlib.Path
-  metrics_path: pathlib.Path
+  workdir: epath.Path  # local (absolute) or a gs:// URL
+  checkpoint_dir: epath.Path
+  metrics_path: epath.Path
   last_metrics: dict
   eval_metrics: dict | None
   skipped_steps: int
 
 
 # ----------------------------------------------------------------------------- data
-def local_workdir(workdir: str | os.PathLike) -> pathlib.Path:
-  """The workdir as an absolute local path. A URL (gs://, s3://) is refused here with
-  a clear error rather than turned into a local 'gs:/...' directory: metrics, reports
-  and datasets are written with local file APIs (use a gcsfuse/NFS mount instead)."""
-  text = os.fspath(workdir)
-  if "://" in text:
-    raise ConfigError("--workdir", f"{text!r} is a URL; workdirs must be filesystem paths for "
-                      f"now. Mount the bucket on every host (e.g. gcsfuse at /mnt/gcs) and "
-                      f"pass the mounted path (launch.tpu_pod --shared_mount)")
-  return pathlib.Path(text).absolute()
-
-
-def data_dir(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> pathlib.Path:
-  """The TFDS data dir: config.data.pipeline.data_dir, or <workdir>/tfds when empty."""
-  configured = config.data.pipeline.data_dir
-  return pathlib.Path(configured) if configured else pathlib.Path(workdir) / "tfds"
+def data_dir(config: ml_collections.ConfigDict, workdir) -> pathlib.Path:
+  """The TFDS data dir: config.data.pipeline.data_dir, or <workdir>/tfds when empty (a
+  local cache dir when the workdir is a gs:// URL: see esspr_jax/workdir.py)."""
+  return workdir_lib.default_data_dir(config, workdir)
 
 
 def default_train_dataset(config: ml_collections.ConfigDict, workdir: pathlib.Path):
@@ -99,12 +90,27 @@ def per_process_batch_size(config) -> int:
   return config.train.batch_size // processes
 
 
-def _check_batch(sample: Any, expected_rows: int) -> None:
+def per_process_composed_batch_size(config) -> int:
+  """This process's rows of the composed-query sub-batch; 0 when the term is off."""
+  if not composed_enabled(config):
+    return 0
+  size, processes = config.train.composed_batch_size, jax.process_count()
+  if size % processes:
+    raise ConfigError("train.composed_batch_size", f"{size} is not divisible by the "
+                      f"{processes} processes")
+  return size // processes
+
+
+def _check_batch(sample: Any, expected_rows: int, composed_rows: int = 0) -> None:
+  """Every leaf has the per-process batch's rows; the `composed` sub-batch its own."""
   for path, leaf in jax.tree_util.tree_leaves_with_path(sample):
+    composed = path and getattr(path[0], "key", None) == "composed"
+    want = composed_rows if composed else expected_rows
     rows = np.shape(leaf)[0] if np.ndim(leaf) else None
-    if rows != expected_rows:
+    if rows != want:
+      what = "composed sub-batch size" if composed else "batch size"
       raise DataError(f"training batch leaf {jax.tree_util.keystr(path)} has {rows} rows; "
-                      f"expected the per-process batch size {expected_rows}")
+                      f"expected the per-process {what} {want}")
 
 
 def _peek(iterator) -> Any:
@@ -158,8 +164,17 @@ def _loss_and_grads(params, batch, rng, *, model, loss_fn):
                           rngs={"dropout": trigger_rng})
     recall = model.apply({"params": p}, batch["recall"], train=True,
                          rngs={"dropout": recall_rng})
+    extra = {}
+    if "composed" in batch:  # reference photo + modifier words -> the wanted listing
+      query_rng, target_rng = jax.random.split(jax.random.fold_in(rng, 1))
+      views = lambda side, r, m: model.apply({"params": p}, side, train=True,
+                                             modalities=m, rngs={"dropout": r})
+      query = views(batch["composed"]["trigger"], query_rng, ("i", "m"))
+      target = views(batch["composed"]["recall"], target_rng, ("m",))
+      # The photo's own view ("i") is the hard negative the words must lead away from.
+      extra["composed"] = (query["m"], target["m"], query["i"])
     return loss_fn(trigger, recall, logit_scale=p.get("logit_scale"),
-                   logit_bias=p.get("logit_bias"))
+                   logit_bias=p.get("logit_bias"), **extra)
   (loss, terms), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
   return loss, dict(terms), grads
 
@@ -218,12 +233,8 @@ def train_step(state: TrainState, batch, *, model, loss_fn, tx, schedule, base_r
 
 
 # ----------------------------------------------------------------------------- loop
-def _write_json_atomic(path: pathlib.Path, payload: Any) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-  with os.fdopen(fd, "w", encoding="utf-8") as f:
-    json.dump(payload, f, indent=2, sort_keys=True, default=str)
-  os.replace(tmp, path)
+def _write_json_atomic(path, payload: Any) -> None:
+  atomic_io.atomic_write(path, json.dumps(payload, indent=2, sort_keys=True, default=str))
 
 
 def _host_scalars(metrics: Mapping[str, jax.Array]) -> dict[str, float]:
@@ -243,7 +254,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   validate_config(config)
   tc = config.train
   eval_every = int(config.eval.get("every_steps", 0) or 0)
-  workdir = local_workdir(workdir)
+  workdir = workdir_lib.workdir_path(workdir)
   primary = distributed.is_primary()
 
   # --- mesh
@@ -255,6 +266,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   if micro_batch % shards:
     raise ConfigError("train.batch_size", f"the (micro-)batch of {micro_batch} rows cannot be "
                       f"split over the {shards} batch shards of mesh {dict(mesh.shape)}")
+  micro_composed = (tc.composed_batch_size // tc.grad_accum_steps
+                    if composed_enabled(config) else 0)
+  if micro_composed % shards:
+    raise ConfigError("train.composed_batch_size", f"the composed (micro-)batch of "
+                      f"{micro_composed} rows cannot be split over the {shards} batch shards "
+                      f"of mesh {dict(mesh.shape)}")
 
   # --- data
   local_rows = per_process_batch_size(config)
@@ -262,7 +279,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     train_dataset = default_train_dataset(config, workdir)
   data_iterator = iter(train_dataset)
   sample = _strip_host_only(_peek(data_iterator))
-  _check_batch(sample, local_rows)
+  _check_batch(sample, local_rows, per_process_composed_batch_size(config))
 
   # --- model
   if model is None or loss_fn is None:
@@ -398,6 +415,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
 
         if ckpt.save(step, state, data_iterator):
           saved_step = step
+          writer.flush()  # a remote workdir's metrics are uploaded at least this often
         if eval_every and step % eval_every == 0 and step < tc.steps:
           run_eval(step)
         # Every process checks (a tiny collective) after every step, so a SIGTERM seen

@@ -16,8 +16,11 @@ Three steps, each one `gcloud` command over all workers:
 
 The workdir must be shared by all workers, on GCS or (`--shared_mount`) on a
 filesystem every worker mounts: every worker writes its part of each checkpoint (and
-its Grain state) into the same directory. Relaunching the same command resumes from the
-last checkpoint there. `--dry-run` prints every command and changes nothing.
+its Grain state) into the same directory. A gs:// workdir is used as is (etils.epath +
+gcsfs, Orbax's own GCS driver; the workers' service account); each worker then prepares
+the demo data on its own disk (~/.cache/esspr_jax/data; docs/scaling.md). Relaunching
+the same command resumes from the last checkpoint there. `--dry-run` prints every
+command and changes nothing.
 """
 from __future__ import annotations
 

@@ -222,8 +222,9 @@ def test_identical_rows_give_closed_form_values():
 
 def test_paper_default_has_the_papers_terms():
   trigger, recall = random_sides(6)
-  total, terms = jax.jit(
-      lambda a, b: loss_unit(a, b, loss_config.default_config("demo")))(trigger, recall)
+  config = loss_config.default_config("demo")
+  config.composed.weight = 0.0  # our composed-query term, not the paper's (test_composed.py)
+  total, terms = jax.jit(lambda a, b: loss_unit(a, b, config))(trigger, recall)
   assert sorted(terms) == ["pdc/i", "pdc/t", "plc/i", "plc/t", "ppm/i-m", "ppm/m-m",
                            "ppm/t-m"]
   np.testing.assert_allclose(float(total), sum(float(v) for v in terms.values()), rtol=1e-6)

@@ -52,11 +52,18 @@ def test_missing_workdir_is_an_error():
     main.config_from_flags(fv)
 
 
-def test_url_workdir_is_refused_not_mangled():
-  fv = _parse(f"--config={TINY}", "--workdir=gs://bucket/runs/x", "--mode=train")
-  with pytest.raises(ConfigError, match="gs://bucket/runs/x' is a URL") as info:
-    main.run(main.config_from_flags(fv), fv)
-  assert info.value.key == "--workdir"
+def test_url_workdir_is_kept_and_its_data_dirs_are_local(tmp_path, monkeypatch):
+  """A gs:// workdir stays a URL (not 'gs:/...'); the data it needs goes to a local
+  per-config cache dir (tests/test_gcs_workdir.py runs it against a GCS emulator)."""
+  monkeypatch.setenv("ESSPR_DATA_CACHE", str(tmp_path))
+  fv = _parse(f"--config={TINY}", "--workdir=gs://bucket/runs/x/", "--mode=train")
+  paths = main.Paths.of(main.config_from_flags(fv), fv)
+  assert str(paths.workdir) == "gs://bucket/runs/x" and paths.data_per_host
+  assert paths.world.parent == paths.data_dir.parent and paths.world.parent.parent == tmp_path
+  fv = _parse(f"--config={TINY}", f"--workdir={tmp_path}", "--world_dir=gs://bucket/w")
+  with pytest.raises(ConfigError, match="gs://bucket/w' is a URL") as info:
+    main.Paths.of(main.config_from_flags(fv), fv)
+  assert info.value.key == "--world_dir"
 
 
 def test_mode_needs_its_flags(tmp_path):

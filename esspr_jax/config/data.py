@@ -26,6 +26,7 @@ def world_config(preset: str) -> ml_collections.ConfigDict:
   c.categories = ""                    # comma list of leaf names; "" = all 8
   c.eval_style_fraction = 0.2          # styles held out of the click log, for eval_pairs.csv
   c.eval_pairs_per_style = 1
+  c.composed_per_style = 4             # modification triplets per train style (0 = none)
   c.min_suppliers_per_style = 2
   c.max_suppliers_per_style = 6
   c.num_suppliers = suppliers          # supplier pool; each has its own title habits
@@ -114,6 +115,7 @@ def validate_world(w, prefix: str = "data.world") -> None:
   _check(0 < w.eval_style_fraction < 1, f"{prefix}.eval_style_fraction",
          f"must be in (0, 1), got {w.eval_style_fraction!r}")
   _positive_int(w.eval_pairs_per_style, f"{prefix}.eval_pairs_per_style")
+  _positive_int(w.get("composed_per_style", 0), f"{prefix}.composed_per_style", 0)
   _positive_int(w.min_suppliers_per_style, f"{prefix}.min_suppliers_per_style", 2)
   _positive_int(w.max_suppliers_per_style, f"{prefix}.max_suppliers_per_style",
                 w.min_suppliers_per_style)

@@ -7,6 +7,11 @@ Layout (every key overridable from the command line, e.g.
                  margin (hinge only).
   pdc.<t|i>      weight, margin: self-distinctiveness of the trigger's single view.
   plc.<t|i>      weight, margin; plc.top_k: locality consistency over top-k recalls.
+  composed       kind 'infonce', weight (0 = off): the composed-query term (reference
+                 photo + modifier words -> the wanted listing, away from the photo's own
+                 image-only view; losses/composed.py) over its own
+                 sub-batch of train.composed_batch_size triplets from
+                 data.pipeline.composed_dataset; what interactive search learns from.
   max_logit_scale  cap on the learnable log inverse temperature (InfoNCE, sigmoid).
   chunk_size       0 = plain B x B scores; > 0 = blocks of that many query rows.
   similarity_precision  matmul precision of the cosine scores.
@@ -25,6 +30,10 @@ PAPER_PAIRS = ("m_m", "t_m", "i_m")
 # hinges; PLC tolerates |S - S'| up to 0.1 before it penalises.
 HINGE_MARGIN = 0.2
 PLC_MARGIN = 0.01
+# The composed term is an InfoNCE; beside the paper's hinges (terms ~0.05 each) a weight
+# of 1 swamps them (demo m-m MRR 0.27), 0.1 keeps them (0.54) and still switches the
+# colour of interactive queries (docs/results.md).
+COMPOSED_WEIGHT = 0.1
 # Block size for the chunked scores where global batches reach the thousands.
 _CHUNK_SIZE = {"tiny": 0, "demo": 0, "base": 1024, "large": 1024}
 
@@ -40,10 +49,20 @@ def default_config(preset: str) -> ml_collections.ConfigDict:
   config.plc = ml_collections.ConfigDict(
       {view: {"weight": 1.0, "margin": PLC_MARGIN} for view in SINGLE_VIEWS})
   config.plc.top_k = 10
+  # On in the demo, whose world writes modification triplets; elsewhere it needs a
+  # composed dataset (docs/data.md), so it is off.
+  config.composed = ml_collections.ConfigDict(
+      {"kind": "infonce", "weight": COMPOSED_WEIGHT if preset == "demo" else 0.0})
   config.max_logit_scale = math.log(100.0)
   config.chunk_size = _CHUNK_SIZE.get(preset, 0)
   config.similarity_precision = "highest"
   return config
+
+
+def composed_enabled(config: ml_collections.ConfigDict) -> bool:
+  """Whether the composed-query term trains (it then needs its own sub-batch)."""
+  composed = config.loss.get("composed")
+  return bool(composed) and composed.weight > 0
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -60,3 +79,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"term {term.name!r} uses the {side}'s {modality!r} embedding, but the model "
             f"only produces {list(available)} (config.model image/text enabled flags); "
             "set this weight to 0")
+  if plan.composed is not None:
+    _validate_composed(config, available)
+
+
+def _validate_composed(config: ml_collections.ConfigDict, available) -> None:
+  """The composed term needs the fused view, a sub-batch size and a dataset."""
+  key = "loss.composed.weight"
+  if "m" not in available:
+    raise ConfigError(key, "the composed-query term needs the fused 'm' view (image and text "
+                      "towers both enabled); set this weight to 0")
+  if "train" not in config or "data" not in config:
+    return  # a loss-only config (checked alone); the run config checks the rest
+  size = config.train.get("composed_batch_size", 0)
+  if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+    raise ConfigError("train.composed_batch_size", f"must be an int >= 1 while {key} > 0, "
+                      f"got {size!r}")
+  accum = config.train.grad_accum_steps
+  if size % accum:
+    raise ConfigError("train.composed_batch_size", f"must be divisible by "
+                      f"train.grad_accum_steps={accum}, got {size}")
+  if not config.data.pipeline.get("composed_dataset"):
+    raise ConfigError("data.pipeline.composed_dataset", f"must name the composed-query "
+                      f"dataset while {key} > 0 (e.g. 'composed_pairs')")

@@ -30,6 +30,8 @@ def default_config(preset: str) -> ml_collections.ConfigDict:
   c.data_dir = ""  # TFDS data dir; "" = <workdir>/tfds
   c.train_dataset = "train_pairs"  # dataset (builder config) names under data_dir
   c.eval_dataset = "eval_pairs"
+  # Modification triplets in the pairs format, read while loss.composed.weight > 0.
+  c.composed_dataset = "composed_pairs"
   c.shuffle_seed = 0  # global shuffle + per-example augmentation seed; epochs reshuffle
   c.worker_count = p["worker_count"]  # Grain worker processes; 0 = in the main process
   c.worker_buffer_size = 2  # batches each worker prepares ahead
@@ -77,7 +79,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(c is not None, "data.pipeline", "section missing")
   k = "data.pipeline."
   _check(isinstance(c.data_dir, str), k + "data_dir", "must be a string path ('' = <workdir>/tfds)")
-  for name in ("train_dataset", "eval_dataset"):
+  _check(isinstance(c.get("composed_dataset", ""), str), k + "composed_dataset",
+         "must be a dataset name ('' = none)")
+  for name in ("train_dataset", "eval_dataset") + (("composed_dataset",) if c.get(
+      "composed_dataset") else ()):
     value = c[name]
     _check(isinstance(value, str) and DATASET_NAME.fullmatch(value) is not None, k + name,
            f"must be lower_snake_case (a TFDS config name), got {value!r}")

@@ -256,23 +256,54 @@ def _check_batch_size(batch_size: int) -> None:
     raise ConfigError("train.batch_size", f"per-process batch size must be >= 1, got {batch_size!r}")
 
 
+class AttachComposed(grain.transforms.MapWithIndex):
+  """Adds batch i of the composed-query stream to batch i of the pairs stream, so one
+  saved position (the pairs iterator's) restores both."""
+
+  def __init__(self, composed_batches: grain.MapDataset):
+    self._composed = composed_batches
+
+  def map_with_index(self, index: int, element: dict) -> dict:
+    composed = self._composed[index]
+    return element | {"composed": {s: composed[s] for s in SIDES}}
+
+
+def _shuffled_batches(source: Sequence, tokenizer, spec: PipelineSpec, batch_size: int,
+                      seed: int, index: int, count: int) -> grain.MapDataset:
+  ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
+  ds = ds.random_map(PrepareTrainPair(spec))  # seeded by global position: same on any P
+  ds = ds[index::count]
+  return ds.batch(batch_size, drop_remainder=True,
+                  batch_fn=Collate(tokenizer, spec.max_len, SIDES, with_ids=False))
+
+
 def make_train_dataset(source: Sequence, tokenizer, spec: PipelineSpec, batch_size: int, *,
                        process_index: int | None = None,
-                       process_count: int | None = None) -> grain.IterDataset:
+                       process_count: int | None = None,
+                       composed_source: Sequence | None = None,
+                       composed_batch_size: int = 0) -> grain.IterDataset:
   """Infinite, shuffled, augmented batches of `batch_size` pairs: this process's share.
 
   `batch_size` is the per-process batch (global // process_count); the trainer
   assembles the global array with `jax.make_array_from_process_local_data`.
+  With `composed_source` (modification triplets in the pairs layout) every batch also
+  holds `composed`: {'trigger', 'recall'} of `composed_batch_size` rows, drawn from
+  their own shuffled, infinite order.
   """
   _check_batch_size(batch_size)
   index, count = _processes(process_index, process_count)
   if len(source) == 0:
     raise DataError("the training dataset is empty")
-  ds = grain.MapDataset.source(source).seed(spec.shuffle_seed).shuffle().repeat(None)
-  ds = ds.random_map(PrepareTrainPair(spec))  # seeded by global position: same on any P
-  ds = ds[index::count]
-  ds = ds.batch(batch_size, drop_remainder=True,
-                batch_fn=Collate(tokenizer, spec.max_len, SIDES, with_ids=False))
+  ds = _shuffled_batches(source, tokenizer, spec, batch_size, spec.shuffle_seed, index, count)
+  if composed_source is not None:
+    if composed_batch_size < 1:
+      raise ConfigError("train.composed_batch_size", f"per-process composed batch size must "
+                        f"be >= 1, got {composed_batch_size!r}")
+    if len(composed_source) == 0:
+      raise DataError("the composed-query dataset is empty")
+    composed = _shuffled_batches(composed_source, tokenizer, spec, composed_batch_size,
+                                 (spec.shuffle_seed + 1) % 2**32, index, count)
+    ds = ds.map_with_index(AttachComposed(composed))
   return _finish(ds, spec)
 
 
@@ -413,7 +444,7 @@ def data_dir_from_config(config, data_dir=None) -> pathlib.Path:
 
 
 def open_source(config, which: str, data_dir=None):
-  """Data source of the run's 'train' or 'eval' pairs dataset."""
+  """Data source of the run's 'train', 'eval' or 'composed' pairs dataset."""
   name = config.data.pipeline[f"{which}_dataset"]
   path = esspr_tfds.dataset_path(data_dir_from_config(config, data_dir), name)
   return esspr_tfds.open_pairs_source(path)
@@ -452,10 +483,21 @@ def train_dataset(config, batch_size: int, *, data_dir=None, tokenizer=None,
                   process_index: int | None = None,
                   process_count: int | None = None) -> grain.IterDataset:
   """The run's training batches (this process's `batch_size` share of each)."""
+  from esspr_jax.config.loss import composed_enabled  # noqa: PLC0415
   tokenizer = tokenizer or tokenizer_from_config(config, data_dir)
+  composed = {}
+  if composed_enabled(config):
+    _, count = _processes(process_index, process_count)
+    total = config.train.composed_batch_size
+    if total % count:
+      raise ConfigError("train.composed_batch_size", f"{total} is not divisible by the "
+                        f"{count} processes")
+    composed = dict(composed_source=open_source(config, "composed", data_dir),
+                    composed_batch_size=total // count)
   return make_train_dataset(open_source(config, "train", data_dir), tokenizer,
                             spec_from_config(config), batch_size,
-                            process_index=process_index, process_count=process_count)
+                            process_index=process_index, process_count=process_count,
+                            **composed)
 
 
 def eval_dataset(config, batch_size: int, *, data_dir=None, tokenizer=None,

@@ -6,6 +6,11 @@
   styles.csv        hidden truth per style: category, split (train/eval), attributes
   clicklog.csv      search sessions over train styles only (schema: clicklog.py)
   eval_pairs.csv    release-format same-style pairs over eval styles only
+  composed_pairs.csv  annotated modification triplets over train styles, in the release
+                    format: trigger = a reference photo + a few words naming one changed
+                    visible attribute ("blue"), recall = a listing that has it (the
+                    composed-query training data behind interactive search; only when
+                    world.composed_per_style > 0)
   images/           one rendered photo per listing
   manifest.json     seed, config, counts; written last, so its presence means complete
 The same seed gives byte-identical files. Why the world needs both modalities is
@@ -31,7 +36,9 @@ from esspr_jax.data.titles import make_supplier, write_title
 FORMAT_VERSION = 1
 # Independent random streams, so changing one part (e.g. sessions) leaves the others be.
 (_STREAM_STYLES, _STREAM_SUPPLIERS, _STREAM_LISTING, _STREAM_CLICKS, _STREAM_EVAL,
- _STREAM_COUNTS) = range(6)
+ _STREAM_COUNTS, _STREAM_COMPOSED) = range(7)
+# How an annotator phrases a change; {w} is one of the value's title phrasings.
+MODIFIER_TEMPLATES = ("{w}", "{w}", "{w}", "in {w}", "{w} one", "{w} version", "but {w}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +50,10 @@ class WorldPaths:
   eval_pairs: pathlib.Path
   images: pathlib.Path
   manifest: pathlib.Path
+
+  @property
+  def composed_pairs(self) -> pathlib.Path:
+    return self.out_dir / "composed_pairs.csv"
 
   @property
   def train_pairs(self) -> pathlib.Path:
@@ -211,6 +222,60 @@ def make_eval_pairs(cfg, styles: list[Style], listings: list[Listing]) -> list[P
   return pairs
 
 
+def modification_targets(styles: list[Style], reference: Style, attribute: str) -> list[Style]:
+  """Train styles that differ from `reference` in `attribute` and agree with it on the
+  category's other visible primary attributes (what "the same, but blue" means)."""
+  cat = reference.category
+  keep = [p for p in cat.primary if p != attribute and cat.attribute(p).visible]
+  return [s for s in styles if s.category is cat and s.split == "train"
+          and s.attributes[attribute] != reference.attributes[attribute]
+          and all(s.attributes[p] == reference.attributes[p] for p in keep)]
+
+
+def make_composed_pairs(cfg, styles: list[Style], listings: list[Listing]) -> list[PairRow]:
+  """`cfg.composed_per_style` modification triplets per train style, like the annotated
+  sets composed-retrieval models learn from (FashionIQ, CIRR): a reference listing's
+  photo + a phrase naming a new value of one visible primary attribute -> a listing of a style
+  with that value and the reference's other visible primary attributes. The trigger id
+  `<listing>~<attribute>=<value>` names the query; its image is the reference's."""
+  per_style = cfg.get("composed_per_style", 0)
+  if not per_style:
+    return []
+  by_style = {}
+  for x in listings:
+    by_style.setdefault(x.style_id, []).append(x)
+  rows, seen = [], set()
+  for si, style in enumerate(styles):
+    if style.split != "train":
+      continue
+    rng = _rng(cfg.seed, _STREAM_COMPOSED, si)
+    # A change must leave something of the photo to keep: categories whose style shows
+    # in two or more primary attributes (mugs: colour x shape), not a stock photo.
+    visible = [p for p in style.category.primary if style.category.attribute(p).visible]
+    if len(visible) < 2:
+      continue
+    for _ in range(per_style):
+      attribute = visible[int(rng.integers(len(visible)))]
+      targets = modification_targets(styles, style, attribute)
+      if not targets:
+        continue
+      target_style = targets[int(rng.integers(len(targets)))]
+      value = target_style.attributes[attribute]
+      phrases = style.category.attribute(attribute).phrases[value]
+      words = phrases[int(rng.integers(len(phrases)))]
+      text = MODIFIER_TEMPLATES[int(rng.integers(len(MODIFIER_TEMPLATES)))].format(w=words)
+      ref_options, target_options = by_style[style.style_id], by_style[target_style.style_id]
+      ref = ref_options[int(rng.integers(len(ref_options)))]
+      target = target_options[int(rng.integers(len(target_options)))]
+      query_id = f"{ref.listing_id}~{attribute}={value}"
+      if (query_id, target.listing_id) in seen:  # the dataset builder would drop it
+        continue
+      seen.add((query_id, target.listing_id))
+      rows.append(PairRow(ref.cate_lv1_name, ref.cate_name, query_id, text,
+                          target.listing_id, target.title, ref.image, target.image, 1))
+  return rows
+
+
 def _write_json_atomic(path: pathlib.Path, obj) -> None:
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
   with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -239,6 +304,9 @@ def generate_world(cfg, out_dir) -> WorldPaths:
   write_csv_atomic(paths.clicklog, CLICK_COLUMNS, rows)
   eval_pairs = make_eval_pairs(cfg, styles, listings)
   write_pairs(paths.eval_pairs, eval_pairs)
+  composed = make_composed_pairs(cfg, styles, listings)
+  if composed:
+    write_pairs(paths.composed_pairs, composed)
   cats = selected_categories(cfg)
   manifest = {
       "format_version": FORMAT_VERSION,
@@ -257,6 +325,7 @@ def generate_world(cfg, out_dir) -> WorldPaths:
           "clicks": sum(1 for r in rows if len(r) == len(CLICK_COLUMNS) and r[9] == 1),
           "corrupted_rows": corrupted,
           "eval_pairs": len(eval_pairs),
+          "composed_pairs": len(composed),
       },
       "files": {k: pathlib.Path(getattr(paths, k)).name
                 for k in ("catalog", "styles", "clicklog", "eval_pairs", "images")},

@@ -25,6 +25,15 @@ _PAIR_FIELDS = ("kind", "weight", "margin")
 _VIEW_FIELDS = ("weight", "margin")
 _SECTION_FIELDS = ("pairs", "pdc", "plc", "max_logit_scale", "chunk_size",
                    "similarity_precision")
+# Optional section: the composed-query term (trigger photo + modifier words -> target).
+_COMPOSED_FIELDS = ("kind", "weight")
+COMPOSED_KINDS = ("infonce",)
+# (side, modality) of the composed term, rows of the `composed` sub-batch: the fused
+# view of (reference photo, modifier words) against the fused view of the target
+# listing, with the reference photo's image-only view as its hard negative.
+COMPOSED_QUERY = ("composed_trigger", "m")
+COMPOSED_TARGET = ("composed_recall", "m")
+COMPOSED_REFERENCE = ("composed_trigger", "i")
 
 # (side, modality): which embedding a term reads.
 Ref = Tuple[str, str]
@@ -59,6 +68,8 @@ class LossPlan:
   max_logit_scale: float
   chunk_size: int
   precision: str
+  # The composed-query term, over its own sub-batch (None: off). See docs/losses.md.
+  composed: Optional[TermSpec] = None
 
 
 def _number(section: Mapping[str, Any], field: str, key: str, *, minimum: float,
@@ -93,7 +104,10 @@ def plan_terms(loss_cfg: Any) -> LossPlan:
 
   Terms with weight 0 are switched off and left out of the plan.
   """
-  _check_fields(loss_cfg, _SECTION_FIELDS, "loss")
+  _check_fields(loss_cfg, _SECTION_FIELDS + ("composed",), "loss", required=False)
+  missing = [f for f in _SECTION_FIELDS if f not in loss_cfg]
+  if missing:
+    raise ConfigError(f"loss.{missing[0]}", "is missing")
   # A pair or view left out of the config is simply off (weight 0).
   _check_fields(loss_cfg["pairs"], PAIR_NAMES, "loss.pairs", required=False)
   _check_fields(loss_cfg["pdc"], SINGLE_VIEWS, "loss.pdc", required=False)
@@ -150,7 +164,23 @@ def plan_terms(loss_cfg: Any) -> LossPlan:
     raise ConfigError("loss.pairs", "no loss term has a weight > 0; enable at least one "
                       "pair (e.g. --config.loss.pairs.m_m.weight=1)")
   return LossPlan(tuple(terms), int(top_k), float(max_logit_scale), int(chunk_size),
-                  precision)
+                  precision, _composed_term(loss_cfg))
+
+
+def _composed_term(loss_cfg: Any) -> Optional[TermSpec]:
+  if "composed" not in loss_cfg:
+    return None
+  key = "loss.composed"
+  entry = loss_cfg["composed"]
+  _check_fields(entry, _COMPOSED_FIELDS, key)
+  kind = entry["kind"]
+  if kind not in COMPOSED_KINDS:
+    raise ConfigError(f"{key}.kind", f"must be one of {COMPOSED_KINDS}, got {kind!r}")
+  weight = _number(entry, "weight", f"{key}.weight", minimum=0.0)
+  if weight == 0:
+    return None
+  return TermSpec(f"{KIND_PREFIX[kind]}/composed", key, "composed_" + kind, float(weight),
+                  0.0, COMPOSED_QUERY, COMPOSED_TARGET, anchor=COMPOSED_REFERENCE)
 
 
 def available_modalities(config: Any) -> Tuple[str, ...]:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from esspr_jax.errors import ConfigError
+from esspr_jax.losses.composed import composed_infonce
 from esspr_jax.losses.hinge import batch_hinge
 from esspr_jax.losses.infonce import infonce
 from esspr_jax.losses.locality import locality_consistency
@@ -59,6 +60,12 @@ def _term_value(term: TermSpec, plan: LossPlan, emb: Dict[Tuple[str, str], jax.A
                         "'logit_bias' param); loss_unit was called without it")
     return sigmoid_pairs(query, gallery, logit_scale, logit_bias, plan.max_logit_scale,
                          **opts)
+  if term.kind == "composed_infonce":
+    if logit_scale is None:
+      raise ConfigError(f"{term.key}.kind", "'infonce' needs logit_scale (the model's "
+                        "'logit_scale' param); loss_unit was called without it")
+    return composed_infonce(query, gallery, emb[term.anchor], logit_scale,
+                            plan.max_logit_scale, precision=plan.precision)
   if term.kind == "locality":
     return locality_consistency(query, emb[term.anchor], gallery, term.margin, plan.top_k,
                                 **opts)
@@ -76,9 +83,28 @@ def _explicit_mesh(arrays) -> Optional[jax.sharding.AbstractMesh]:
   return None if mesh.empty or not mesh.explicit_axes else mesh
 
 
+def _composed_inputs(plan: LossPlan, composed) -> Dict[Tuple[str, str], jax.Array]:
+  """The composed term's normalised query/target rows, or {} when the term is off."""
+  if plan.composed is None:
+    return {}
+  if composed is None:
+    raise ConfigError(f"{plan.composed.key}.weight", "the composed-query term is on but the "
+                      "step got no composed sub-batch; set train.composed_batch_size and "
+                      "data.pipeline.composed_dataset, or this weight to 0")
+  query, target, reference = composed
+  if query.ndim != 2 or not query.shape == target.shape == reference.shape:
+    raise ValueError(f"loss_unit: composed query, target and reference must all be "
+                     f"[Bc, E], got {query.shape}, {target.shape} and {reference.shape}")
+  term = plan.composed
+  return {term.query: l2_normalize(query), term.gallery: l2_normalize(target),
+          term.anchor: l2_normalize(reference)}
+
+
 def loss_unit(trigger_emb: Embeddings, recall_emb: Embeddings, config, *,
               logit_scale: Optional[jax.Array] = None,
-              logit_bias: Optional[jax.Array] = None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+              logit_bias: Optional[jax.Array] = None,
+              composed: Optional[Tuple[jax.Array, jax.Array, jax.Array]] = None,
+              ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
   """Total loss and every enabled term by name ('ppm/m-m', 'pdc/t', 'plc/i', ...).
 
   trigger_emb / recall_emb: {'i','t','m'} -> [B, E] for the two sides of B positive
@@ -86,16 +112,22 @@ def loss_unit(trigger_emb: Embeddings, recall_emb: Embeddings, config, *,
   a sharded batch). `config` is the run config's `loss` section. Embeddings are
   (re-)normalised here, in float32. `terms` holds unweighted values; total is the
   sum of weight * term.
+
+  composed: (query, target, reference), each [Bc, E], of the composed-query sub-batch:
+  the fused views of (reference photo, modifier words) and of the wanted listing, and
+  the reference photo's image-only view (a hard negative); needed when
+  `loss.composed.weight` > 0. Its rows are each other's negatives only.
   """
   plan = plan_terms(config)
   emb = _gather_inputs(plan, {"trigger": trigger_emb, "recall": recall_emb})
+  emb.update(_composed_inputs(plan, composed))
   scalars = [None if v is None else jnp.asarray(v, jnp.float32)
              for v in (logit_scale, logit_bias)]
 
   def add_terms(emb, scalars):
     terms = {}
     total = jnp.zeros((), jnp.float32)
-    for term in plan.terms:
+    for term in plan.terms + ((plan.composed,) if plan.composed else ()):
       value = _term_value(term, plan, emb, *scalars)
       terms[term.name] = value
       total = total + term.weight * value

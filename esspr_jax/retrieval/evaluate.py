@@ -34,6 +34,7 @@ import time
 from typing import Callable, Iterable
 
 import numpy as np
+from etils import epath
 
 from esspr_jax.config import eval as eval_config
 from esspr_jax.errors import DataError
@@ -104,7 +105,7 @@ def evaluate(model, params, batches: Iterable[dict], config, workdir=None, step=
     print(f"\neval{'' if step is None else f' at step {step}'}: {layout.num_pairs} pairs, "
           f"gallery {len(layout.gallery_ids)}, {meta['seconds']:.1f}s\n{table}", file=out, flush=True)
     if workdir is not None:
-      workdir = pathlib.Path(workdir)
+      workdir = epath.Path(workdir)  # local or gs://; the writers handle both
       paths = report_lib.write_eval_reports(results, ks, workdir / "eval", step, meta)
       if tensorboard:
         report_lib.write_tensorboard(results, workdir / "tensorboard", step)
@@ -128,9 +129,10 @@ def make_eval_hook(config, workdir, model, batches_fn: Callable[[], Iterable[dic
 
 
 def _data_dir(config, workdir) -> pathlib.Path:
-  """config.data.pipeline.data_dir, or <workdir>/tfds when it is empty."""
-  configured = config.data.pipeline.data_dir
-  return pathlib.Path(configured) if configured else pathlib.Path(workdir) / "tfds"
+  """config.data.pipeline.data_dir, or <workdir>/tfds when it is empty (a local cache
+  dir for a gs:// workdir: esspr_jax/workdir.py)."""
+  from esspr_jax import workdir as workdir_lib  # noqa: PLC0415
+  return workdir_lib.default_data_dir(config, workdir)
 
 
 def evaluate_checkpoint(config, workdir, *, checkpoint=None, step=None, data_dir=None,

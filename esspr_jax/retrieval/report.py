@@ -1,12 +1,14 @@
 """Writers for what people read: the eval table (console, Markdown, JSON, TensorBoard,
-a Recall@K plot) and the HTML page of search results. Every file is written to a temp
-file and renamed, so a reader never sees half of one."""
+a Recall@K plot) and the HTML page of search results. Every file is written atomically
+(atomic_io: temp file + rename locally, one whole-object upload on gs://), so a reader
+never sees half of one. Output dirs may be local paths or gs:// URLs."""
 import html
+import io
 import json
 import math
-import os
-import pathlib
 from typing import Sequence
+
+from etils import epath
 
 from esspr_jax.atomic_io import atomic_write  # noqa: F401 - callers import it from here
 from esspr_jax.retrieval.scoring import SettingResult
@@ -68,18 +70,16 @@ def plot_recall_at_k(results: Sequence[SettingResult], ks: Sequence[int], path, 
   ax.set_title(title)
   ax.legend(ncol=3, fontsize=8, loc="lower right")
   fig.tight_layout()
-  path = pathlib.Path(path)
-  tmp = path.with_name(path.name + ".tmp.png")
-  fig.savefig(tmp)
+  png = io.BytesIO()
+  fig.savefig(png, format="png")
   plt.close(fig)
-  os.replace(tmp, path)
-  return path
+  return atomic_write(path, png.getvalue())
 
 
 def write_eval_reports(results: Sequence[SettingResult], ks: Sequence[int], out_dir,
-                       step: int | None, meta: dict) -> dict[str, pathlib.Path]:
+                       step: int | None, meta: dict) -> dict[str, epath.PathLike]:
   """eval_<step>.md / .json / _recall_at_k.png under out_dir, plus latest.* copies."""
-  out_dir = pathlib.Path(out_dir)
+  out_dir = epath.Path(out_dir)
   tag = f"step_{step}" if step is not None else "final"
   title = f"Recall@K, {meta.get('pairs', '?')} pairs" + (f", step {step}" if step is not None else "")
   md = (f"# Same-style retrieval, {tag}\n\n{meta.get('pairs', '?')} query pairs, gallery of "
@@ -94,8 +94,8 @@ def write_eval_reports(results: Sequence[SettingResult], ks: Sequence[int], out_
 
 
 def write_tensorboard(results: Sequence[SettingResult], tb_dir, step: int | None) -> None:
-  import tensorboardX  # noqa: PLC0415
-  writer = tensorboardX.SummaryWriter(str(tb_dir))
+  from esspr_jax.metrics_writer import TensorBoard  # noqa: PLC0415  (uploads on gs://)
+  writer = TensorBoard(tb_dir)
   try:
     for key, value in scalars(results).items():
       if math.isfinite(value):

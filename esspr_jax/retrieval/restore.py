@@ -10,9 +10,10 @@ per parameter rather than as an Orbax traceback.
 """
 import hashlib
 import json
-import pathlib
+import os
 
 import jax
+from etils import epath
 
 from esspr_jax.errors import ConfigError, DataError
 
@@ -57,9 +58,10 @@ def check_same_model_config(saved: dict, config_model, where: str) -> None:
                       f"model config ({len(diff)} differing keys: {shown})")
 
 
-def _locate(path) -> tuple[pathlib.Path, pathlib.Path | None]:
-  """(checkpoints dir, run dir or None) from a run dir or a checkpoints dir."""
-  path = pathlib.Path(path)
+def _locate(path) -> tuple[epath.Path, epath.Path | None]:
+  """(checkpoints dir, run dir or None) from a run dir or a checkpoints dir (local, or a
+  gs:// URL: epath keeps it one, where pathlib would make it 'gs:/...')."""
+  path = epath.Path(os.fspath(path))
   if (path / "checkpoints").is_dir():
     return path / "checkpoints", path
   if path.is_dir() and any(p.name.isdigit() for p in path.iterdir()):
