@@ -322,3 +322,46 @@ def test_bad_workdir_urls_are_config_errors_naming_the_flag(url, fragment):
     workdir_lib.workdir_path(url)
   assert info.value.key == "--workdir"
   assert str(workdir_lib.workdir_path("gs://b/run/")) == "gs://b/run"
+
+
+# ------------------------------------------------------------------ two processes on gs://
+def test_two_processes_on_gs_resume_after_one_is_killed(gcs, tmp_path):
+  """2 processes x 4 devices (tests/multihost_worker.py: the stand-in model through
+  train.train) with the workdir on gs://: process 1 is SIGKILLed after checkpoint 4,
+  a relaunch resumes from gs:// at step 4 and ends where an uninterrupted local run
+  ends, each process's data position is in the bucket, every metrics row logged once."""
+  import signal
+  import test_multihost as mh
+  workdir = f"{gcs}/runs/two_processes"
+  # Children read the bucket with anonymous credentials, like this process (fixture).
+  os.environ["FSSPEC_GCS_TOKEN"] = "anon"
+  try:
+    flags = ["--steps=5", "--mesh=8,1,1", "--checkpoint_every=1"]
+    group = mh._start(2, [f"--workdir={workdir}", *flags, "--stall_process=1",
+                          "--stall_at_batch=4"], tmp_path / "log_killed")
+    deadline = time.monotonic() + mh.LAUNCH_TIMEOUT_S
+    while "checkpoints/4/commit_success.txt" not in _objects(workdir):
+      assert all(p.poll() is None for p in group.processes), mh._logs(tmp_path / "log_killed")
+      assert time.monotonic() < deadline, "no checkpoint 4 in time"
+      time.sleep(0.5)
+    os.kill(group.processes[1].pid, signal.SIGKILL)
+    group.wait(timeout_s=60)
+    assert group.processes[1].returncode == -signal.SIGKILL
+    objects = _objects(workdir)
+    assert "checkpoints/5/commit_success.txt" not in objects
+    for p in (0, 1):  # each process saved its own data position
+      assert f"checkpoints/4/data/process_{p}-of-2.json" in objects, objects
+
+    logs = mh._launch(2, [f"--workdir={workdir}", *flags,
+                          f"--dump={tmp_path / 'gs.npz'}"], tmp_path / "log_resumed")
+    assert "resumed at step 4" in logs
+    assert [r["step"] for r in _rows(workdir, "train")] == [1, 2, 3, 4, 5]
+  finally:
+    os.environ.pop("FSSPEC_GCS_TOKEN", None)
+  mh._launch(2, [f"--workdir={tmp_path / 'local'}", *flags, f"--dump={tmp_path / 'local.npz'}"],
+             tmp_path / "log_local")
+  mh._assert_same_state(mh._load(tmp_path / "gs.npz"), mh._load(tmp_path / "local.npz"),
+                        mh.STATE_TOLERANCE)
+  local_losses = mh._losses(tmp_path / "local")
+  for row in _rows(workdir, "train"):
+    assert abs(row["loss"] - local_losses[row["step"]]) <= mh.LOSS_TOLERANCE, row
