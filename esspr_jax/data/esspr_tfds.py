@@ -27,10 +27,8 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import pathlib
 import shutil
-import tempfile
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -38,6 +36,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tensorflow_datasets.core import utils as tfds_utils
 
+from esspr_jax.atomic_io import atomic_open
 from esspr_jax.data import images
 from esspr_jax.data import release_format
 from esspr_jax.data.skips import SkipCounter
@@ -431,14 +430,8 @@ def _finish_beam_report(path: pathlib.Path, max_bad_fraction: float) -> None:
 
 
 def _write_json_atomic(path: pathlib.Path, obj) -> None:
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      json.dump(obj, f)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  with atomic_open(path, "w", encoding="utf-8") as f:
+    json.dump(obj, f)
 
 
 def build_from_config(config, csv_path, image_dir, name: str, data_dir=None) -> PairsDataset:

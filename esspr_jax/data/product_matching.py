@@ -33,11 +33,11 @@ import json
 import os
 import pathlib
 import re
-import tempfile
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from esspr_jax.atomic_io import atomic_open
 from esspr_jax.data import release_format
 from esspr_jax.data.release_format import PairRow
 from esspr_jax.data.skips import SkipCounter
@@ -392,17 +392,10 @@ def load_promap_laptops(root: str | os.PathLike) -> list[PairRow]:
 # ---------------------------------------------------------------- writing / reading
 
 def _write_atomic_csv(path: pathlib.Path, header: Sequence[str], rows: Iterable[Sequence]) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-      writer = csv.writer(f)
-      writer.writerow(header)
-      writer.writerows(rows)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  with atomic_open(path, "w", newline="", encoding="utf-8") as f:
+    writer = csv.writer(f)
+    writer.writerow(header)
+    writer.writerows(rows)
 
 
 def write_retrieval_set(out_dir: str | os.PathLike, rs: RetrievalSet) -> tuple[pathlib.Path, pathlib.Path]:

@@ -22,10 +22,10 @@ import json
 import multiprocessing
 import os
 import pathlib
-import tempfile
 
 import numpy as np
 
+from esspr_jax.atomic_io import atomic_open
 from esspr_jax.data import click_model, render, world_vocab
 from esspr_jax.data.catalog import Listing, write_catalog
 from esspr_jax.data.clicklog import COLUMNS as CLICK_COLUMNS
@@ -277,11 +277,9 @@ def make_composed_pairs(cfg, styles: list[Style], listings: list[Listing]) -> li
 
 
 def _write_json_atomic(path: pathlib.Path, obj) -> None:
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-  with os.fdopen(fd, "w", encoding="utf-8") as f:
+  with atomic_open(path, "w", encoding="utf-8") as f:
     json.dump(obj, f, indent=2, sort_keys=True)
     f.write("\n")
-  os.replace(tmp, path)
 
 
 def generate_world(cfg, out_dir) -> WorldPaths:
