@@ -32,7 +32,7 @@ from esspr_jax import optim
 from esspr_jax import sharding
 from esspr_jax import workdir as workdir_lib
 from esspr_jax.config import validate_config
-from esspr_jax.config.loss import composed_enabled
+from esspr_jax.config.loss import composed_enabled, composed_rows_per_process
 from esspr_jax.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -92,13 +92,7 @@ def per_process_batch_size(config) -> int:
 
 def per_process_composed_batch_size(config) -> int:
   """This process's rows of the composed-query sub-batch; 0 when the term is off."""
-  if not composed_enabled(config):
-    return 0
-  size, processes = config.train.composed_batch_size, jax.process_count()
-  if size % processes:
-    raise ConfigError("train.composed_batch_size", f"{size} is not divisible by the "
-                      f"{processes} processes")
-  return size // processes
+  return composed_rows_per_process(config, jax.process_count())
 
 
 def _check_batch(sample: Any, expected_rows: int, composed_rows: int = 0) -> None:

@@ -93,7 +93,9 @@ def test_photo_plus_words_changes_the_colour(trained):
   config, paths, model, result, tokenizer = trained
   demo = interactive_search_demo.DemoCategory(model, result.state.params, tokenizer, config,
                                                paths.world, CATEGORY)
-  rates = demo.rates("red", "blue")
+  changes = [demo.rates(s, t) for s, t in interactive_search_demo.DEFAULT_CHANGES]
+  rates = changes[0]
+  assert (rates["source"], rates["target"]) == ("red", "blue")
   print("\ninteractive search, red mug photo (+ 'blue'):", rates)
   assert rates["queries"] >= 20
   assert rates["fused_target_colour"] >= 0.8        # the word sets the colour ...
@@ -101,7 +103,6 @@ def test_photo_plus_words_changes_the_colour(trained):
   assert rates["fused_target_same_shape"] >= 3 * rates["chance"]
   assert rates["fused_target_same_shape"] >= 0.5 * rates["photo_source_same_shape"]
   # Over six colour changes (~220 queries) the word wins most of the time.
-  changes = [demo.rates(s, t) for s, t in interactive_search_demo.DEFAULT_CHANGES]
   print(interactive_search_demo.markdown(changes, CATEGORY))
   assert np.mean([r["fused_target_colour"] for r in changes]) >= 0.7
   assert np.mean([r["fused_target_same_shape"] / r["chance"] for r in changes]) >= 3

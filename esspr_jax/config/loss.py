@@ -65,6 +65,17 @@ def composed_enabled(config: ml_collections.ConfigDict) -> bool:
   return bool(composed) and composed.weight > 0
 
 
+def composed_rows_per_process(config: ml_collections.ConfigDict, process_count: int) -> int:
+  """Each process's rows of the composed-query sub-batch; 0 when the term is off."""
+  if not composed_enabled(config):
+    return 0
+  size = config.train.composed_batch_size
+  if size % process_count:
+    raise ConfigError("train.composed_batch_size", f"{size} is not divisible by the "
+                      f"{process_count} processes")
+  return size // process_count
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks config.loss, and that every enabled term's embeddings exist in config.model."""
   if "loss" not in config:

@@ -483,17 +483,13 @@ def train_dataset(config, batch_size: int, *, data_dir=None, tokenizer=None,
                   process_index: int | None = None,
                   process_count: int | None = None) -> grain.IterDataset:
   """The run's training batches (this process's `batch_size` share of each)."""
-  from esspr_jax.config.loss import composed_enabled  # noqa: PLC0415
+  from esspr_jax.config.loss import composed_rows_per_process  # noqa: PLC0415
   tokenizer = tokenizer or tokenizer_from_config(config, data_dir)
   composed = {}
-  if composed_enabled(config):
-    _, count = _processes(process_index, process_count)
-    total = config.train.composed_batch_size
-    if total % count:
-      raise ConfigError("train.composed_batch_size", f"{total} is not divisible by the "
-                        f"{count} processes")
+  rows = composed_rows_per_process(config, _processes(process_index, process_count)[1])
+  if rows:
     composed = dict(composed_source=open_source(config, "composed", data_dir),
-                    composed_batch_size=total // count)
+                    composed_batch_size=rows)
   return make_train_dataset(open_source(config, "train", data_dir), tokenizer,
                             spec_from_config(config), batch_size,
                             process_index=process_index, process_count=process_count,

@@ -186,10 +186,15 @@ def make_listings(cfg, styles: list[Style], images_dir: pathlib.Path) -> list[Li
   return [x for chunk in chunks for x in chunk]
 
 
-def make_clicklog(cfg, styles: list[Style], listings: list[Listing]) -> tuple[list, dict]:
+def _listings_by_style(listings: list[Listing]) -> dict[str, list[Listing]]:
   by_style = {}
   for x in listings:
     by_style.setdefault(x.style_id, []).append(x)
+  return by_style
+
+
+def make_clicklog(cfg, styles: list[Style], listings: list[Listing]) -> tuple[list, dict]:
+  by_style = _listings_by_style(listings)
   indexes = []
   for cat in selected_categories(cfg):
     train = [s for s in styles if s.category is cat and s.split == "train"]
@@ -202,9 +207,7 @@ def make_clicklog(cfg, styles: list[Style], listings: list[Listing]) -> tuple[li
 
 
 def make_eval_pairs(cfg, styles: list[Style], listings: list[Listing]) -> list[PairRow]:
-  by_style = {}
-  for x in listings:
-    by_style.setdefault(x.style_id, []).append(x)
+  by_style = _listings_by_style(listings)
   pairs = []
   for si, style in enumerate(styles):
     if style.split != "eval":
@@ -241,9 +244,11 @@ def make_composed_pairs(cfg, styles: list[Style], listings: list[Listing]) -> li
   per_style = cfg.get("composed_per_style", 0)
   if not per_style:
     return []
-  by_style = {}
-  for x in listings:
-    by_style.setdefault(x.style_id, []).append(x)
+  by_style = _listings_by_style(listings)
+  train_styles = {}  # category name -> its train styles, the only possible targets
+  for st in styles:
+    if st.split == "train":
+      train_styles.setdefault(st.category.name, []).append(st)
   rows, seen = [], set()
   for si, style in enumerate(styles):
     if style.split != "train":
@@ -256,7 +261,7 @@ def make_composed_pairs(cfg, styles: list[Style], listings: list[Listing]) -> li
       continue
     for _ in range(per_style):
       attribute = visible[int(rng.integers(len(visible)))]
-      targets = modification_targets(styles, style, attribute)
+      targets = modification_targets(train_styles[style.category.name], style, attribute)
       if not targets:
         continue
       target_style = targets[int(rng.integers(len(targets)))]

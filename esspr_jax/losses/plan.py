@@ -86,6 +86,11 @@ def _number(section: Mapping[str, Any], field: str, key: str, *, minimum: float,
   return value
 
 
+def _weight_and_margin(entry: Mapping[str, Any], key: str) -> Tuple[float, float]:
+  return (float(_number(entry, "weight", f"{key}.weight", minimum=0.0)),
+          float(_number(entry, "margin", f"{key}.margin", minimum=0.0)))
+
+
 def _check_fields(section: Any, allowed: Tuple[str, ...], key: str, *,
                   required: bool = True) -> None:
   """Unknown keys are always errors; missing ones only where `required`."""
@@ -123,34 +128,25 @@ def plan_terms(loss_cfg: Any) -> LossPlan:
     kind = entry["kind"]
     if kind not in PAIR_KINDS:
       raise ConfigError(f"{key}.kind", f"must be one of {PAIR_KINDS}, got {kind!r}")
-    weight = _number(entry, "weight", f"{key}.weight", minimum=0.0)
-    margin = _number(entry, "margin", f"{key}.margin", minimum=0.0)
+    weight, margin = _weight_and_margin(entry, key)
     if weight > 0:
       x, y = pair.split("_")
-      terms.append(TermSpec(f"{KIND_PREFIX[kind]}/{x}-{y}", key, kind, float(weight),
-                            float(margin), ("trigger", x), ("recall", y)))
+      terms.append(TermSpec(f"{KIND_PREFIX[kind]}/{x}-{y}", key, kind, weight, margin,
+                            ("trigger", x), ("recall", y)))
 
-  for view in SINGLE_VIEWS:
-    if view not in loss_cfg["pdc"]:
-      continue
-    key = f"loss.pdc.{view}"
-    _check_fields(loss_cfg["pdc"][view], _VIEW_FIELDS, key)
-    weight = _number(loss_cfg["pdc"][view], "weight", f"{key}.weight", minimum=0.0)
-    margin = _number(loss_cfg["pdc"][view], "margin", f"{key}.margin", minimum=0.0)
-    if weight > 0:
-      terms.append(TermSpec(f"pdc/{view}", key, "hinge", float(weight), float(margin),
-                            ("trigger", view), ("trigger", "m")))
-
-  for view in SINGLE_VIEWS:
-    if view not in loss_cfg["plc"]:
-      continue
-    key = f"loss.plc.{view}"
-    _check_fields(loss_cfg["plc"][view], _VIEW_FIELDS, key)
-    weight = _number(loss_cfg["plc"][view], "weight", f"{key}.weight", minimum=0.0)
-    margin = _number(loss_cfg["plc"][view], "margin", f"{key}.margin", minimum=0.0)
-    if weight > 0:
-      terms.append(TermSpec(f"plc/{view}", key, "locality", float(weight), float(margin),
-                            ("trigger", view), ("recall", "m"), anchor=("trigger", "m")))
+  # PDC: the trigger's single view against the fused triggers (hinge); PLC: its scores
+  # against the fused recalls, around the fused trigger's neighbourhood (locality).
+  for section, kind, gallery, anchor in (("pdc", "hinge", ("trigger", "m"), None),
+                                         ("plc", "locality", ("recall", "m"), ("trigger", "m"))):
+    for view in SINGLE_VIEWS:
+      if view not in loss_cfg[section]:
+        continue
+      key = f"loss.{section}.{view}"
+      _check_fields(loss_cfg[section][view], _VIEW_FIELDS, key)
+      weight, margin = _weight_and_margin(loss_cfg[section][view], key)
+      if weight > 0:
+        terms.append(TermSpec(f"{section}/{view}", key, kind, weight, margin,
+                              ("trigger", view), gallery, anchor=anchor))
 
   top_k = _number(loss_cfg["plc"], "top_k", "loss.plc.top_k", minimum=1, integer=True)
   max_logit_scale = _number(loss_cfg, "max_logit_scale", "loss.max_logit_scale",

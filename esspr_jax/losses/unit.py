@@ -47,7 +47,7 @@ def _term_value(term: TermSpec, plan: LossPlan, emb: Dict[Tuple[str, str], jax.A
                 logit_bias: Optional[jax.Array]) -> jax.Array:
   opts = dict(chunk_size=plan.chunk_size, precision=plan.precision)
   query, gallery = emb[term.query], emb[term.gallery]
-  if term.kind in ("infonce", "sigmoid") and logit_scale is None:
+  if term.kind in ("infonce", "sigmoid", "composed_infonce") and logit_scale is None:
     raise ConfigError(f"{term.key}.kind", f"{term.kind!r} needs logit_scale (the model's "
                       "'logit_scale' param); loss_unit was called without it")
   if term.kind == "hinge":
@@ -61,9 +61,6 @@ def _term_value(term: TermSpec, plan: LossPlan, emb: Dict[Tuple[str, str], jax.A
     return sigmoid_pairs(query, gallery, logit_scale, logit_bias, plan.max_logit_scale,
                          **opts)
   if term.kind == "composed_infonce":
-    if logit_scale is None:
-      raise ConfigError(f"{term.key}.kind", "'infonce' needs logit_scale (the model's "
-                        "'logit_scale' param); loss_unit was called without it")
     return composed_infonce(query, gallery, emb[term.anchor], logit_scale,
                             plan.max_logit_scale, precision=plan.precision)
   if term.kind == "locality":

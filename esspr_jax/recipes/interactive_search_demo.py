@@ -32,10 +32,14 @@ def _attributes(world: pathlib.Path) -> dict:
             for r in csv.DictReader(f)}
 
 
-def embed_rows(model, params, sides: dict, modality: str, batch: int = 64) -> np.ndarray:
-  """One view of `sides` rows in fixed-size batches (one compile per modality)."""
+def view_fn(model, modality: str):
+  """The jitted (params, side) -> one view; build once per modality, reuse per call."""
   import jax  # noqa: PLC0415
-  fn = jax.jit(lambda p, s: model.apply({"params": p}, s, modalities=(modality,))[modality])
+  return jax.jit(lambda p, s: model.apply({"params": p}, s, modalities=(modality,))[modality])
+
+
+def embed_rows(fn, params, sides: dict, batch: int = 64) -> np.ndarray:
+  """`fn`'s view of `sides` rows in fixed-size batches (one compile per shape)."""
   n = len(next(iter(sides.values())))
   out = []
   for start in range(0, n, batch):
@@ -60,7 +64,8 @@ class DemoCategory:
     shape_key = next(k for k in ("shape", "cut", "neck") if k in attrs[rows[0]["style_id"]])
     self.colour = np.array([attrs[r["style_id"]]["colour"] for r in rows])
     self.shape = np.array([attrs[r["style_id"]][shape_key] for r in rows])
-    self._model, self._params, self._tokenizer = model, params, tokenizer
+    self._views = {m: view_fn(model, m) for m in ("i", "m")}
+    self._params, self._tokenizer = params, tokenizer
     self._max_len = config.model.tokenizer.max_len
     size, mode = config.model.image.size, config.data.pipeline.resize_mode
     self._pixels = np.stack([
@@ -71,7 +76,7 @@ class DemoCategory:
   def embed(self, texts: Sequence[str], rows: np.ndarray, modality: str) -> np.ndarray:
     side = {k: np.asarray(v) for k, v in self._tokenizer.encode_batch(list(texts),
                                                                       self._max_len).items()}
-    return embed_rows(self._model, self._params, dict(side, image=self._pixels[rows]), modality)
+    return embed_rows(self._views[modality], self._params, dict(side, image=self._pixels[rows]))
 
   def rates(self, source: str, target: str) -> dict:
     """Top-1 rates for the photos of `source`-coloured listings + the word `target`."""
