@@ -24,7 +24,7 @@ def temp_mib(batch: int, dim: int, chunk: int) -> float:
   side = {m: jax.ShapeDtypeStruct((batch, dim), jnp.float32) for m in "itm"}
 
   def total(trigger, recall):
-    return loss_unit(trigger, recall, config)[0]
+    return loss_unit({"trigger": trigger, "recall": recall}, config)[0]
 
   compiled = jax.jit(jax.value_and_grad(total, argnums=(0, 1))).lower(side, side).compile()
   return compiled.memory_analysis().temp_size_in_bytes / 2**20

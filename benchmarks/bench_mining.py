@@ -18,8 +18,9 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from esspr_jax.config.data import mining_config, world_config  # noqa: E402
-from esspr_jax.data import mining, synthetic  # noqa: E402
-from esspr_jax.data.pair_precision import pair_precision  # noqa: E402
+from esspr_jax.demo_world import synthetic  # noqa: E402
+from esspr_jax.ingest import mining
+from esspr_jax.demo_world.pair_precision import pair_precision  # noqa: E402
 
 VARIANTS = (  # name, config overrides
     ("no constraints", dict(category_constraint=False, relevance_constraint=False)),

@@ -27,12 +27,12 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from esspr_jax import config as config_lib  # noqa: E402
-from esspr_jax.data import esspr_tfds, pipeline  # noqa: E402
+from esspr_jax.input import esspr_tfds, pipeline  # noqa: E402
 from esspr_jax.models.tokenizer import Tokenizer  # noqa: E402
 
 
 def _pairs_dataset(config, world_dir: pathlib.Path, data_dir: pathlib.Path):
-  from esspr_jax.data import synthetic  # noqa: PLC0415
+  from esspr_jax.demo_world import synthetic  # noqa: PLC0415
   paths = synthetic.WorldPaths.under(world_dir)
   if not paths.manifest.is_file():
     print(f"generating the {config.preset} demo world in {world_dir} ...", flush=True)

@@ -136,7 +136,7 @@ def configure_logging(level: str) -> None:
 # ----------------------------------------------------------------------------- stages
 def make_world(config, paths: Paths):
   """The demo world, generated once: a complete world has its manifest."""
-  from esspr_jax.data import synthetic  # noqa: PLC0415
+  from esspr_jax.demo_world import synthetic  # noqa: PLC0415
   world = synthetic.WorldPaths.under(paths.world)
   if world.manifest.is_file():
     _say(f"[world] reusing {paths.world}")
@@ -148,7 +148,7 @@ def make_world(config, paths: Paths):
 
 
 def mine(config, clicklog, catalog, out) -> None:
-  from esspr_jax.data import mining  # noqa: PLC0415
+  from esspr_jax.ingest import mining  # noqa: PLC0415
   start = time.time()
   report = mining.mine_pairs(clicklog, catalog, out, config.data.mining, verbose=False)
   _say(f"[mine] {report.pairs_written} pairs -> {out} in {time.time() - start:.1f}s")
@@ -156,7 +156,7 @@ def mine(config, clicklog, catalog, out) -> None:
 
 def build(config, paths: Paths, train_pairs, eval_pairs, image_dir) -> None:
   """Both datasets (each reused when its CSV and settings are unchanged)."""
-  from esspr_jax.data import esspr_tfds  # noqa: PLC0415
+  from esspr_jax.input import esspr_tfds  # noqa: PLC0415
   if not _SHOW_LIBRARY_PROGRESS:
     import tensorflow_datasets as tfds  # noqa: PLC0415
     tfds.disable_progress_bar()
@@ -176,7 +176,7 @@ def build(config, paths: Paths, train_pairs, eval_pairs, image_dir) -> None:
 
 
 def tokenizer(config, paths: Paths):
-  from esspr_jax.data import pipeline  # noqa: PLC0415
+  from esspr_jax.input import pipeline  # noqa: PLC0415
   start = time.time()
   tok = pipeline.tokenizer_from_config(config, paths.data_dir)
   _say(f"[tokenizer] {config.model.tokenizer.kind} in {time.time() - start:.1f}s")
@@ -186,7 +186,7 @@ def tokenizer(config, paths: Paths):
 def train(config, paths: Paths, tok=None):
   """Trains with the evaluation hook; returns the TrainResult."""
   from esspr_jax import train as train_lib  # noqa: PLC0415
-  from esspr_jax.data import pipeline  # noqa: PLC0415
+  from esspr_jax.input import pipeline  # noqa: PLC0415
   from esspr_jax.models import build_model  # noqa: PLC0415
   from esspr_jax.retrieval import evaluate  # noqa: PLC0415
   tok = tok or shared_tokenizer(config, paths)
@@ -234,7 +234,7 @@ def prepare_data(config, paths: Paths) -> None:
 def shared_tokenizer(config, paths: Paths):
   """The run's tokenizer on every process. A trained one is cached in the data dir:
   process 0 trains/writes it first, the others load it after a barrier."""
-  from esspr_jax.data import pipeline  # noqa: PLC0415
+  from esspr_jax.input import pipeline  # noqa: PLC0415
   if distributed.is_primary():
     tok = pipeline.tokenizer_from_config(config, paths.data_dir)
   distributed.barrier("esspr_jax.main: tokenizer cached")

@@ -34,24 +34,16 @@ from esspr_jax import workdir as workdir_lib
 from esspr_jax.config import validate_config
 from esspr_jax.config.loss import composed_enabled, composed_rows_per_process
 from esspr_jax.errors import ConfigError, DataError
+from esspr_jax.train_step import ALL_VIEWS, LossFn, TrainState, Views, train_step
 
 log = logging.getLogger(__name__)
 
-# (trigger_emb, recall_emb, *, logit_scale, logit_bias) -> (total, {term: scalar})
-LossFn = Callable[..., tuple[jax.Array, Mapping[str, jax.Array]]]
 # (params, step) -> {metric: float}
 EvalFn = Callable[[Any, int], Mapping[str, float] | None]
 
 
 class NonFiniteLossError(RuntimeError):
   """The loss or gradient went NaN/inf and `config.train.skip_nonfinite` is off."""
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array  # number of batches consumed (int32 scalar)
-  params: Any
-  opt_state: Any
 
 
 @dataclasses.dataclass
@@ -77,7 +69,7 @@ def data_dir(config: ml_collections.ConfigDict, workdir) -> pathlib.Path:
 
 def default_train_dataset(config: ml_collections.ConfigDict, workdir: pathlib.Path):
   """This process's slice of the training data, as a Grain dataset of host batches."""
-  from esspr_jax.data import pipeline  # noqa: PLC0415  (heavy, and only the default)
+  from esspr_jax.input import pipeline  # noqa: PLC0415  (heavy, and only the default)
   return pipeline.train_dataset(config, per_process_batch_size(config),
                                 data_dir=data_dir(config, workdir))
 
@@ -124,10 +116,12 @@ def _strip_host_only(batch: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------- model
-def default_model_and_loss(config) -> tuple[nn.Module, LossFn]:
-  from esspr_jax.losses import loss_unit  # noqa: PLC0415
+def default_model_and_loss(config) -> tuple[nn.Module, LossFn, Views]:
+  """The model, the loss unit, and the views its plan says the step must embed."""
+  from esspr_jax.losses import loss_unit, plan_terms  # noqa: PLC0415
   from esspr_jax.models import build_model  # noqa: PLC0415
-  return build_model(config.model), functools.partial(loss_unit, config=config.loss)
+  return (build_model(config.model), functools.partial(loss_unit, config=config.loss),
+          plan_terms(config.loss).views())
 
 
 def _with_pretrained_towers(state: "TrainState", config, model, param_shardings) -> "TrainState":
@@ -150,82 +144,6 @@ def _init_variables(model: nn.Module, rng: jax.Array, side: Any) -> Any:
   return model.init({"params": params_rng, "dropout": dropout_rng}, side)
 
 
-# ----------------------------------------------------------------------------- step
-def _loss_and_grads(params, batch, rng, *, model, loss_fn):
-  def loss_of(p):
-    trigger_rng, recall_rng = jax.random.split(rng)
-    trigger = model.apply({"params": p}, batch["trigger"], train=True,
-                          rngs={"dropout": trigger_rng})
-    recall = model.apply({"params": p}, batch["recall"], train=True,
-                         rngs={"dropout": recall_rng})
-    extra = {}
-    if "composed" in batch:  # reference photo + modifier words -> the wanted listing
-      query_rng, target_rng = jax.random.split(jax.random.fold_in(rng, 1))
-      views = lambda side, r, m: model.apply({"params": p}, side, train=True,
-                                             modalities=m, rngs={"dropout": r})
-      query = views(batch["composed"]["trigger"], query_rng, ("i", "m"))
-      target = views(batch["composed"]["recall"], target_rng, ("m",))
-      # The photo's own view ("i") is the hard negative the words must lead away from.
-      extra["composed"] = (query["m"], target["m"], query["i"])
-    return loss_fn(trigger, recall, logit_scale=p.get("logit_scale"),
-                   logit_bias=p.get("logit_bias"), **extra)
-  (loss, terms), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
-  return loss, dict(terms), grads
-
-
-def _accumulated_loss_and_grads(params, batch, rng, *, micro_steps, **kw):
-  """Mean loss/grads over `micro_steps` micro-batches, one at a time (less memory).
-
-  Micro-batch j takes rows j, j+k, j+2k, ... so every device keeps its own rows."""
-  if micro_steps == 1:
-    return _loss_and_grads(params, batch, rng, **kw)
-
-  def split(x):
-    x = x.reshape((x.shape[0] // micro_steps, micro_steps) + x.shape[1:])
-    return jnp.swapaxes(x, 0, 1)
-
-  micro = jax.tree_util.tree_map(split, batch)
-
-  def body(carry, inputs):
-    loss_sum, terms_sum, grads_sum = carry
-    index, micro_batch = inputs
-    loss, terms, grads = _loss_and_grads(params, micro_batch, jax.random.fold_in(rng, index),
-                                         **kw)
-    add = lambda a, b: jax.tree_util.tree_map(jnp.add, a, b)
-    return (loss_sum + loss, add(terms_sum, terms), add(grads_sum, grads)), None
-
-  first_loss, first_terms, first_grads = _loss_and_grads(
-      params, jax.tree_util.tree_map(lambda x: x[0], micro), jax.random.fold_in(rng, 0), **kw)
-  rest = jax.tree_util.tree_map(lambda x: x[1:], micro)
-  (loss, terms, grads), _ = jax.lax.scan(
-      body, (first_loss, first_terms, first_grads), (jnp.arange(1, micro_steps), rest))
-  scale = lambda t: jax.tree_util.tree_map(lambda x: x / micro_steps, t)
-  return loss / micro_steps, scale(terms), scale(grads)
-
-
-def train_step(state: TrainState, batch, *, model, loss_fn, tx, schedule, base_rng,
-               logical_rules, micro_steps):
-  """One update. A non-finite loss or gradient leaves params and optimizer unchanged
-  (the host then stops or counts a skip); the step counter always advances."""
-  with nn.logical_axis_rules(logical_rules):
-    rng = jax.random.fold_in(base_rng, state.step)
-    loss, terms, grads = _accumulated_loss_and_grads(
-        state.params, batch, rng, micro_steps=micro_steps, model=model, loss_fn=loss_fn)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    keep_if_bad = lambda new, old: jax.tree_util.tree_map(
-        lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = TrainState(step=state.step + 1,
-                           params=keep_if_bad(new_params, state.params),
-                           opt_state=keep_if_bad(new_opt_state, state.opt_state))
-    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
-               "finite": finite.astype(jnp.float32),
-               **{f"loss/{name}": value for name, value in terms.items()}}
-  return new_state, metrics
-
-
 # ----------------------------------------------------------------------------- loop
 def _write_json_atomic(path, payload: Any) -> None:
   atomic_io.atomic_write(path, json.dumps(payload, indent=2, sort_keys=True, default=str))
@@ -238,11 +156,13 @@ def _host_scalars(metrics: Mapping[str, jax.Array]) -> dict[str, float]:
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
           model: nn.Module | None = None, loss_fn: LossFn | None = None,
           train_dataset=None, eval_fn: EvalFn | None = None,
-          devices=None) -> TrainResult:
+          devices=None, views: Views | None = None) -> TrainResult:
   """Trains `config` in `workdir`, resuming from its latest checkpoint if any.
 
   `model`/`loss_fn`/`train_dataset` default to the project's (build_model, loss_unit,
   the Grain pipeline); `train_dataset` yields this process's share of each batch.
+  `views` (side -> modalities the step embeds) defaults to the loss plan's with the
+  default loss, and to every modality of both sides with a custom `loss_fn`.
   `eval_fn(params, step)` runs every `eval.every_steps` steps and at the end.
   """
   validate_config(config)
@@ -277,8 +197,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
 
   # --- model
   if model is None or loss_fn is None:
-    default_model, default_loss = default_model_and_loss(config)
+    default_model, default_loss, default_views = default_model_and_loss(config)
+    if loss_fn is None:
+      views = views or default_views
     model, loss_fn = model or default_model, loss_fn or default_loss
+  views = views or ALL_VIEWS
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
   init_side = jax.tree_util.tree_map(lambda x: x[:1], sample["trigger"])
   abstract_vars = jax.eval_shape(functools.partial(_init_variables, model), init_rng,
@@ -306,7 +229,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
 
     # --- step
     step_fn = jax.jit(
-        functools.partial(train_step, model=model, loss_fn=loss_fn, tx=tx, schedule=schedule,
+        functools.partial(train_step, model=model, loss_fn=loss_fn, views=views, tx=tx,
+                          schedule=schedule,
                           base_rng=train_rng, logical_rules=logical_rules,
                           micro_steps=tc.grad_accum_steps),
         in_shardings=(state_shardings, batch_sharding),

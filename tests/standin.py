@@ -25,7 +25,7 @@ class StandInModel(nn.Module):
   nan_on_marker: bool = False
 
   @nn.compact
-  def __call__(self, side, train: bool = False):
+  def __call__(self, side, train: bool = False, modalities=("i", "t", "m")):
     dense = nn.initializers.normal(0.3)
     token_table = _param(self, "token_embedding", dense, (VOCAB, EMBED), ("vocab", "embed"))
     patch_w = _param(self, "patch_kernel", dense, (IMAGE * IMAGE * 3, EMBED),
@@ -47,15 +47,17 @@ class StandInModel(nn.Module):
     image = jnp.tanh(pixels @ patch_w)
     unit = lambda x: x * norm / jnp.linalg.norm(x * norm, axis=-1, keepdims=True)
     out = {"i": unit(image), "t": unit(text), "m": unit(image + text)}
+    out = {k: v for k, v in out.items() if k in modalities}
     if self.nan_on_marker:
       poisoned = jnp.any(side["text_ids"] < 0)
       out = {k: jnp.where(poisoned, jnp.nan, v) for k, v in out.items()}
     return out
 
 
-def standin_loss(trigger, recall, *, logit_scale=None, logit_bias=None):
+def standin_loss(sides, *, logit_scale=None, logit_bias=None):
   """InfoNCE trigger->recall over the whole (global) batch for m-m and t-m."""
   del logit_bias
+  trigger, recall = sides["trigger"], sides["recall"]
   scale = jnp.exp(logit_scale)
   terms = {}
   for q, g in (("m", "m"), ("t", "m")):

@@ -109,7 +109,7 @@ def test_eval_uses_the_trainers_batch_sharding(tmp_path):
 
 def test_only_process_0_prepares_data_and_the_others_wait(tmp_path, monkeypatch):
   """--mode=all on a non-primary process: no preparation, the barrier, then training."""
-  from esspr_jax.data import pipeline
+  from esspr_jax.input import pipeline
   calls = []
   monkeypatch.setattr(main.distributed, "is_primary", lambda: False)
   monkeypatch.setattr(main, "prepare_data", lambda *a: calls.append("prepare"))

@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import standin  # noqa: E402
 
-from esspr_jax import metrics_writer, optim, train  # noqa: E402
+from esspr_jax import metrics_writer, optim, train, train_step  # noqa: E402
 from esspr_jax.config import compose  # noqa: E402
 
 
@@ -124,13 +124,13 @@ def test_accumulated_grads_are_the_mean_over_strided_micro_batches():
   params = model.init(jax.random.key(1), batch["trigger"])["params"]
   params = jax.tree_util.tree_map(lambda x: getattr(x, "value", x), params,
                                   is_leaf=lambda x: hasattr(x, "value"))
-  kw = dict(model=model, loss_fn=standin.standin_loss)
+  kw = dict(model=model, loss_fn=standin.standin_loss, views=train_step.ALL_VIEWS)
   rng = jax.random.key(2)
-  accumulated = jax.jit(lambda p, b: train._accumulated_loss_and_grads(
+  accumulated = jax.jit(lambda p, b: train_step.accumulated_loss_and_grads(
       p, b, rng, micro_steps=2, **kw))
   loss, terms, grads = accumulated(params, batch)
   # Independent reference: rows 0,2,4,6 and 1,3,5,7 as two separate batches.
-  single = jax.jit(lambda p, b, j: train._loss_and_grads(
+  single = jax.jit(lambda p, b, j: train_step.loss_and_grads(
       p, b, jax.random.fold_in(rng, j), **kw))
   parts = [single(params, jax.tree_util.tree_map(lambda x: x[j::2], batch), j)
            for j in range(2)]

@@ -100,7 +100,7 @@ def _positive_int(value, key: str, minimum: int = 1) -> None:
 
 
 def validate_world(w, prefix: str = "data.world") -> None:
-  from esspr_jax.data import world_vocab  # pylint: disable=import-outside-toplevel
+  from esspr_jax.demo_world import world_vocab  # pylint: disable=import-outside-toplevel
   names = [n.strip() for n in w.categories.split(",") if n.strip()]
   unknown = [n for n in names if n not in world_vocab.CATEGORY_BY_NAME]
   _check(not unknown, f"{prefix}.categories",

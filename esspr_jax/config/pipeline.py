@@ -9,7 +9,7 @@ import re
 
 import ml_collections
 
-from esspr_jax.data.images import RESIZE_MODES
+from esspr_jax.input.images import RESIZE_MODES
 from esspr_jax.config.checks import check as _check
 from esspr_jax.config.checks import is_int as _is_int
 

@@ -7,7 +7,7 @@ which embeddings a term needs or what its key is called.
 import dataclasses
 import math
 import numbers
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 from esspr_jax.errors import ConfigError
 
@@ -70,6 +70,23 @@ class LossPlan:
   precision: str
   # The composed-query term, over its own sub-batch (None: off). See docs/losses.md.
   composed: Optional[TermSpec] = None
+
+  @property
+  def all_terms(self) -> Tuple[TermSpec, ...]:
+    return self.terms + ((self.composed,) if self.composed else ())
+
+  def views(self) -> Dict[str, Tuple[str, ...]]:
+    """The modalities each side must be embedded in: exactly what the terms read.
+
+    Sides are 'trigger' and 'recall' (the pairs) and, with the composed term on,
+    'composed_trigger' / 'composed_recall' (its sub-batch). The train step embeds
+    these and nothing else."""
+    needed: Dict[str, set] = {}
+    for term in self.all_terms:
+      for side, modality in term.refs:
+        needed.setdefault(side, set()).add(modality)
+    return {side: tuple(m for m in MODALITIES if m in wanted)
+            for side, wanted in sorted(needed.items())}
 
 
 def _number(section: Mapping[str, Any], field: str, key: str, *, minimum: float,

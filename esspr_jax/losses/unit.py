@@ -22,11 +22,20 @@ Embeddings = Mapping[str, jax.Array]
 
 
 def _gather_inputs(plan: LossPlan,
-                   sides: Dict[str, Embeddings]) -> Dict[Tuple[str, str], jax.Array]:
-  """Normalised embeddings each term reads; clear errors (at trace time) otherwise."""
+                   sides: Mapping[str, Embeddings]) -> Dict[Tuple[str, str], jax.Array]:
+  """Normalised embeddings each term reads; clear errors (at trace time) otherwise.
+
+  The pairs' terms share one [B, E] shape; the composed term's rows share their own."""
   needed = {}
-  for term in plan.terms:
+  for term in plan.all_terms:
     for side, modality in term.refs:
+      if side not in sides:
+        if term is plan.composed:
+          raise ConfigError(f"{term.key}.weight", "the composed-query term is on but the "
+                            "step got no composed sub-batch; set train.composed_batch_size "
+                            "and data.pipeline.composed_dataset, or this weight to 0")
+        raise ValueError(f"loss_unit: term {term.name!r} needs side {side!r}; "
+                         f"got sides {sorted(sides)}")
       emb = sides[side]
       if modality not in emb:
         raise ConfigError(
@@ -34,11 +43,13 @@ def _gather_inputs(plan: LossPlan,
             f"embedding, but it has only {sorted(emb)}; set {term.key}.weight=0 or "
             "make the model produce it")
       needed[(side, modality)] = emb[modality]
-  shapes = {f"{side}_emb[{modality!r}]": tuple(x.shape)
-            for (side, modality), x in needed.items()}
-  if any(len(s) != 2 for s in shapes.values()) or len(set(shapes.values())) != 1:
-    raise ValueError(f"loss_unit: every embedding must be [B, E] with one shared B and E, "
-                     f"got {shapes}")
+  for group in ("pairs", "composed"):
+    shapes = {f"{side}[{modality!r}]": tuple(x.shape) for (side, modality), x in needed.items()
+              if side.startswith("composed") == (group == "composed")}
+    if shapes and (any(len(s) != 2 for s in shapes.values()) or len(set(shapes.values())) != 1):
+      what = "the composed sub-batch's" if group == "composed" else "every pair"
+      raise ValueError(f"loss_unit: {what} embeddings must be [B, E] with one shared B and "
+                       f"E, got {shapes}")
   return {ref: l2_normalize(x) for ref, x in needed.items()}
 
 
@@ -80,51 +91,31 @@ def _explicit_mesh(arrays) -> Optional[jax.sharding.AbstractMesh]:
   return None if mesh.empty or not mesh.explicit_axes else mesh
 
 
-def _composed_inputs(plan: LossPlan, composed) -> Dict[Tuple[str, str], jax.Array]:
-  """The composed term's normalised query/target rows, or {} when the term is off."""
-  if plan.composed is None:
-    return {}
-  if composed is None:
-    raise ConfigError(f"{plan.composed.key}.weight", "the composed-query term is on but the "
-                      "step got no composed sub-batch; set train.composed_batch_size and "
-                      "data.pipeline.composed_dataset, or this weight to 0")
-  query, target, reference = composed
-  if query.ndim != 2 or not query.shape == target.shape == reference.shape:
-    raise ValueError(f"loss_unit: composed query, target and reference must all be "
-                     f"[Bc, E], got {query.shape}, {target.shape} and {reference.shape}")
-  term = plan.composed
-  return {term.query: l2_normalize(query), term.gallery: l2_normalize(target),
-          term.anchor: l2_normalize(reference)}
-
-
-def loss_unit(trigger_emb: Embeddings, recall_emb: Embeddings, config, *,
+def loss_unit(sides: Mapping[str, Embeddings], config, *,
               logit_scale: Optional[jax.Array] = None,
               logit_bias: Optional[jax.Array] = None,
-              composed: Optional[Tuple[jax.Array, jax.Array, jax.Array]] = None,
               ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
   """Total loss and every enabled term by name ('ppm/m-m', 'pdc/t', 'plc/i', ...).
 
-  trigger_emb / recall_emb: {'i','t','m'} -> [B, E] for the two sides of B positive
-  pairs; every other row of the batch is a negative (the global batch under jit with
-  a sharded batch). `config` is the run config's `loss` section. Embeddings are
-  (re-)normalised here, in float32. `terms` holds unweighted values; total is the
-  sum of weight * term.
-
-  composed: (query, target, reference), each [Bc, E], of the composed-query sub-batch:
-  the fused views of (reference photo, modifier words) and of the wanted listing, and
-  the reference photo's image-only view (a hard negative); needed when
-  `loss.composed.weight` > 0. Its rows are each other's negatives only.
+  sides: side name -> {'i','t','m'} -> [B, E]. 'trigger' and 'recall' are the two
+  sides of B positive pairs; every other row of the batch is a negative (the global
+  batch under jit with a sharded batch). With `loss.composed.weight` > 0,
+  'composed_trigger' ({'m', 'i'}: fused (reference photo, modifier words) and the
+  photo's image-only view, a hard negative) and 'composed_recall' ({'m'}: the wanted
+  listing) hold the composed-query sub-batch, whose rows are each other's negatives
+  only. `LossPlan.views()` says which side needs which modality. `config` is the run
+  config's `loss` section. Embeddings are (re-)normalised here, in float32. `terms`
+  holds unweighted values; total is the sum of weight * term.
   """
   plan = plan_terms(config)
-  emb = _gather_inputs(plan, {"trigger": trigger_emb, "recall": recall_emb})
-  emb.update(_composed_inputs(plan, composed))
+  emb = _gather_inputs(plan, sides)
   scalars = [None if v is None else jnp.asarray(v, jnp.float32)
              for v in (logit_scale, logit_bias)]
 
   def add_terms(emb, scalars):
     terms = {}
     total = jnp.zeros((), jnp.float32)
-    for term in plan.terms + ((plan.composed,) if plan.composed else ()):
+    for term in plan.all_terms:
       value = _term_value(term, plan, emb, *scalars)
       terms[term.name] = value
       total = total + term.weight * value

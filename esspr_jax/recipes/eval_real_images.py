@@ -7,7 +7,7 @@ Sets (each 10 pairs of real product photos and titles):
   esspr_sample    the 10 annotated same-style pairs published with the eSSPR paper
                   (`same_trigger_recall_pairs_information`, the sample's header variant)
   promap_laptops  10 laptops, each listed by two shops: listing NNa <-> NNb
-                  (esspr_jax.data.product_matching.load_promap_laptops)
+                  (esspr_jax.recipes.product_matching.load_promap_laptops)
 
 Each pair is a query (its trigger) against a gallery of the set's 10 recalls, so one
 rank moves R@1 by 0.1 and a random model has MRR about 0.29: a check that real photos
@@ -27,7 +27,9 @@ from typing import Sequence
 
 import numpy as np
 
-from esspr_jax.data import esspr_tfds, pipeline, product_matching, release_format
+from esspr_jax.ingest import release_format
+from esspr_jax.input import esspr_tfds, pipeline
+from esspr_jax.recipes import product_matching
 from esspr_jax.errors import ConfigError, DataError
 
 REPO = pathlib.Path(__file__).resolve().parents[2]

@@ -30,8 +30,10 @@ from ml_collections import config_flags
 
 from esspr_jax import train as train_lib
 from esspr_jax.config import validate_config
-from esspr_jax.data import pipeline, product_matching, release_format
-from esspr_jax.losses import loss_unit
+from esspr_jax.ingest import release_format
+from esspr_jax.input import pipeline
+from esspr_jax.recipes import product_matching
+from esspr_jax.losses import loss_unit, plan_terms
 from esspr_jax.models import pretrained
 from esspr_jax.models.model import build_model, example_side
 from esspr_jax.models.tokenizer import tokenizer_from_config
@@ -132,7 +134,7 @@ def run(config, workdir, data_root=None) -> dict:
   train_start = time.time()
   result = train_lib.train(config, workdir / "train", model=model,
                            loss_fn=functools.partial(loss_unit, config=config.loss),
-                           train_dataset=dataset)
+                           views=plan_terms(config.loss).views(), train_dataset=dataset)
   train_seconds = time.time() - train_start
   results[f"MiniLM-L6 fine-tuned ({result.step} steps)"] = evaluate_model(
       embed, result.state.params, tokenizer, tasks, max_len, r.eval_batch_size)

@@ -54,7 +54,7 @@ class DemoCategory:
   """A category of the demo world, its hidden colour/shape, and its gallery embedded."""
 
   def __init__(self, model, params, tokenizer, config, world, category: str = "Mugs"):
-    from esspr_jax.data import images  # noqa: PLC0415
+    from esspr_jax.input import images  # noqa: PLC0415
     world = pathlib.Path(world)
     attrs = _attributes(world)
     with open(world / "catalog.csv", encoding="utf-8", newline="") as f:
@@ -124,7 +124,7 @@ def main(argv) -> None:
   del argv
   from absl import flags  # noqa: PLC0415
   from esspr_jax import train as train_lib  # noqa: PLC0415
-  from esspr_jax.data import pipeline  # noqa: PLC0415
+  from esspr_jax.input import pipeline  # noqa: PLC0415
   from esspr_jax.retrieval import restore  # noqa: PLC0415
   fv = flags.FLAGS
   config = fv.config

@@ -117,7 +117,7 @@ def make_eval_hook(config, workdir, model, batches_fn: Callable[[], Iterable[dic
   """The trainer's `eval_fn(params, step) -> scalars` (see module doc)."""
   if batches_fn is None:
     def batches_fn():
-      from esspr_jax.data import pipeline  # noqa: PLC0415
+      from esspr_jax.input import pipeline  # noqa: PLC0415
       return pipeline.eval_dataset(config, config.eval.batch_size,
                                    data_dir=_data_dir(config, workdir))
 
@@ -141,7 +141,7 @@ def evaluate_checkpoint(config, workdir, *, checkpoint=None, step=None, data_dir
   from esspr_jax.retrieval import restore  # noqa: PLC0415
   model, params, info = restore.load_model_and_params(config, checkpoint or workdir, step=step)
   if batches is None:
-    from esspr_jax.data import pipeline  # noqa: PLC0415
+    from esspr_jax.input import pipeline  # noqa: PLC0415
     batches = pipeline.eval_dataset(config, config.eval.batch_size,
                                     data_dir=data_dir or _data_dir(config, workdir))
   report = evaluate(model, params, batches, config, workdir, info["step"])

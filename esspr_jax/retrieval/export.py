@@ -102,7 +102,7 @@ def _read_progress(path: pathlib.Path, fingerprint: dict) -> int:
 def _embed_share(model, params, share, work: pathlib.Path, config, *, tokenizer, modalities,
                  dtype, fingerprint, batch_sharding, process) -> int:
   """Embeds this process's share chunk by chunk; returns the number of chunks."""
-  from esspr_jax.data import pipeline  # noqa: PLC0415
+  from esspr_jax.input import pipeline  # noqa: PLC0415
   batch = config.eval.batch_size
   chunk_rows = math.ceil(config.eval.export.chunk_rows / batch) * batch
   chunks = math.ceil(len(share) / chunk_rows)
@@ -173,7 +173,7 @@ def _image_ref(ref: str, image_dir) -> str:
   """An absolute path (or the URL) of a catalog image, so search pages can show it."""
   if not ref or "://" in ref or image_dir is None:
     return ref
-  from esspr_jax.data import images  # noqa: PLC0415
+  from esspr_jax.input import images  # noqa: PLC0415
   try:
     return str(images.resolve_image_path(image_dir, ref).absolute())
   except images.BadImage:
@@ -288,8 +288,8 @@ def export_embeddings(model, params, items: Sequence[dict], out_dir, config, *, 
 def export_catalog(config, workdir, catalog_csv, image_dir, out_dir, *, checkpoint=None,
                    step=None, data_dir=None) -> dict:
   """main.py --mode=export: restore the model, export the catalog at `catalog_csv`."""
-  from esspr_jax.data import catalog as catalog_lib  # noqa: PLC0415
-  from esspr_jax.data import pipeline  # noqa: PLC0415
+  from esspr_jax.ingest import catalog as catalog_lib  # noqa: PLC0415
+  from esspr_jax.input import pipeline  # noqa: PLC0415
   model, params, info = restore.load_model_and_params(config, checkpoint or workdir, step=step)
   if data_dir is None and not config.data.pipeline.data_dir:
     data_dir = pathlib.Path(workdir) / "tfds"

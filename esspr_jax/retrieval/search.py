@@ -256,7 +256,7 @@ class Searcher:
 
 def _load_image(image, size: int, resize_mode: str) -> np.ndarray:
   """A query image (path or bytes) as uint8 [size, size, 3], or a DataError naming it."""
-  from esspr_jax.data import images  # noqa: PLC0415
+  from esspr_jax.input import images  # noqa: PLC0415
   name = "<bytes>" if isinstance(image, (bytes, bytearray)) else str(image)
   try:
     data = bytes(image) if isinstance(image, (bytes, bytearray)) else pathlib.Path(image).read_bytes()

@@ -10,7 +10,8 @@ import jax
 import pytest
 
 from esspr_jax.config import compose, validate_config
-from esspr_jax.data import pipeline, release_format
+from esspr_jax.ingest import release_format
+from esspr_jax.input import pipeline
 from esspr_jax.models import build_model, example_side
 from esspr_jax.models.tokenizer import Tokenizer
 

@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import pytest
 
-from esspr_jax.data.catalog import Listing
+from esspr_jax.ingest.catalog import Listing
 from esspr_jax.errors import ConfigError, DataError
 from esspr_jax.retrieval import export, search
 

@@ -1,0 +1,1 @@
+"""The generated demo marketplace: catalog, photos, titles, click model, styles."""

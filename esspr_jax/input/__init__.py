@@ -1,0 +1,1 @@
+"""The training input: TFDS builder, image decoding, the Grain pipeline."""
