@@ -59,8 +59,8 @@ def get_config():
     t.log_every = 10
     t.checkpoint.every = 90
     t.checkpoint.keep = 1
-    t.eval_every = 0
-    t.eval_at_end = False  # the recipe evaluates itself, before and after
+    config.eval.every_steps = 0  # the recipe evaluates itself, before and after
+    t.eval_at_end = False
 
     config.data.pipeline.augment.enabled = False  # no images
     config.data.pipeline.worker_count = 0  # tokenising titles needs no worker processes

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from esspr_jax.losses.plan import MODALITIES
+from esspr_jax.config.constants import MODALITIES
 
 # (sides, *, logit_scale, logit_bias) -> (total, {term: scalar}); sides maps a side name
 # ('trigger', 'recall', 'composed_trigger', 'composed_recall') to {modality: [B, E]}.

@@ -4,9 +4,13 @@ Each section module exposes `default_config(preset)` for the presets
 ('tiny', 'demo', 'base', 'large') and `validate(config)` that raises
 `esspr_jax.errors.ConfigError` naming the offending key. `configs/*.py` call
 `compose(preset)`; `validate_config` runs before anything compiles.
+
+This package is a leaf: it imports no other esspr_jax package (only `esspr_jax.errors`),
+so any room may read a config and the config never reaches back into the code.
 """
 import ml_collections
 
+from esspr_jax.config.checks import check, known_keys
 from esspr_jax.config import data as data_section
 from esspr_jax.config import eval as eval_section
 from esspr_jax.config import loss as loss_section
@@ -14,6 +18,8 @@ from esspr_jax.config import model as model_section
 from esspr_jax.config import train as train_section
 
 PRESETS = ("tiny", "demo", "base", "large")
+# Top-level keys besides the sections: `recipe` is a recipe's own section (configs/finetune_*).
+_TOP_LEVEL = ("preset", "seed", "recipe")
 _SECTIONS = {
     "model": model_section,
     "loss": loss_section,
@@ -37,6 +43,17 @@ def compose(preset: str) -> ml_collections.ConfigDict:
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Checks every section; raises ConfigError naming the first bad key."""
+  """Checks every section; raises ConfigError naming the first bad key.
+
+  A key no section defines is an error (a typo, or a setting nothing reads); `model`
+  and `loss` check their own layouts, which have optional entries."""
+  for key in config.keys():
+    check(key in _SECTIONS or key in _TOP_LEVEL, key,
+          f"unknown top-level key; known: {sorted(_SECTIONS) + list(_TOP_LEVEL)}")
+  preset = config.get("preset", "tiny")
+  check(preset in PRESETS, "preset", f"must be one of {PRESETS}, got {preset!r}")
+  for name in ("data", "train", "eval"):
+    if name in config:
+      known_keys(config[name], _SECTIONS[name].default_config(preset), name)
   for section in _SECTIONS.values():
     section.validate(config)

@@ -7,7 +7,18 @@
 import ml_collections
 
 from esspr_jax.config import pipeline as pipeline_section
-from esspr_jax.errors import ConfigError
+from esspr_jax.config.checks import check as _check
+from esspr_jax.config.checks import in_unit as _in_unit
+from esspr_jax.config.checks import positive_int as _positive_int
+
+# The demo world's leaf categories and how many distinct styles each can make (the product
+# of its attribute value counts). esspr_jax/demo_world/world_vocab.py defines them; a test
+# keeps the two equal, so the config can check sizes without importing the world.
+WORLD_CATEGORY_STYLES = {
+    "Screws & Bolts": 231, "Ball Bearings": 208, "Resistors": 208,
+    "Electrolytic Capacitors": 264, "Mugs": 675, "Cushions": 405, "Dresses": 900,
+    "T-Shirts": 540,
+}
 
 # styles, suppliers in the pool, click-log sessions, image side in pixels.
 _WORLD_SIZES = {
@@ -84,34 +95,18 @@ def default_config(preset: str) -> ml_collections.ConfigDict:
   return c
 
 
-def _check(cond: bool, key: str, msg: str) -> None:
-  if not cond:
-    raise ConfigError(key, msg)
-
-
-def _in_unit(value, key: str, open_low: bool = False) -> None:
-  ok = isinstance(value, (int, float)) and (0 < value <= 1 if open_low else 0 <= value <= 1)
-  _check(ok, key, f"must be in {'(0' if open_low else '[0'}, 1], got {value!r}")
-
-
-def _positive_int(value, key: str, minimum: int = 1) -> None:
-  _check(isinstance(value, int) and not isinstance(value, bool) and value >= minimum, key,
-         f"must be an integer >= {minimum}, got {value!r}")
-
-
 def validate_world(w, prefix: str = "data.world") -> None:
-  from esspr_jax.demo_world import world_vocab  # pylint: disable=import-outside-toplevel
   names = [n.strip() for n in w.categories.split(",") if n.strip()]
-  unknown = [n for n in names if n not in world_vocab.CATEGORY_BY_NAME]
+  unknown = [n for n in names if n not in WORLD_CATEGORY_STYLES]
   _check(not unknown, f"{prefix}.categories",
-         f"unknown {unknown}; known: {list(world_vocab.CATEGORY_BY_NAME)}")
-  cats = [world_vocab.CATEGORY_BY_NAME[n] for n in names] or list(world_vocab.CATEGORIES)
+         f"unknown {unknown}; known: {list(WORLD_CATEGORY_STYLES)}")
+  cats = names or list(WORLD_CATEGORY_STYLES)
   _positive_int(w.num_styles, f"{prefix}.num_styles", 2 * len(cats))
-  fewest = min(cats, key=lambda c: c.num_combinations)
+  fewest = min(cats, key=WORLD_CATEGORY_STYLES.get)
   per_cat = -(-w.num_styles // len(cats))
-  _check(per_cat <= fewest.num_combinations, f"{prefix}.num_styles",
-         f"{w.num_styles} styles need {per_cat} per category but {fewest.name!r} has only "
-         f"{fewest.num_combinations} distinct styles")
+  _check(per_cat <= WORLD_CATEGORY_STYLES[fewest], f"{prefix}.num_styles",
+         f"{w.num_styles} styles need {per_cat} per category but {fewest!r} has only "
+         f"{WORLD_CATEGORY_STYLES[fewest]} distinct styles")
   _check(0 < w.eval_style_fraction < 1, f"{prefix}.eval_style_fraction",
          f"must be in (0, 1), got {w.eval_style_fraction!r}")
   _positive_int(w.eval_pairs_per_style, f"{prefix}.eval_pairs_per_style")

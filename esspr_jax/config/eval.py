@@ -13,9 +13,10 @@ Keys (see docs/retrieval.md for what each one changes):
 """
 import ml_collections
 
+from esspr_jax.config.checks import positive_int
+from esspr_jax.config.constants import MODALITIES
 from esspr_jax.errors import ConfigError
 
-MODALITIES = ("i", "t", "m")
 PAPER_SETTINGS = ("i-i", "i-t", "i-m", "t-i", "t-t", "t-m", "m-m")
 ALL_SETTINGS = tuple(f"{q}-{g}" for q in MODALITIES for g in MODALITIES)
 EXPORT_DTYPES = ("float32", "float16")
@@ -88,9 +89,7 @@ def parse_modalities(spec: str, key: str) -> tuple[str, ...]:
 
 
 def _positive_int(c, key, name, allow_zero=False):
-  value = c[name]
-  if not isinstance(value, int) or isinstance(value, bool) or value < (0 if allow_zero else 1):
-    raise ConfigError(key + "." + name, f"must be an integer >= {0 if allow_zero else 1}, got {value!r}")
+  positive_int(c[name], f"{key}.{name}", 0 if allow_zero else 1)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

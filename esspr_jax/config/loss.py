@@ -22,7 +22,7 @@ import math
 import ml_collections
 
 from esspr_jax.errors import ConfigError
-from esspr_jax.losses.plan import PAIR_NAMES, SINGLE_VIEWS, available_modalities, plan_terms
+from esspr_jax.config.loss_plan import PAIR_NAMES, SINGLE_VIEWS, available_modalities, plan_terms
 
 # The paper's default set: fused, text and image triggers all matched to fused recalls.
 PAPER_PAIRS = ("m_m", "t_m", "i_m")

@@ -18,6 +18,8 @@ import pathlib
 
 import ml_collections
 
+from esspr_jax.config.checks import known_keys, one_of, positive_int
+from esspr_jax.config.init_from import default_init_from, validate_init_from
 from esspr_jax.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16")
@@ -48,7 +50,6 @@ _SIZES = {
 
 
 def default_config(preset: str) -> ml_collections.ConfigDict:
-  from esspr_jax.models import pretrained  # noqa: PLC0415 - keeps `import config` light
   s = _SIZES[preset]
   c = ml_collections.ConfigDict()
   c.dtype = s["dtype"]
@@ -63,13 +64,13 @@ def default_config(preset: str) -> ml_collections.ConfigDict:
   c.image = ml_collections.ConfigDict(dict(
       enabled=True, size=size, patch=patch, width=width, depth=depth, heads=heads, mlp_dim=mlp,
       cls_token=True, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), ln_eps=1e-6,
-      init_from=pretrained.default_init_from("image")))
+      init_from=default_init_from("image")))
 
   width, depth, heads, mlp = s["text"]
   c.text = ml_collections.ConfigDict(dict(
       vocab_size=s["vocab"], max_positions=s["positions"], type_vocab_size=2, width=width,
       depth=depth, heads=heads, mlp_dim=mlp, norm="post", ln_eps=1e-12, pooler=False,
-      init_from=pretrained.default_init_from("text")))
+      init_from=default_init_from("text")))
 
   width, depth, heads, mlp = s["fused"]
   c.fused = ml_collections.ConfigDict(dict(
@@ -82,31 +83,12 @@ def default_config(preset: str) -> ml_collections.ConfigDict:
   return c
 
 
-def _check_keys(section, reference, prefix: str) -> None:
-  """Unknown or missing keys, compared with the tiny preset's layout."""
-  for key in section.keys():
-    if key not in reference:
-      raise ConfigError(f"{prefix}.{key}", f"unknown key; known keys: {sorted(reference.keys())}")
-  for key in reference.keys():
-    if key not in section:
-      raise ConfigError(f"{prefix}.{key}", "missing")
-    if isinstance(reference[key], ml_collections.ConfigDict):
-      if not isinstance(section[key], ml_collections.ConfigDict):
-        raise ConfigError(f"{prefix}.{key}", "must be a section")
-      _check_keys(section[key], reference[key], f"{prefix}.{key}")
-
-
 def _positive_int(cfg, key: str, prefix: str, allow_zero: bool = False) -> int:
-  value = cfg[key]
-  if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
-    raise ConfigError(f"{prefix}.{key}",
-                      f"must be an integer {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-  return value
+  return positive_int(cfg[key], f"{prefix}.{key}", 0 if allow_zero else 1)
 
 
 def _one_of(cfg, key: str, prefix: str, choices) -> None:
-  if cfg[key] not in choices:
-    raise ConfigError(f"{prefix}.{key}", f"must be one of {choices}, got {cfg[key]!r}")
+  one_of(cfg[key], f"{prefix}.{key}", choices)
 
 
 def _heads_divide(cfg, prefix: str) -> None:
@@ -133,11 +115,10 @@ def _file_vocab_size(kind: str, path: str) -> int:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first bad `model.*` key."""
-  from esspr_jax.models import pretrained  # noqa: PLC0415
   if "model" not in config:
     raise ConfigError("model", "missing section")
   m = config.model
-  _check_keys(m, default_config("tiny"), "model")
+  known_keys(m, default_config("tiny"), "model", required=True)
   _one_of(m, "dtype", "model", DTYPES)
   _positive_int(m, "embed_dim", "model")
   if not 0.0 <= m.dropout < 1.0:
@@ -163,7 +144,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError("model.image.std", f"must be > 0, got {tuple(img.std)!r}")
     if not img.ln_eps > 0:
       raise ConfigError("model.image.ln_eps", f"must be > 0, got {img.ln_eps!r}")
-    pretrained.validate_init_from(config, "image")
+    validate_init_from(config, "image")
 
   txt = m.text
   for key in ("vocab_size", "max_positions", "type_vocab_size", "width", "heads", "mlp_dim"):
@@ -173,7 +154,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _one_of(txt, "norm", "model.text", NORMS)
   if not txt.ln_eps > 0:
     raise ConfigError("model.text.ln_eps", f"must be > 0, got {txt.ln_eps!r}")
-  pretrained.validate_init_from(config, "text")
+  validate_init_from(config, "text")
 
   fu = m.fused
   _positive_int(fu, "num_layers", "model.fused", allow_zero=True)

@@ -9,9 +9,10 @@ import re
 
 import ml_collections
 
-from esspr_jax.input.images import RESIZE_MODES
 from esspr_jax.config.checks import check as _check
 from esspr_jax.config.checks import is_int as _is_int
+from esspr_jax.config.checks import is_number as _is_number
+from esspr_jax.config.constants import RESIZE_MODES
 
 DATASET_NAME = re.compile(r"[a-z][a-z0-9_]*")
 
@@ -60,10 +61,6 @@ def default_config(preset: str) -> ml_collections.ConfigDict:
   return c
 
 
-
-
-def _is_number(value) -> bool:
-  return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_range(pair, key: str, lo: float, hi: float) -> None:

@@ -22,7 +22,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-RESIZE_MODES = ("pad", "crop", "squash")
+from esspr_jax.config.constants import RESIZE_MODES
+
 _PAD_FILL = (255, 255, 255)  # product photos are mostly shot on white
 _RESAMPLE = Image.Resampling.BILINEAR
 

@@ -3,7 +3,7 @@ as pure functions of embeddings, combined by `loss_unit` according to config.los
 from esspr_jax.losses.hinge import batch_hinge
 from esspr_jax.losses.infonce import infonce
 from esspr_jax.losses.locality import locality_consistency
-from esspr_jax.losses.plan import PAIR_NAMES, plan_terms
+from esspr_jax.config.loss_plan import PAIR_NAMES, plan_terms
 from esspr_jax.losses.sigmoid import sigmoid_pairs
 from esspr_jax.losses.similarity import l2_normalize
 from esspr_jax.losses.unit import loss_unit

@@ -14,7 +14,7 @@ from esspr_jax.losses.composed import composed_infonce
 from esspr_jax.losses.hinge import batch_hinge
 from esspr_jax.losses.infonce import infonce
 from esspr_jax.losses.locality import locality_consistency
-from esspr_jax.losses.plan import LossPlan, TermSpec, plan_terms
+from esspr_jax.config.loss_plan import LossPlan, TermSpec, plan_terms
 from esspr_jax.losses.sigmoid import sigmoid_pairs
 from esspr_jax.losses.similarity import l2_normalize
 

@@ -24,9 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from esspr_jax.config.model import NORMS
 from esspr_jax.models.layers import Attention, Mlp, constrain, layer_norm
-
-NORMS = ("pre", "post")
 
 
 class EncoderBlock(nn.Module):

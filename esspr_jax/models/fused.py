@@ -30,12 +30,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from esspr_jax.config.model import POOLS
+from esspr_jax.losses.similarity import l2_normalize
 from esspr_jax.models.encoder import Encoder
 from esspr_jax.models.layers import (
-    Attention, Mlp, compute_dtype, dense, l2_normalize, layer_norm, masked_mean, normal_init)
-
-POOLS = ("cls", "map", "mean")
-
+    Attention, Mlp, compute_dtype, dense, layer_norm, masked_mean, normal_init)
 
 class MapPool(nn.Module):
   """Multihead attention pooling: a learned probe attends over the visible tokens,

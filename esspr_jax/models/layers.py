@@ -22,15 +22,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from esspr_jax.config.model import DTYPES
+
 Names = Sequence[Optional[str]]
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 INIT_STD = 0.02  # BERT / ViT truncated-normal scale
 
 
 def compute_dtype(name: str):
-  """The jnp dtype for a config dtype name ('float32' or 'bfloat16')."""
-  return DTYPES[name]
+  """The jnp dtype for a config dtype name (one of config.model.DTYPES)."""
+  if name not in DTYPES:
+    raise ValueError(f"dtype must be one of {DTYPES}, got {name!r}")
+  return jnp.dtype(name)
 
 
 def normal_init(names: Names, std: float = INIT_STD):
@@ -163,13 +166,6 @@ class Attention(nn.Module):
     out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
     out = constrain(out, ("batch", "seq", "act_heads", "act_head_dim"))
     return HeadsOut(width, self.dtype, name="out")(out)
-
-
-def l2_normalize(x: jax.Array, floor: float = 1e-12) -> jax.Array:
-  """x / max(||x||, floor) in float32: finite (zero) for a zero vector."""
-  x = x.astype(jnp.float32)
-  norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
-  return x / jnp.maximum(norm, floor)
 
 
 def masked_mean(x: jax.Array, mask: Optional[jax.Array]) -> jax.Array:

@@ -26,12 +26,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from esspr_jax.config.constants import MODALITIES
 from esspr_jax.errors import DataError
 from esspr_jax.models.fused import FusedHead
 from esspr_jax.models.text import TextTower
 from esspr_jax.models.vit import VisionTower
 
-MODALITIES = ("i", "t", "m")
 
 
 def _scalar(value: float):

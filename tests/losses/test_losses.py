@@ -418,7 +418,7 @@ def test_call_time_errors_are_clear():
 
 
 def test_plan_views_are_exactly_what_the_terms_read():
-  from esspr_jax.losses.plan import plan_terms  # noqa: PLC0415
+  from esspr_jax.config.loss_plan import plan_terms  # noqa: PLC0415
   demo = loss_config.default_config("demo")
   # The paper's terms read every trigger view but only the fused recall; the composed
   # term reads the reference photo's fused and image-only views and the target's fused.

@@ -5,13 +5,12 @@ compiles) and `loss_unit` (at trace time), so the two can never disagree about
 which embeddings a term needs or what its key is called.
 """
 import dataclasses
-import math
-import numbers
 from typing import Any, Dict, Mapping, Optional, Tuple
 
+from esspr_jax.config.checks import number
+from esspr_jax.config.constants import MODALITIES
 from esspr_jax.errors import ConfigError
 
-MODALITIES = ("i", "t", "m")
 # Query->gallery pairs, trigger modality x vs recall modality y. Config keys use '_'
 # (`pairs.t_m`) so they can be overridden from the command line; logged names use '-'.
 PAIR_NAMES = tuple(f"{x}_{y}" for x in MODALITIES for y in MODALITIES)
@@ -89,23 +88,9 @@ class LossPlan:
             for side, wanted in sorted(needed.items())}
 
 
-def _number(section: Mapping[str, Any], field: str, key: str, *, minimum: float,
-            integer: bool = False) -> float:
-  if field not in section:
-    raise ConfigError(key, "is missing")
-  value = section[field]
-  ok_type = numbers.Integral if integer else numbers.Real
-  if isinstance(value, bool) or not isinstance(value, ok_type):
-    kind = "an integer" if integer else "a number"
-    raise ConfigError(key, f"must be {kind}, got {value!r}")
-  if not math.isfinite(value) or value < minimum:
-    raise ConfigError(key, f"must be finite and >= {minimum}, got {value!r}")
-  return value
-
-
 def _weight_and_margin(entry: Mapping[str, Any], key: str) -> Tuple[float, float]:
-  return (float(_number(entry, "weight", f"{key}.weight", minimum=0.0)),
-          float(_number(entry, "margin", f"{key}.margin", minimum=0.0)))
+  return (float(number(entry, "weight", f"{key}.weight", minimum=0.0)),
+          float(number(entry, "margin", f"{key}.margin", minimum=0.0)))
 
 
 def _check_fields(section: Any, allowed: Tuple[str, ...], key: str, *,
@@ -165,10 +150,10 @@ def plan_terms(loss_cfg: Any) -> LossPlan:
         terms.append(TermSpec(f"{section}/{view}", key, kind, weight, margin,
                               ("trigger", view), gallery, anchor=anchor))
 
-  top_k = _number(loss_cfg["plc"], "top_k", "loss.plc.top_k", minimum=1, integer=True)
-  max_logit_scale = _number(loss_cfg, "max_logit_scale", "loss.max_logit_scale",
+  top_k = number(loss_cfg["plc"], "top_k", "loss.plc.top_k", minimum=1, integer=True)
+  max_logit_scale = number(loss_cfg, "max_logit_scale", "loss.max_logit_scale",
                             minimum=0.0)
-  chunk_size = _number(loss_cfg, "chunk_size", "loss.chunk_size", minimum=0, integer=True)
+  chunk_size = number(loss_cfg, "chunk_size", "loss.chunk_size", minimum=0, integer=True)
   precision = loss_cfg["similarity_precision"]
   if precision not in PRECISIONS:
     raise ConfigError("loss.similarity_precision",
@@ -189,7 +174,7 @@ def _composed_term(loss_cfg: Any) -> Optional[TermSpec]:
   kind = entry["kind"]
   if kind not in COMPOSED_KINDS:
     raise ConfigError(f"{key}.kind", f"must be one of {COMPOSED_KINDS}, got {kind!r}")
-  weight = _number(entry, "weight", f"{key}.weight", minimum=0.0)
+  weight = number(entry, "weight", f"{key}.weight", minimum=0.0)
   if weight == 0:
     return None
   return TermSpec(f"{KIND_PREFIX[kind]}/composed", key, "composed_" + kind, float(weight),
