@@ -69,16 +69,15 @@ def test_a_second_run_on_a_locked_workdir_is_refused_naming_the_owner(tmp_path):
     _kill(holder)
 
 
-def test_a_lock_left_by_a_killed_run_is_recovered_and_released_after_the_run(tmp_path, caplog):
+def test_a_lock_left_by_a_killed_run_is_recovered_at_once(tmp_path, caplog):
   holder = _hold(tmp_path)
   _kill(holder)
   with caplog.at_level(logging.WARNING, logger="esspr_jax.workdir"):
-    result = train.train(_config(), tmp_path, model=standin.StandInModel(),
-                         loss_fn=standin.standin_loss, train_dataset=standin.dataset(8))
-  assert result.step == 2
+    lock = workdir_lib.lock_run(tmp_path)
+  assert lock.lock.stale_owner["pid"] == holder.pid
   assert f"pid {holder.pid}" in caplog.text  # says whose stale lock it took over
-  # Released at the end: another process can take it now.
-  _kill(_hold(tmp_path))
+  lock.release()
+  _kill(_hold(tmp_path))  # released: another process can take it now
 
 
 def test_the_lock_nests_within_one_process_and_frees_on_the_last_release(tmp_path):
