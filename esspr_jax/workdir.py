@@ -16,6 +16,7 @@ One workdir holds one run: `lock_run` takes an exclusive lock for the run's life
 flock file naming host/pid, or a gs:// lock object with a renewed lease), so a second run
 stops with a clear error instead of logging every step twice or resuming the other's state.
 """
+import atexit
 import contextlib
 import fcntl
 import hashlib
@@ -227,9 +228,7 @@ class _ObjectLease:
     self.owner = _owner(lease_s)
     self.stale_owner = None
     if not self._create():
-      holder = _parse_owner(atomic_io.download(self.url))
-      if holder is not None and holder.get("expires", 0) > time.time():
-        raise WorkdirBusy(workdir, holder, self.url)
+      holder = self._wait_for_expiry(workdir, _parse_owner(atomic_io.download(self.url)))
       if holder is not None:
         log.warning("%s: took over the expired lock lease of host %s pid %s (started %s)",
                     workdir, holder.get("host"), holder.get("pid"), holder.get("started"))
@@ -242,6 +241,24 @@ class _ObjectLease:
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._renew, name="esspr-lock-lease", daemon=True)
     self._thread.start()
+
+  def _wait_for_expiry(self, workdir, holder: dict | None) -> dict | None:
+    """Waits while the holder's lease runs: a live holder renews it within a third of a
+    lease (WorkdirBusy at once then); a dead one's expires (returned, to take over). A
+    run killed with SIGKILL thus delays the relaunch by at most one lease."""
+    if holder is None or holder.get("expires", 0) <= time.time():
+      return holder
+    log.warning("%s: lock held by host %s pid %s; waiting up to %.0fs to see whether it is "
+                "alive (it renews its lease) or gone (the lease expires)", workdir,
+                holder.get("host"), holder.get("pid"), holder["expires"] - time.time())
+    while time.time() < holder["expires"]:
+      time.sleep(min(1.0, self.lease_s / 10))
+      now = _parse_owner(self._io.download(self.url))
+      if now is None:
+        return None  # released meanwhile
+      if now.get("token") != holder.get("token") or now.get("expires") != holder["expires"]:
+        raise WorkdirBusy(workdir, now, self.url)  # renewed, or taken by another run
+    return holder
 
   def _create(self) -> bool:
     try:
@@ -285,10 +302,12 @@ class _ObjectLease:
 
 class RunLock:
   """The workdir's exclusive lock for one run's life (one handle per process; taking it
-  again in the same process nests). `release` when the run ends; a process that dies
-  holding it leaves a lock the next run recovers (local: at once; gs://: after the lease)."""
+  again in the same process nests). `release` when the run ends; a process exiting
+  with it held (a run that raised) releases it at exit; one killed outright leaves a
+  lock the next run recovers (local: at once; gs://: once the lease expires)."""
 
   _held: dict = {}  # workdir text -> [lock, depth]
+  _atexit_registered = False
 
   def __init__(self, key: str, lock):
     self._key = key
@@ -305,7 +324,19 @@ class RunLock:
     else:
       lock = _LocalLock(pathlib.Path(key))
     cls._held[key] = [lock, 1]
+    if not cls._atexit_registered:
+      atexit.register(cls._release_all)  # a run that raised still frees its workdir
+      cls._atexit_registered = True
     return cls(key, lock)
+
+  @classmethod
+  def _release_all(cls) -> None:
+    for key, (lock, _) in list(cls._held.items()):
+      del cls._held[key]
+      try:
+        lock.release()
+      except Exception as e:  # noqa: BLE001  (exiting anyway; a lease expires by itself)
+        log.warning("could not release the lock of %s: %s", key, e)
 
   def release(self) -> None:
     entry = self._held.get(self._key)
