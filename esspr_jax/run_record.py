@@ -4,8 +4,8 @@ config_history.jsonl instead of overwriting it.
 
 A resume compares the new config with the saved one (config.json with the history
 applied). Keys that shape the train state or the data it is positioned in (the model,
-the batch shapes, the datasets and their order, the seed) cannot change under a
-checkpoint: such a change is a ConfigError naming every such key, before any restore
+the batch shapes, the datasets and their order, the seed, switching the composed-query
+term on or off) cannot change under a checkpoint: such a change is a ConfigError naming every such key, before any restore
 (Orbax would fail with a shape traceback, or resume silently on other data). Every
 other change (optimizer, schedule, steps, logging, eval, loss weights, performance
 knobs) is allowed, logged and recorded.
@@ -70,6 +70,13 @@ def is_fixed(key: str) -> bool:
   return any(map(matches, FIXED)) and not any(map(matches, FREE_WITHIN_FIXED))
 
 
+def _switches_composed(key: str, old, new) -> bool:
+  """Turning the composed-query term on or off adds or drops a sub-batch: a data shape."""
+  def on(weight):
+    return isinstance(weight, (int, float)) and weight > 0
+  return key == "loss.composed.weight" and on(old) != on(new)
+
+
 def saved_config(workdir) -> dict | None:
   """The config the run has now: config.json with every history line applied."""
   root = epath.Path(workdir)
@@ -118,7 +125,7 @@ def reconcile_config(workdir, config, *, resuming: bool, step: int | None = None
       atomic_io.atomic_write(root / CONFIG, json.dumps(current, indent=2, sort_keys=True))
     return {}
   diff = changes(saved, current)
-  fixed = {k: v for k, v in diff.items() if is_fixed(k)}
+  fixed = {k: v for k, v in diff.items() if is_fixed(k) or _switches_composed(k, *v)}
   if fixed:
     listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in fixed.items())
     raise ConfigError(next(iter(fixed)), f"cannot resume the run in {os.fspath(workdir)} "

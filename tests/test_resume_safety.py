@@ -97,6 +97,8 @@ def test_which_keys_may_change_on_resume():
   for key in ("model.embed_dim", "model.image.size", "model.tokenizer.max_len", "seed",
               "train.batch_size", "data.pipeline.train_dataset", "data.world.num_styles"):
     assert run_record.is_fixed(key), key
+  assert run_record._switches_composed("loss.composed.weight", 0.0, 0.1)
+  assert not run_record._switches_composed("loss.composed.weight", 0.1, 0.5)
   for key in ("train.steps", "train.optimizer.learning_rate", "train.schedule.warmup_steps",
               "train.log_every", "eval.every_steps", "model.remat", "data.pipeline.prefetch",
               "model.image.init_from.path", "train.batch_size_extra"):

@@ -42,6 +42,8 @@ def read_records(handle: BinaryIO, where: str, *, skipinitialspace: bool = False
   records are left out. An empty file is a DataError; so is a header that is not UTF-8.
   """
   allow_long_fields()
+  if not isinstance(handle, io.IOBase):  # e.g. a Beam FileSystems handle for gs://
+    handle = io.BytesIO(handle.read())
   text = io.TextIOWrapper(handle, encoding="utf-8-sig", errors="surrogateescape", newline="")
   reader = csv.reader(text, skipinitialspace=skipinitialspace)
   try:
