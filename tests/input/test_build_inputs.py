@@ -3,6 +3,7 @@ clear error, a changed image dir is a changed dataset, unusable image paths are 
 import io
 import logging
 import os
+import signal
 
 import pytest
 from PIL import Image
@@ -61,6 +62,10 @@ def test_the_same_csv_with_another_image_dir_is_rebuilt(tmp_path, image_dirs, ca
   assert second.report["image_dir"] == str(image_dirs[1])
 
 
+class _Hung(BaseException):
+  pass
+
+
 def test_fifo_and_escaping_symlink_rows_are_counted_and_the_build_finishes(tmp_path,
                                                                            image_dirs):
   images = image_dirs[0]
@@ -70,7 +75,15 @@ def test_fifo_and_escaping_symlink_rows_are_counted_and_the_build_finishes(tmp_p
   csv = tmp_path / "pairs.csv"
   csv.write_text(HEADER + "X,Y,a,t a,b,t b,a.jpg,b.jpg,1\nX,Y,a,t a,p,t p,a.jpg,pipe.jpg,1\n"
                  "X,Y,a,t a,l,t l,a.jpg,link.jpg,1\nX,Y,b,t b,c,t c,b.jpg,c.jpg,1\n")
-  ds = esspr_tfds.build_pairs_dataset(csv, images, tmp_path / "tfds", "pairs",
-                                      max_bad_fraction=0.5)
+  def hung(signum, frame):
+    raise _Hung("the build hung on the FIFO")  # not an OSError: nothing may swallow it
+  previous = signal.signal(signal.SIGALRM, hung)
+  signal.alarm(30)  # a regression fails here instead of hanging the suite
+  try:
+    ds = esspr_tfds.build_pairs_dataset(csv, images, tmp_path / "tfds", "pairs",
+                                        max_bad_fraction=0.5)
+  finally:
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
   assert ds.num_examples == 2
   assert ds.report["skipped_by_reason"] == {"bad_image_path": 2}
