@@ -15,9 +15,11 @@ Orbax (pathlib would turn 'gs://b' into 'gs:/b'), which writes GCS through tenso
 own driver and commits a step there with a marker object instead of a rename.
 """
 import json
+import logging
 import re
 import signal
 import threading
+import time
 from typing import Any, Mapping
 
 import grain
@@ -27,7 +29,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from esspr_jax import distributed
-from esspr_jax.errors import ConfigError
+from esspr_jax.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 STATE = "state"
 DATA = "data"
@@ -81,12 +85,74 @@ class Checkpointer:
     set_iterator_state(data_iterator, position)
     return restored[STATE]
 
+  def restore_latest(self, abstract_state: Any, data_iterator: Any) -> tuple[int | None, Any]:
+    """(step, state) of the newest checkpoint that restores, or (None, None) when there
+    is none. A newer one that fails (truncated or corrupt files, e.g. a disk that filled
+    during a save) is named in a warning and, once an older one restored, moved aside to
+    `<checkpoints>.corrupt/` so the run saves that step afresh. None restoring is a
+    DataError naming each failure (nothing is moved: the cause may be elsewhere)."""
+    failed = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state = self.restore(step, abstract_state, data_iterator)
+      except ConfigError:
+        raise  # a refusal with its own message (e.g. data positions), not damage
+      except Exception as e:  # noqa: BLE001  (Orbax/tensorstore raise many kinds)
+        log.warning("checkpoint %s does not restore (%s: %s); trying the one before it",
+                    self.path(step), type(e).__name__, _first_line(e))
+        failed.append((step, e))
+        continue
+      for bad, _ in failed:
+        self._set_aside(bad)
+      if failed:
+        log.warning("resumed from %s; the newer %s did not restore and moved to %s",
+                    self.path(step), [str(self.path(b)) for b, _ in failed],
+                    self._corrupt_dir())
+      log.info("resumed from %s", self.path(step))
+      return step, state
+    if failed:
+      raise DataError(f"no checkpoint in {self.directory} restores: " + "; ".join(
+          f"{self.path(step)}: {type(e).__name__}: {_first_line(e)}" for step, e in failed))
+    return None, None
+
+  def _corrupt_dir(self) -> epath.Path:
+    return self.directory.parent / (self.directory.name + ".corrupt")
+
+  def _set_aside(self, step: int) -> None:
+    target = self._corrupt_dir() / f"{step}-{int(time.time())}"
+    if "://" in str(self.directory):
+      import fsspec  # noqa: PLC0415
+      fs, source = fsspec.core.url_to_fs(str(self.path(step)))
+      fs.mv(source, fs._strip_protocol(str(target)), recursive=True)
+    else:
+      target.parent.mkdir(parents=True, exist_ok=True)
+      self.path(step).rename(target)
+    self._manager.reload()
+
   def wait(self) -> None:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+  text = str(error).strip().splitlines()
+  return (text[0] if text else "")[:limit]
+
+
+def resume_point(directory) -> dict:
+  """{'resuming': whether `directory` holds a committed step, 'step': the newest}, from a
+  listing (before any restore): what the saved-config check needs to know."""
+  root = checkpoint_dir(directory)
+  steps = []
+  if root.is_dir():
+    remote = "://" in str(root)
+    for entry in root.iterdir():
+      if entry.name.isdigit() and (not remote or (entry / "commit_success.txt").exists()):
+        steps.append(int(entry.name))
+  return {"resuming": bool(steps), "step": max(steps) if steps else None}
 
 
 def checkpoint_dir(directory) -> epath.Path:

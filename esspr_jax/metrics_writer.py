@@ -30,6 +30,7 @@ import jax
 from etils import epath
 
 from esspr_jax import atomic_io
+from esspr_jax import jsonl
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ class _ObjectLog:
     existing = atomic_io.download(url)
     if existing:
       text = existing.decode("utf-8")
-      self._buffer.write(text if text.endswith("\n") else text + "\n")
+      self._buffer.write(jsonl.repaired(text))
     self._dirty = False
 
   def write(self, text: str) -> None:
@@ -200,7 +201,7 @@ class MetricsWriter:
         self._jsonl = _ObjectLog(os.fspath(self.jsonl_path))
       else:
         self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+        self._jsonl = jsonl.AppendLog(self.jsonl_path)  # whole lines only
       self._tb = TensorBoard(self.tensorboard_dir)
 
   def write(self, step: int, metrics: Mapping[str, float], kind: str = "train") -> None:

@@ -29,6 +29,7 @@ from esspr_jax import checkpoint as checkpoint_lib
 from esspr_jax import distributed
 from esspr_jax import metrics_writer as metrics_lib
 from esspr_jax import optim
+from esspr_jax import run_record
 from esspr_jax import sharding
 from esspr_jax import workdir as workdir_lib
 from esspr_jax.config import validate_config
@@ -170,6 +171,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   eval_every = int(config.eval.get("every_steps", 0) or 0)
   workdir = workdir_lib.workdir_path(workdir)
   primary = distributed.is_primary()
+  run_lock = workdir_lib.lock_run(workdir, primary)  # one workdir, one run
+  run_record.reconcile_config(workdir, config, write=primary,
+                              **checkpoint_lib.resume_point(workdir / "checkpoints"))
 
   # --- mesh
   mesh = sharding.make_mesh(tc, devices)
@@ -248,19 +252,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", every=tc.checkpoint.every,
                                        keep=tc.checkpoint.keep,
                                        async_save=tc.checkpoint.async_save)
-    start_step = ckpt.latest_step()
-    if start_step is not None:
-      state = ckpt.restore(start_step, abstract_state, data_iterator)
-      log.info("resumed from %s", ckpt.path(start_step))
-    else:
+    start_step, state = ckpt.restore_latest(abstract_state, data_iterator)
+    if start_step is None:
       state = jax.jit(init_state, out_shardings=state_shardings)(init_rng, init_side)
       state = _with_pretrained_towers(state, config, model, param_shardings)
     step = int(jax.device_get(state.step))
     saved_step = start_step
 
     writer = metrics_lib.MetricsWriter(workdir, tc.steps, enabled=primary)
-    if primary:
-      _write_json_atomic(workdir / "config.json", config.to_dict())
     peak = metrics_lib.peak_flops_per_device(tc.peak_flops, metrics_lib.device_kind())
     writer.say(f"training {tc.steps} steps on mesh {dict(mesh.shape)} "
                f"({mesh.devices.size} {metrics_lib.device_kind()} devices), global batch "
@@ -352,6 +351,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
         run_eval(step)
     ckpt.close()
     writer.close()
+  if run_lock:
+    run_lock.release()
   return TrainResult(step=step, state=state, stopped=stopped, resumed_from=start_step,
                      workdir=workdir,
                      checkpoint_dir=ckpt.directory, metrics_path=writer.jsonl_path,

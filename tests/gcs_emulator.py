@@ -7,8 +7,13 @@ One gap to real GCS is filled here: real GCS answers a media download with
 driver) takes the object generation of a ranged read from them, then uses it in the
 next conditional write of an OCDBT manifest (`ifGenerationMatch`). The emulator omits
 them, so tensorstore sees generation 0 and fails with "Malformed StorageGeneration".
+
+A second gap: real GCS refuses an upload with `ifGenerationMatch=0` when the object exists
+(412 Precondition Failed: "create only if absent"); the emulator ignores the condition.
+The workdir's run lock (esspr_jax/workdir.py) relies on it, so it is honoured here.
 """
 import sys
+from http import HTTPStatus
 
 from gcp_storage_emulator.handlers import objects
 
@@ -26,6 +31,28 @@ def _download_with_generation(request, response, storage, *args, **kwargs):
 
 _original_download = objects.download
 objects.download = _download_with_generation  # before `server` builds its routing table
+
+
+def _insert_if_absent(request, response, storage, *args, **kwargs):
+  if request.query.get("ifGenerationMatch") == ["0"]:
+    name = (request.query.get("name") or [None])[0]
+    if name is None and isinstance(request.data, dict):
+      name = request.data.get("meta", {}).get("name")
+    try:
+      exists = storage.get_file_obj(request.params["bucket_name"], name) is not None
+    except Exception:  # noqa: BLE001  (not found)
+      exists = False
+    if exists:
+      response.status = HTTPStatus.PRECONDITION_FAILED
+      response.json({"error": {"code": 412, "message": "Precondition Failed",
+                               "errors": [{"reason": "conditionNotMet",
+                                           "message": "Precondition Failed"}]}})
+      return None
+  return _original_insert(request, response, storage, *args, **kwargs)
+
+
+_original_insert = objects.insert
+objects.insert = _insert_if_absent
 
 from gcp_storage_emulator.server import create_server  # noqa: E402
 

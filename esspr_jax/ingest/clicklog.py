@@ -24,6 +24,7 @@ import os
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
 from esspr_jax.atomic_io import atomic_open
+from esspr_jax.ingest.csv_records import read_records
 from esspr_jax.ingest.skips import SkipCounter
 from esspr_jax.errors import DataError
 
@@ -145,46 +146,56 @@ def detect_format(path: str, input_format: str = "auto") -> str:
   return "parquet" if str(path).lower().endswith((".parquet", ".pq")) else "csv"
 
 
-def _csv_lines(handle, counter: list) -> Iterator[str]:
-  """Decoded lines; a non-UTF-8 line becomes a None marker the reader reports."""
-  for raw in handle:
-    counter[0] += 1
-    try:
-      yield raw.decode("utf-8-sig" if counter[0] == 1 else "utf-8")
-    except UnicodeDecodeError:
-      yield "\x00BAD_ENCODING\x00\n"
-
-
 def read_raw_rows(path: str, input_format: str = "auto") -> tuple[list, Iterator]:
   """(header, iterator of (where, values or None)) for a CSV or Parquet click-log file.
 
-  `where` is 'file:line' for CSV (header is line 1) and 'file:row N' for Parquet, so a
-  person can find the row. `values` is None for a line that is not UTF-8.
+  `where` is 'file:line' for CSV (header is line 1; a record's last line) and
+  'file:row N' for Parquet, so a person can find the row. `values` is None for a
+  record that is not UTF-8. CSV records are read as ingest/csv_records.py says.
   """
   fmt = detect_format(path, input_format)
   if fmt == "parquet":
     return _parquet_rows(path)
   handle = _open_binary(path)
-  counter = [0]
-  reader = csv.reader(_csv_lines(handle, counter))
   try:
-    header = next(reader)
-  except StopIteration:
+    header, records = read_records(handle, f"{path}")
+  except DataError as e:
     handle.close()
-    raise DataError(f"{path}: empty click-log file (no header)")
+    if "empty file" in str(e):
+      raise DataError(f"{path}: empty click-log file (no header)") from None
+    raise
 
   def rows():
     try:
-      for values in reader:
-        if not values or (len(values) == 1 and not values[0].strip()):
-          continue
-        if values and "\x00BAD_ENCODING\x00" in values[0]:
-          yield f"{path}:{counter[0]}", None
-          continue
-        yield f"{path}:{counter[0]}", values
+      for line, values in records:
+        yield f"{path}:{line}", values
     finally:
       handle.close()
   return header, rows()
+
+
+def has_rows(path: str, input_format: str = "auto") -> bool:
+  """Whether the click log holds at least one row after its header."""
+  if detect_format(path, input_format) == "parquet":
+    import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+    with _open_binary(path) as handle:
+      try:
+        return pq.ParquetFile(handle).metadata.num_rows > 0
+      except Exception as e:  # pyarrow raises several types for a non-Parquet file
+        raise DataError(f"{path}: not a readable Parquet file: {e}") from e
+  _, records = read_raw_rows(path, input_format)
+  try:
+    return next(records, None) is not None
+  finally:
+    records.close()
+
+
+def require_some_rows(paths: Sequence[str], input_format: str = "auto") -> None:
+  """A DataError naming the files when no click log has a row after its header: mining
+  them would write 0 pairs, and the stage after mining would fail on those."""
+  if not any(has_rows(path, input_format) for path in paths):
+    raise DataError(f"{', '.join(map(str, paths))}: click log has a header but no rows; "
+                    f"nothing to mine")
 
 
 def read_header(path: str, input_format: str = "auto") -> list:

@@ -448,6 +448,7 @@ def mine_pairs(clicklog_path, catalog_path, out_csv, cfg,
     raise DataError(f"catalog {catalog_path!r}: no such file")
   for path in paths:  # a wrong header is a wrong file, not a bad row: fail before running
     clicklog.column_index(clicklog.read_header(path, cfg.input_format), path)
+  clicklog.require_some_rows(paths, cfg.input_format)  # header-only: an error, not 0 pairs
   if "://" not in out:
     os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
   tag = uuid.uuid4().hex[:8]

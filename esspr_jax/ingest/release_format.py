@@ -15,6 +15,7 @@ import pathlib
 from typing import Iterable, Iterator
 
 from esspr_jax.atomic_io import atomic_open
+from esspr_jax.ingest.csv_records import MAX_TITLE_CHARS, read_records
 from esspr_jax.ingest.skips import SkipCounter
 from esspr_jax.errors import DataError
 
@@ -49,63 +50,61 @@ def canonical_header(header: list[str]) -> list[str]:
   return names
 
 
-def _decoded_lines(path: pathlib.Path, skips: SkipCounter) -> Iterator[str]:
-  """The file's lines as text, streamed; a line that is not UTF-8 is counted and blanked
-  (so later line numbers stay true and the CSV reader skips it)."""
-  with open(path, "rb") as f:
-    for lineno, raw in enumerate(f, start=1):
-      try:
-        yield raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-      except UnicodeDecodeError:
-        if lineno == 1:
-          raise DataError(f"{path}: header is not UTF-8") from None
-        skips.skip("bad_encoding", f"{path}:{lineno}", "line is not UTF-8")
-        yield "\n"
-
-
 def read_pairs(path: str | os.PathLike, skips: SkipCounter | None = None) -> Iterator[PairRow]:
   """Yields valid rows; bad rows are skipped and counted in `skips` by reason.
 
-  Reasons: wrong_column_count, empty_id, self_pair, bad_label, bad_encoding.
-  Titles may be empty here (the tokenizer flags them); images are checked later, when decoded.
+  Reasons: bad_encoding (the record is not UTF-8), wrong_column_count, empty_id,
+  self_pair, bad_label, title_too_long (over csv_records.MAX_TITLE_CHARS). Records are
+  read as ingest/csv_records.py says (quoted multi-line titles, long fields). Titles may
+  be empty here (the tokenizer flags them); images are checked later, when decoded.
   """
   skips = skips or SkipCounter(f"pairs {path}")
   path = pathlib.Path(path)
-  reader = csv.reader(_decoded_lines(path, skips), skipinitialspace=True)
-  try:
-    header = canonical_header(next(reader))
-  except StopIteration:
-    raise DataError(f"{path}: empty pair file (no header)") from None
-  for values in reader:
-    rowno = reader.line_num
-    if not values or all(not v.strip() for v in values):
-      continue
-    where = f"{path}:{rowno}"
-    if len(values) != len(header):
-      skips.skip("wrong_column_count", where, f"{len(values)} columns, header has {len(header)}")
-      continue
-    row = dict(zip(header, (v.strip() for v in values)))
-    if not row["trigger_id"] or not row["recall_id"]:
-      skips.skip("empty_id", where)
-      continue
-    if row["trigger_id"] == row["recall_id"]:
-      skips.skip("self_pair", where)
-      continue
-    label_text = row.get("label", "1") or "1"
+  with open(path, "rb") as handle:
     try:
-      label = float(label_text)
-      if math.isnan(label) or label not in (0.0, 1.0):
-        raise ValueError
-    except ValueError:
-      skips.skip("bad_label", where, repr(label_text))
-      continue
-    skips.ok()
-    yield PairRow(
-        cate_lv1_name=row.get("cate_lv1_name", ""), cate_name=row.get("cate_name", ""),
-        trigger_id=row["trigger_id"], trigger_title=row["trigger_title"],
-        recall_id=row["recall_id"], recall_title=row["recall_title"],
-        trigger_img=row["trigger_img"], recall_img=row["recall_img"], label=int(label),
-        source_row=rowno)
+      raw_header, records = read_records(handle, f"{path}", skipinitialspace=True)
+    except DataError as e:
+      if "empty file" in str(e):
+        raise DataError(f"{path}: empty pair file (no header)") from None
+      raise
+    header = canonical_header(raw_header)
+    for rowno, values in records:
+      where = f"{path}:{rowno}"
+      if values is None:
+        skips.skip("bad_encoding", where, "record is not UTF-8")
+        continue
+      if all(not v.strip() for v in values):
+        continue
+      if len(values) != len(header):
+        skips.skip("wrong_column_count", where,
+                   f"{len(values)} columns, header has {len(header)}")
+        continue
+      row = dict(zip(header, (v.strip() for v in values)))
+      if not row["trigger_id"] or not row["recall_id"]:
+        skips.skip("empty_id", where)
+        continue
+      if row["trigger_id"] == row["recall_id"]:
+        skips.skip("self_pair", where)
+        continue
+      label_text = row.get("label", "1") or "1"
+      try:
+        label = float(label_text)
+        if math.isnan(label) or label not in (0.0, 1.0):
+          raise ValueError
+      except ValueError:
+        skips.skip("bad_label", where, repr(label_text))
+        continue
+      longest = max(len(row["trigger_title"]), len(row["recall_title"]))
+      if longest > MAX_TITLE_CHARS:
+        skips.skip("title_too_long", where, f"{longest:,} characters > {MAX_TITLE_CHARS:,}")
+        continue
+      skips.ok()
+      yield PairRow(
+          cate_lv1_name=row.get("cate_lv1_name", ""), cate_name=row.get("cate_name", ""),
+          trigger_id=row["trigger_id"], trigger_title=row["trigger_title"],
+          recall_id=row["recall_id"], recall_title=row["recall_title"],
+          trigger_img=row["trigger_img"], recall_img=row["recall_img"], label=int(label),
+          source_row=rowno)
 
 
 def write_pairs(path: str | os.PathLike, rows: Iterable[PairRow]) -> int:

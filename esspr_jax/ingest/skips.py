@@ -39,6 +39,11 @@ class SkipCounter:
                   self.what, where, reason, ": " + detail if detail else "")
     self.reasons[reason] += 1
 
+  def reclassify(self, reason: str, where: str, detail: str = "") -> None:
+    """A row counted good (`ok`) that a later check rejects: counted bad instead."""
+    self.seen -= 1
+    self.skip(reason, where, detail)
+
   def check_fraction(self) -> None:
     """Raises if too much of the input was bad. Call at the end of a pass."""
     if self.seen and self.skipped / self.seen > self.max_bad_fraction:

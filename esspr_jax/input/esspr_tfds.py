@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import pathlib
 import shutil
 from typing import Any, Iterator, Sequence
@@ -126,6 +127,7 @@ class EssprPairs(tfds.core.GeneratorBasedBuilder):
     staged = stage_rows_for_beam(config, report)
     self.info.metadata["build_report"] = report
     self.info.metadata["fingerprint"] = fingerprint(config)
+    self.info.metadata["inputs"] = inputs(config)
     return (beam.Create(staged)
             | "ReadStagedRows" >> beam.io.ReadAllFromText()
             | "PrepareImages" >> beam.FlatMap(BeamPrepareRow(config)))
@@ -135,6 +137,7 @@ class EssprPairs(tfds.core.GeneratorBasedBuilder):
     yield from generate_examples(self.builder_config, report)
     self.info.metadata["build_report"] = report
     self.info.metadata["fingerprint"] = fingerprint(self.builder_config)
+    self.info.metadata["inputs"] = inputs(self.builder_config)
 
 
 class _PreparedImages:
@@ -219,6 +222,8 @@ def generate_examples(config: PairsBuildConfig, report: dict) -> Iterator[tuple[
     build_skips.ok()
     yield row.source_row, _example(row, side_images)
   _check_fraction(read_skips, build_skips, config.max_bad_fraction)
+  if not written:
+    raise DataError(nothing_to_build(csv_path, read_skips, build_skips, negatives))
   report.update({
       "csv_path": str(csv_path),
       "image_dir": str(config.image_dir),
@@ -231,6 +236,20 @@ def generate_examples(config: PairsBuildConfig, report: dict) -> Iterator[tuple[
       "images_prepared": prepared.prepared,
   })
   log.info("%s: %s", what, json.dumps(report))
+
+
+def nothing_to_build(csv_path, read: SkipCounter, build: SkipCounter, negatives: int) -> str:
+  """Why a pair file gave no example, in one line (instead of TFDS's 'No examples were
+  yielded' AssertionError)."""
+  if not read.seen:
+    why = "it has a header but no rows"
+  elif negatives and negatives == read.seen - read.skipped:
+    why = (f"all {negatives} readable rows have label 0, and positives_only keeps label-1 "
+           f"rows only")
+  else:
+    reasons = dict(read.reasons + build.reasons)
+    why = f"every one of its {read.seen} rows was skipped ({reasons})"
+  return f"{csv_path}: no pairs to build: {why}"
 
 
 def _example(row: release_format.PairRow, side_images: dict) -> dict:
@@ -288,7 +307,7 @@ def stage_rows_for_beam(config: PairsBuildConfig, report: dict) -> list[str]:
       "dropped_negative_label": negatives,
   })
   if not files:
-    raise DataError(f"{what}: no rows left to build")
+    raise DataError(nothing_to_build(csv_path, read_skips, build_skips, negatives))
   return files
 
 
@@ -318,13 +337,21 @@ class BeamPrepareRow:
     yield row.source_row, _example(row, side_images)
 
 
-def fingerprint(config: PairsBuildConfig) -> str:
-  """Identifies what a dataset was built from: the CSV's bytes and the output settings."""
-  h = hashlib.sha256(json.dumps(config.settings(), sort_keys=True).encode())
+def inputs(config: PairsBuildConfig) -> dict:
+  """What a dataset is built from: the CSV (resolved path and content hash), the image
+  dir its image paths resolve against (resolved path), and the output settings. The
+  image files themselves are not hashed (that would read every image on each reuse)."""
+  h = hashlib.sha256()
   with open(config.csv_path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
       h.update(block)
-  return h.hexdigest()
+  return {"csv_path": os.path.realpath(config.csv_path), "csv_sha256": h.hexdigest(),
+          "image_dir": os.path.realpath(config.image_dir), "settings": config.settings()}
+
+
+def fingerprint(config: PairsBuildConfig) -> str:
+  """One hash of `inputs(config)`: equal iff the dataset can be reused."""
+  return hashlib.sha256(json.dumps(inputs(config), sort_keys=True).encode()).hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -359,8 +386,10 @@ def build_pairs_dataset(csv_path: str | pathlib.Path, image_dir: str | pathlib.P
                         beam_stage_dir: str | None = None) -> PairsDataset:
   """Builds (or reuses) dataset `name` from a release-format CSV and its image dir.
 
-  An existing dataset is reused if it was built from the same CSV bytes and settings;
-  otherwise it is rebuilt (it is derived data). Raises DataError on strict-mode bad
+  An existing dataset is reused if it was built from the same inputs (`inputs`: the
+  CSV's path and bytes, the image dir, the settings); otherwise it is rebuilt (it is
+  derived data), with a warning naming what changed. A CSV that yields no example (a
+  header only, label-0 rows only, every row bad) is a DataError saying which. Raises DataError on strict-mode bad
   rows or too many bad rows; the dataset dir is then left without a partial build.
 
   `beam_runner` (e.g. 'DirectRunner', 'DataflowRunner') builds with Apache Beam:
@@ -384,11 +413,14 @@ def build_pairs_dataset(csv_path: str | pathlib.Path, image_dir: str | pathlib.P
       beam_stage_dir=stage, description=f"pairs from {csv_path}")
   path = dataset_path(data_dir, name)
   if path.is_dir():
-    stored = _read_metadata(path).get("fingerprint")
-    if stored == fingerprint(config):
-      log.info("reusing dataset %s (same CSV and settings)", path)
+    stored = _read_metadata(path)
+    if stored.get("fingerprint") == fingerprint(config):
+      log.info("reusing dataset %s (same CSV, image dir and settings)", path)
       return open_pairs(path)
-    log.warning("dataset %s was built from another CSV or settings; rebuilding it", path)
+    before, now = stored.get("inputs") or {}, inputs(config)
+    changed = [k for k in now if before.get(k) != now[k]] if before else ["its inputs"]
+    log.warning("dataset %s was built from other inputs (%s changed); rebuilding it", path,
+                ", ".join(changed))
     shutil.rmtree(path)
   builder = EssprPairs(config=config, data_dir=str(data_dir), file_format="array_record")
   download_config = tfds.download.DownloadConfig()

@@ -15,7 +15,9 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import os
 import pathlib
+import stat
 import urllib.parse
 import warnings
 
@@ -42,8 +44,9 @@ def resolve_image_path(image_dir: str | pathlib.Path, ref: str) -> pathlib.Path:
 
   A relative path is taken under `image_dir`. A URL (the public release lists image
   URLs) maps to the URL's last path segment under `image_dir`: download the images
-  there first (docs/dataset.md). Absolute paths and `..` escapes are refused so a
-  pair file cannot read arbitrary files.
+  there first (docs/dataset.md). Absolute paths, `..` escapes and symlinks that lead
+  out of `image_dir` are refused (bad_image_path) so a pair file cannot read arbitrary
+  files.
   """
   ref = ref.strip()
   if not ref:
@@ -56,7 +59,40 @@ def resolve_image_path(image_dir: str | pathlib.Path, ref: str) -> pathlib.Path:
   rel = pathlib.PurePath(ref)
   if rel.is_absolute() or ".." in rel.parts:
     raise BadImage("bad_image_path", f"image path must be relative to the image dir: {ref}")
-  return pathlib.Path(image_dir) / rel
+  path = pathlib.Path(image_dir) / rel
+  root = os.path.realpath(image_dir)
+  real = os.path.realpath(path)  # every symlink on the way followed
+  if os.path.commonpath([root, real]) != root:
+    raise BadImage("bad_image_path", f"{path} leads out of the image dir {image_dir} (to "
+                   f"{real}): a symlink; link only to files inside it")
+  return path
+
+
+def read_regular_file(path: str | pathlib.Path) -> bytes:
+  """The bytes of `path` if it is a regular file. A FIFO, device, socket or directory is
+  refused as bad_image_path without reading (a FIFO would block forever): the file is
+  opened non-blocking and checked on the open descriptor, so a swap after a check
+  cannot slip one through."""
+  try:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+  except (FileNotFoundError, NotADirectoryError):
+    raise BadImage("missing_image", f"{path}: no such file") from None
+  except OSError as e:
+    raise BadImage("missing_image", f"{path}: {e.strerror or e}") from None
+  try:
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+      kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+              else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else
+              "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+      raise BadImage("bad_image_path", f"{path} is {kind}, not an image file")
+    os.set_blocking(fd, True)
+    with os.fdopen(fd, "rb", closefd=False) as f:
+      return f.read()
+  except OSError as e:
+    raise BadImage("missing_image", f"{path}: {e.strerror or e}") from None
+  finally:
+    os.close(fd)
 
 
 def _open_fully(data: bytes, name: str) -> Image.Image:
@@ -102,15 +138,11 @@ def prepare_for_dataset(path: str | pathlib.Path, max_side: int | None = 512,
 
   A file that is already an upright RGB JPEG within `max_side` is stored byte for
   byte; anything else is converted once here. Raises BadImage with reason
-  missing_image, corrupt_image, truncated_image, image_too_large or image_too_small.
+  missing_image, bad_image_path (not a regular file), corrupt_image, truncated_image,
+  image_too_large or image_too_small.
   """
   path = pathlib.Path(path)
-  try:
-    data = path.read_bytes()
-  except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-    raise BadImage("missing_image", f"{path}: no such file") from None
-  except OSError as e:
-    raise BadImage("missing_image", f"{path}: {e.strerror or e}") from None
+  data = read_regular_file(path)
   if not data:
     raise BadImage("corrupt_image", f"{path}: empty file")
   img = _open_fully(data, str(path))

@@ -372,12 +372,9 @@ class ItemsFromPairs(Sequence):
     return self._source[i][s]
 
 
-_CATALOG_COLUMNS = {"id": ("listing_id", "item_id", "id"), "title": ("title",),
-                    "image": ("image", "image_path", "img", "image_name")}
-
-
 class CatalogItems(Sequence):
-  """Listings from a catalog CSV (`listing_id,title,image,...`) and its image dir.
+  """Listings from a catalog CSV and its image dir, read by the one catalog reader
+  (ingest/catalog.py: the rows mining and the export's metadata see).
 
   Every image is validated once here, like the dataset builder does (bad ones are
   counted and skipped, `strict` raises); items are then read lazily, one file each.
@@ -385,42 +382,20 @@ class CatalogItems(Sequence):
 
   def __init__(self, csv_path, image_dir, *, strict: bool = False,
                max_bad_fraction: float = 0.1, max_image_side: int | None = 512):
-    import csv  # noqa: PLC0415
+    from esspr_jax.ingest import catalog  # noqa: PLC0415
     from esspr_jax.ingest.skips import SkipCounter  # noqa: PLC0415
     self._max_side = max_image_side
     self.skips = SkipCounter(f"catalog {csv_path}", strict=strict,
                              max_bad_fraction=max_bad_fraction)
     self._rows: list[tuple[str, str, pathlib.Path]] = []
-    with open(csv_path, newline="", encoding="utf-8") as f:
-      reader = csv.reader(f, skipinitialspace=True)
-      header = [h.strip() for h in next(reader, [])]
-      cols = {}
-      for key, names in _CATALOG_COLUMNS.items():
-        found = [header.index(n) for n in names if n in header]
-        if not found:
-          raise DataError(f"{csv_path}: catalog header {header} has no {names[0]!r} column")
-        cols[key] = found[0]
-      seen: set[str] = set()
-      for values in reader:
-        where = f"{csv_path}:{reader.line_num}"
-        if not values:
-          continue
-        if len(values) != len(header):
-          self.skips.skip("wrong_column_count", where)
-          continue
-        listing = values[cols["id"]].strip()
-        if not listing or listing in seen:
-          self.skips.skip("duplicate_listing" if listing else "empty_id", where)
-          continue
-        try:
-          path = images.resolve_image_path(image_dir, values[cols["image"]])
-          images.prepare_for_dataset(path, max_image_side)
-        except images.BadImage as e:
-          self.skips.skip(e.reason, where, e.detail)
-          continue
-        seen.add(listing)
-        self.skips.ok()
-        self._rows.append((listing, values[cols["title"]].strip(), path))
+    for listing in catalog.iter_catalog(str(csv_path), self.skips):
+      try:
+        path = images.resolve_image_path(image_dir, listing.image)
+        images.prepare_for_dataset(path, max_image_side)
+      except images.BadImage as e:
+        self.skips.reclassify(e.reason, f"{csv_path}:{listing.source_row}", e.detail)
+        continue
+      self._rows.append((listing.listing_id, listing.title, path))
     self.skips.check_fraction()
     if self.skips.skipped:
       log.warning("catalog %s: %s", csv_path, self.skips.summary())

@@ -6,6 +6,7 @@ import html
 import io
 import json
 import math
+import re
 from typing import Sequence
 
 from etils import epath
@@ -104,12 +105,34 @@ def write_tensorboard(results: Sequence[SettingResult], tb_dir, step: int | None
     writer.close()
 
 
+# Image sources a results page may load: web and local files. Anything else (javascript:,
+# data:, vbscript:, ...) in a catalog's image column never reaches an <img src>.
+SAFE_IMAGE_SCHEMES = ("http", "https", "file")
+_SCHEME = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*):")
+_IGNORED_BY_BROWSERS = re.compile(r"[\x00-\x20\x7f]")  # 'java\tscript:' is javascript:
+
+
+def safe_image_src(uri) -> str | None:
+  """`uri` if a page may use it as an image source (http(s), file, or a path without a
+  scheme), else None."""
+  if not uri or not isinstance(uri, str):
+    return None
+  probe = _IGNORED_BY_BROWSERS.sub("", uri)
+  scheme = _SCHEME.match(probe)
+  if scheme and scheme.group(1).lower() not in SAFE_IMAGE_SCHEMES:
+    return None
+  return uri.strip()
+
+
 def search_html(title: str, query_html: str, hits: Sequence[dict], thumb_px: int) -> str:
-  """A standalone page: the query, then one card per hit (image, id, title, score)."""
+  """A standalone page: the query, then one card per hit (image, id, title, score).
+  Every value is escaped; an image URI with another scheme than SAFE_IMAGE_SCHEMES
+  shows as 'no image'."""
   esc = html.escape
   cards = []
   for rank, h in enumerate(hits, start=1):
-    img = (f'<img src="{esc(h["image_uri"])}" loading="lazy">' if h.get("image_uri")
+    src = safe_image_src(h.get("image_uri"))
+    img = (f'<img src="{esc(src)}" loading="lazy">' if src
            else '<div class="noimg">no image</div>')
     extra = " · ".join(esc(f"{k}: {h[k]}") for k in ("supplier_id", "category") if h.get(k))
     cards.append(f'<div class="card">{img}<div class="meta"><b>#{rank}</b> '

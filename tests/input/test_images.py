@@ -139,3 +139,55 @@ def test_decode_rgb_uses_jpeg_draft_but_keeps_enough_resolution(tmp_path):
   img = images.decode_rgb(data, target=100)
   assert img.mode == "RGB" and 100 <= img.size[0] < 800  # decoded at a reduced scale
   assert images.decode_rgb(data).size == (800, 800)
+
+
+# ------------------------------------------------------------------ paths that are not image files
+def test_symlinks_out_of_the_image_dir_are_refused_and_inside_ones_work(tmp_path):
+  images_dir, outside = tmp_path / "images", tmp_path / "secret"
+  images_dir.mkdir()
+  outside.mkdir()
+  _jpeg(outside / "private.jpg")
+  _jpeg(images_dir / "real.jpg")
+  (images_dir / "leak.jpg").symlink_to(outside / "private.jpg")
+  (images_dir / "sub").symlink_to(outside)  # a linked directory leads out too
+  (images_dir / "alias.jpg").symlink_to(images_dir / "real.jpg")
+  for ref in ("leak.jpg", "sub/private.jpg"):
+    with pytest.raises(images.BadImage, match="leads out of the image dir") as info:
+      images.resolve_image_path(images_dir, ref)
+    assert info.value.reason == "bad_image_path"
+  path = images.resolve_image_path(images_dir, "alias.jpg")
+  assert images.prepare_for_dataset(path) == (images_dir / "real.jpg").read_bytes()
+
+
+def _within(seconds, fn):
+  """fn()'s exception, or AssertionError if it does not return within `seconds`."""
+  import threading
+  box = {}
+
+  def run():
+    try:
+      fn()
+    except BaseException as e:  # noqa: BLE001
+      box["error"] = e
+  thread = threading.Thread(target=run, daemon=True)
+  thread.start()
+  thread.join(seconds)
+  assert not thread.is_alive(), "hung (a FIFO read blocks until a writer comes)"
+  return box.get("error")
+
+
+def test_fifos_directories_and_devices_are_refused_without_reading(tmp_path):
+  import os
+  os.mkfifo(tmp_path / "pipe.jpg")
+  (tmp_path / "dir.jpg").mkdir()
+  made = ["pipe.jpg", "dir.jpg"]
+  try:
+    os.mknod(tmp_path / "null.jpg", 0o600 | __import__("stat").S_IFCHR, os.makedev(1, 3))
+    made.append("null.jpg")
+  except PermissionError:
+    pass  # no CAP_MKNOD here: the FIFO and directory still cover the rule
+  for name in made:
+    error = _within(5, lambda: images.prepare_for_dataset(
+        images.resolve_image_path(tmp_path, name)))
+    assert isinstance(error, images.BadImage) and error.reason == "bad_image_path", (name, error)
+    assert "not an image file" in error.detail

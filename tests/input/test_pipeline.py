@@ -193,7 +193,8 @@ def test_items_loader_embeds_each_listing_once(built):
 def test_catalog_csv_items_skip_and_count_bad_images(built, tmp_path):
   img = built["root"] / "img"
   (tmp_path / "catalog.csv").write_text(
-      "listing_id,title,image,category\nt1,w1,t1.jpg,x\nt2,w2,missing.jpg,x\nt3,w3,t3.jpg,x\n")
+      "listing_id,title,image,cate_lv1_name,cate_name\n"
+      "t1,w1,t1.jpg,x,y\nt2,w2,missing.jpg,x,y\nt3,w3,t3.jpg,x,y\n")
   items = pipeline.CatalogItems(tmp_path / "catalog.csv", img, max_bad_fraction=0.5)
   assert len(items) == 2 and items.skips.summary()["by_reason"] == {"missing_image": 1}
   assert items[1]["id"] == "t3" and items[1]["title"] == "w3"
