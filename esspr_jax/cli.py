@@ -44,8 +44,9 @@ class CommandLineError(ValueError):
   """A flag is missing, malformed or names a file that is not there."""
 
 
-class StartupSigterm(Exception):  # noqa: N818  (raised from a signal handler)
-  """SIGTERM arrived before training took over the signal (nothing to resume yet)."""
+class StartupSigterm(BaseException):  # noqa: N818  (raised from a signal handler)
+  """SIGTERM arrived before training took over the signal (nothing to resume yet).
+  A BaseException, like KeyboardInterrupt, so no library's `except Exception` eats it."""
 
 
 def define_flags(fv: flags.FlagValues, sys_argv: list[str] | None = None) -> None:
@@ -209,19 +210,21 @@ def _log_dir(config, fv) -> pathlib.Path | None:
 
 
 # ----------------------------------------------------------------------------- errors
-def disk_fault(error: BaseException) -> str | None:
+def disk_fault(error: BaseException, workdir=None) -> str | None:
   """'cannot write PATH: REASON' when `error` (or an error it wraps) is a write fault:
-  read-only or full filesystem, quota, permission; else None."""
+  read-only or full filesystem, quota, permission; else None. PATH is the file the
+  error names, else 'under WORKDIR'."""
+  place = f"under {workdir}" if workdir else "to disk"
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
     if isinstance(error, OSError) and error.errno in _DISK_FAULTS:
-      where = error.filename or "the workdir"
+      where = error.filename or place
       return f"cannot write {where}: {error.strerror or os.strerror(error.errno)}"
     text = str(error)
     for phrase in _DISK_FAULT_TEXT:
       if phrase in text:
-        return f"cannot write to disk: {phrase}"
+        return f"cannot write {place}: {phrase}"
     error = error.__cause__ or error.__context__
   return None
 
@@ -261,10 +264,14 @@ def execute(argv: list[str], *, beam_args=()) -> int:
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()  # Grain's worker processes read absl flags
     config = config_from_flags(fv)
-    console.setup(_log_dir(config, fv), fv.verbosity)
-    distributed.initialize_from_flags(fv)
-    stages.check_platform(config, allow_cpu=fv.allow_cpu)
-    run(config, fv, beam_args)
+    with console.session(_log_dir(config, fv), fv.verbosity):
+      try:
+        distributed.initialize_from_flags(fv)
+        stages.check_platform(config, allow_cpu=fv.allow_cpu)
+        run(config, fv, beam_args)
+      except Exception as e:
+        log.info("stopped by %s", type(e).__name__, exc_info=e)  # the details, in the log file
+        raise
   except (ConfigError, DataError, CommandLineError) as e:
     _error(str(e))
     return 2
@@ -279,10 +286,9 @@ def execute(argv: list[str], *, beam_args=()) -> int:
     if isinstance(e, NonFiniteLossError):
       _error(str(e))
       return 3
-    fault = disk_fault(e)
+    fault = disk_fault(e, fv.workdir)
     if fault is None:
       raise
-    log.error("disk fault", exc_info=e)
     _error(fault)
     return 2
   finally:

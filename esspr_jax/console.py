@@ -35,6 +35,14 @@ class _OwnFormatter(logging.Formatter):
     return f"{record.levelname.lower()}: {record.getMessage()}"
 
 
+class _LogFile(logging.FileHandler):
+  """The log file, best effort: on a full or vanished disk a record is dropped (the
+  CLI's one error line says what happened) instead of a '--- Logging error ---' page."""
+
+  def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802
+    del record
+
+
 def quiet_native_logs() -> None:
   """Before jax/TF C++ start: their own stderr logs at ERROR (the rest is noise such
   as 'Unable to initialize backend'), unless the caller set the variables."""
@@ -51,40 +59,58 @@ def log_file_name(environ=os.environ) -> str:
   return "main.log"
 
 
-def setup(log_dir: pathlib.Path | None, verbosity: int = 0) -> pathlib.Path | None:
-  """Routes all logging to `log_dir/<log_file_name()>` (None: no file) and the
-  console as the module doc says; returns the log file. Raises OSError when the log
-  dir cannot be written (a read-only or full workdir shows here, first)."""
+@contextlib.contextmanager
+def session(log_dir: pathlib.Path | None, verbosity: int = 0):
+  """Within the block, all logging goes to `log_dir/<log_file_name()>` (None: no
+  file) and the console as the module doc says; yields the log file's path. Raises
+  OSError when the log dir cannot be written (a read-only or full workdir shows here,
+  first). The previous logging set-up is back afterwards (tests run many commands in
+  one process)."""
   from absl import logging as absl_logging  # noqa: PLC0415
   root = logging.getLogger()
-  for handler in list(root.handlers):  # absl's stderr handler, earlier set-ups
-    root.removeHandler(handler)
-  level = logging.DEBUG if verbosity >= 2 else logging.INFO
-  root.setLevel(level)
-  absl_logging.set_verbosity(absl_logging.DEBUG if verbosity >= 2 else absl_logging.INFO)
-  for name in ("absl", "orbax", "grain", "tensorflow_datasets", "jax", "apache_beam", _OWN):
-    logging.getLogger(name).setLevel(logging.NOTSET)  # the root's level decides
-
+  saved = (list(root.handlers), root.level, absl_logging.get_verbosity())
+  handlers = []
   path = None
   if log_dir is not None:
     log_dir = pathlib.Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / log_file_name()
-    file_handler = logging.FileHandler(path, encoding="utf-8")
+    file_handler = _LogFile(path, encoding="utf-8")
     file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    root.addHandler(file_handler)
-  console = logging.StreamHandler(sys.stderr)
+    handlers.append(file_handler)
+  stderr = logging.StreamHandler(sys.stderr)
   if verbosity >= 1:
-    console.setFormatter(logging.Formatter(LOG_FORMAT))
+    stderr.setFormatter(logging.Formatter(LOG_FORMAT))
   else:
-    console.addFilter(_OwnLines())
-    console.setFormatter(_OwnFormatter())
-  root.addHandler(console)
+    stderr.addFilter(_OwnLines())
+    stderr.setFormatter(_OwnFormatter())
+  handlers.append(stderr)
+
+  for handler in saved[0]:  # absl's stderr handler, or an earlier set-up
+    root.removeHandler(handler)
+  for handler in handlers:
+    root.addHandler(handler)
+  level = logging.DEBUG if verbosity >= 2 else logging.INFO
+  root.setLevel(level)
+  absl_logging.set_verbosity(absl_logging.DEBUG if verbosity >= 2 else absl_logging.INFO)
+  for name in ("absl", "orbax", "grain", "tensorflow_datasets", "jax", "apache_beam", _OWN):
+    logging.getLogger(name).setLevel(logging.NOTSET)  # the root's level decides
   logging.captureWarnings(True)
-  warnings.simplefilter("default")  # each warning once per place, into the log
   if verbosity < 1:
     _quiet_progress_bars()
-  return path
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("default")  # each warning once per place, into the log
+      yield path
+  finally:
+    logging.captureWarnings(False)
+    for handler in handlers:
+      root.removeHandler(handler)
+      handler.close()
+    for handler in saved[0]:
+      root.addHandler(handler)
+    root.setLevel(saved[1])
+    absl_logging.set_verbosity(saved[2])
 
 
 def _quiet_progress_bars() -> None:
