@@ -205,7 +205,8 @@ def run(config, fv, beam_args=()):
 
 def _log_dir(config, fv) -> pathlib.Path | None:
   if fv.mode == "mine" and not fv.workdir:
-    return None if "://" in fv.out else pathlib.Path(fv.out).absolute().parent / "logs"
+    out = fv.out or ""
+    return pathlib.Path(out).absolute().parent / "logs" if out and "://" not in out else None
   return stages.Paths.of(config, fv).logs
 
 
