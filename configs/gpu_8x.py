@@ -15,4 +15,5 @@ def get_config():
   config.train.mesh.data = -1
   config.train.mesh.fsdp = 1
   config.train.mesh.tensor = 1
+  config.train.platform = "gpu"  # a CPU-only JAX is refused (unless --allow_cpu)
   return config

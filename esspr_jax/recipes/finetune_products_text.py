@@ -176,4 +176,5 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-  app.run(_define_flags())
+  from esspr_jax.cli import run_app  # noqa: PLC0415  (absl's app.run; --help exits 0)
+  run_app(_define_flags())

@@ -154,6 +154,6 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-  from absl import app  # noqa: PLC0415
+  from esspr_jax.cli import run_app  # noqa: PLC0415  (absl's app.run; --help exits 0)
   _define_flags()
-  app.run(main)
+  run_app(main)

@@ -1,0 +1,331 @@
+"""esspr-jax: one config, one workdir, a mode.
+
+    esspr-jax --config=configs/demo.py --workdir=runs/demo
+    esspr-jax --config=configs/demo.py --workdir=runs/demo --config.train.steps=200
+
+Modes (--mode): all (default: demo world -> mine -> build -> tokenizer -> train ->
+eval table), demo-world, mine (--clicklog/--catalog/--out; Beam options after `--`),
+build, train, eval, export, search. `python -m esspr_jax.main` is the same command.
+The config is validated before anything runs; library logs go to <workdir>/logs/
+(--verbosity=1: also on the console). Exit codes: 0 done, 2 bad input or a disk
+fault (one `error:` line), 3 non-finite loss, 130 Ctrl-C, 143 SIGTERM before training.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import pathlib
+import signal
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+from esspr_jax import console
+from esspr_jax import distributed
+from esspr_jax import stages
+from esspr_jax.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+MODES = ("all", "demo-world", "mine", "build", "train", "eval", "export", "search")
+HELP_ARGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull")
+# Modes that read or write the workdir (mine writes next to --out instead).
+_WORKDIR_MODES = tuple(m for m in MODES if m != "mine")
+# Write faults shown as one line instead of a traceback (or Orbax's pages of them).
+_DISK_FAULTS = (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM,
+                errno.EFBIG)
+_DISK_FAULT_TEXT = ("No space left on device", "Read-only file system", "Disk quota exceeded",
+                    "File too large")
+
+
+class CommandLineError(ValueError):
+  """A flag is missing, malformed or names a file that is not there."""
+
+
+class StartupSigterm(BaseException):  # noqa: N818  (raised from a signal handler)
+  """SIGTERM arrived before training took over the signal (nothing to resume yet).
+  A BaseException, like KeyboardInterrupt, so no library's `except Exception` eats it."""
+
+
+def define_flags(fv: flags.FlagValues, sys_argv: list[str] | None = None) -> None:
+  """All flags on `fv`. `--config.KEY=VALUE` overrides are discovered in `sys_argv`
+  (default: sys.argv); tests pass their own FlagValues and argv."""
+  config_flags.DEFINE_config_file("config", None, "run config file, e.g. configs/demo.py",
+                                  flag_values=fv, lock_config=True, sys_argv=sys_argv)
+  flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics, reports, logs",
+                      flag_values=fv)
+  flags.DEFINE_enum("mode", "all", MODES, "what to run (see the usage above)", flag_values=fv)
+  flags.DEFINE_integer("verbosity", 0, "0: the job's own lines only; 1: also library logs "
+                       "(absl, TFDS, Beam, Orbax, JAX) on the console; 2: and DEBUG",
+                       flag_values=fv)
+  flags.DEFINE_bool("allow_cpu", False, "run a config laid out for TPU/GPU (train.platform, "
+                    "train.peak_flops) although JAX sees only CPU devices", flag_values=fv)
+  flags.DEFINE_string("world_dir", None, "demo world dir (default: <workdir>/world)",
+                      flag_values=fv)
+  # mine / build
+  flags.DEFINE_multi_string("clicklog", None, "mine: click-log file(s)", flag_values=fv)
+  flags.DEFINE_string("catalog", None, "mine, export: catalog CSV", flag_values=fv)
+  flags.DEFINE_string("out", None, "mine: output pairs CSV", flag_values=fv)
+  flags.DEFINE_bool("precision", False, "mine: also print pair precision against the "
+                    "catalog's hidden style_id (demo world only)", flag_values=fv)
+  flags.DEFINE_string("train_pairs", None, "build: train pairs CSV", flag_values=fv)
+  flags.DEFINE_string("eval_pairs", None, "build: eval pairs CSV", flag_values=fv)
+  flags.DEFINE_string("image_dir", None, "dir the CSVs' image paths resolve against",
+                      flag_values=fv)
+  # eval / export / search
+  flags.DEFINE_string("checkpoint", None, "run or checkpoints dir (default: --workdir)",
+                      flag_values=fv)
+  flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)", flag_values=fv)
+  flags.DEFINE_string("export_dir", None, "export dir (default: <workdir>/export)",
+                      flag_values=fv)
+  flags.DEFINE_string("listing_id", "", "search: listings of the same style as this one",
+                      flag_values=fv)
+  flags.DEFINE_string("image", "", "search: query image file", flag_values=fv)
+  flags.DEFINE_string("text", "", "search: query text (with --image: modifies it)",
+                      flag_values=fv)
+  flags.DEFINE_string("supplier", "", "search: supplier (alone: its likely duplicates)",
+                      flag_values=fv)
+  flags.DEFINE_bool("more_suppliers", False, "search: other suppliers only", flag_values=fv)
+  flags.DEFINE_string("category", "", "search: restrict to this leaf category",
+                      flag_values=fv)
+  flags.DEFINE_string("gallery", "m", "search: gallery modality i, t or m", flag_values=fv)
+  flags.DEFINE_integer("k", 0, "search: results (0: config.eval.search.k)", flag_values=fv)
+  flags.DEFINE_string("html_out", "", "search: also write an HTML page here", flag_values=fv)
+  distributed.define_flags(fv)
+
+
+# ----------------------------------------------------------------------------- parsing
+def _config_arg(argv: list[str]) -> str | None:
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def check_config_file(argv: list[str]) -> None:
+  """A missing config file is one clear line (ml_collections would defer the error to
+  the first access of the config, as an opaque traceback)."""
+  value = _config_arg(argv)
+  if value is None:
+    return
+  path = value.split(":", 1)[0]
+  if not os.path.isfile(path):
+    raise CommandLineError(f"--config={value}: no such file {path!r}")
+
+
+def parse_flags(argv: list[str], fv: flags.FlagValues | None = None) -> list[str]:
+  """Parses argv into `fv` (default: the global FLAGS); a misspelt or mistyped
+  `--config.KEY=VALUE` override becomes a ConfigError naming the override."""
+  fv = flags.FLAGS if fv is None else fv
+  check_config_file(argv)
+  try:
+    return fv(argv)
+  except flags.IllegalFlagValueError as e:
+    if "get_config() takes 0 positional arguments" in str(e):
+      value = _config_arg(argv)
+      path, arg = value.split(":", 1)
+      raise CommandLineError(f"--config={value}: {path} takes no argument (its get_config() "
+                             f"has no parameter); drop ':{arg}'") from None
+    raise
+  except (KeyError, AttributeError, TypeError, ValueError) as e:
+    detail = " ".join(str(e).replace("\\'", "'").replace("\\n", " ").split()).strip("'\"")
+    bad = detail.split("'")[0]  # KeyError messages start with the unknown field
+    keys = [a.split("=")[0][len("--config."):] for a in argv if a.startswith("--config.")]
+    named = [k for k in keys if bad in k.split(".")]
+    key = (named or keys or ["flags"])[0]
+    detail = detail.replace(bad + "'", repr(bad), 1)
+    raise ConfigError(key, f"bad command-line override: {detail}") from e
+
+
+def config_from_flags(fv):
+  """The run config after overrides, validated; ConfigError names a bad key."""
+  from esspr_jax.config import validate_config  # noqa: PLC0415
+  if fv.config is None:
+    raise ConfigError("flags", "--config is required, e.g. --config=configs/demo.py")
+  if not fv.workdir and fv.mode in _WORKDIR_MODES:
+    raise ConfigError("flags", "--workdir is required, e.g. --workdir=runs/demo")
+  validate_config(fv.config)
+  return fv.config
+
+
+# ----------------------------------------------------------------------------- dispatch
+def _require(fv, *names) -> None:
+  missing = [n for n in names if not fv[n].value]
+  if missing:
+    raise ConfigError("flags", f"--mode={fv.mode} needs {', '.join('--' + n for n in missing)}")
+
+
+def _local_export_dir(fv, paths: stages.Paths) -> pathlib.Path:
+  """--export_dir, else <workdir>/export. Local either way: the shards and the ScaNN
+  index are memory-mapped local files (with a gs:// workdir, pass --export_dir)."""
+  from esspr_jax import workdir as workdir_lib  # noqa: PLC0415
+  return workdir_lib.local_path(fv.export_dir or paths.workdir / "export", "--export_dir")
+
+
+def run(config, fv, beam_args=()):
+  """Runs `fv.mode` for a parsed, validated config."""
+  mode = fv.mode
+  if mode == "mine":
+    _require(fv, "clicklog", "catalog", "out")
+    report = stages.mine(config, fv.clicklog, fv.catalog, fv.out, beam_args=list(beam_args),
+                         precision=fv.precision)
+    stages.say(report.table())
+    return report
+  if beam_args:
+    raise CommandLineError(f"unexpected arguments {list(beam_args)} (only --mode=mine passes "
+                           "arguments after `--` on, to Beam)")
+  paths = stages.Paths.of(config, fv)
+  if mode == "all":
+    return stages.run_all(config, paths)
+  if mode == "demo-world":
+    return stages.make_world(config, paths)
+  if mode == "build":
+    _require(fv, "train_pairs", "eval_pairs", "image_dir")
+    return stages.build(config, paths, fv.train_pairs, fv.eval_pairs, fv.image_dir)
+  if mode == "train":
+    return stages.train_only(config, paths)
+  if mode == "eval":
+    return stages.evaluate(config, paths, checkpoint=fv.checkpoint, step=fv.step)
+  if mode == "export":
+    _require(fv, "catalog", "image_dir")
+    return stages.export(config, paths, fv.catalog, fv.image_dir, _local_export_dir(fv, paths),
+                         checkpoint=fv.checkpoint, step=fv.step)
+  if mode == "search":
+    return stages.search(
+        config, paths, _local_export_dir(fv, paths),
+        listing_id=fv.listing_id, image=fv.image, text=fv.text, supplier=fv.supplier,
+        more_suppliers=fv.more_suppliers, category=fv.category, gallery=fv.gallery, k=fv.k,
+        html_out=fv.html_out, image_dir=fv.image_dir or "", checkpoint=fv.checkpoint)
+  raise ConfigError("flags", f"unknown --mode={mode}")
+
+
+def _log_dir(config, fv) -> pathlib.Path | None:
+  if fv.mode == "mine" and not fv.workdir:
+    out = fv.out or ""
+    return pathlib.Path(out).absolute().parent / "logs" if out and "://" not in out else None
+  return stages.Paths.of(config, fv).logs
+
+
+# ----------------------------------------------------------------------------- errors
+def disk_fault(error: BaseException, workdir=None) -> str | None:
+  """'cannot write PATH: REASON' when `error` (or an error it wraps) is a write fault:
+  read-only or full filesystem, quota, permission; else None. PATH is the file the
+  error names, else 'under WORKDIR'."""
+  place = f"under {workdir}" if workdir else "to disk"
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in _DISK_FAULTS:
+      where = error.filename or place
+      return f"cannot write {where}: {error.strerror or os.strerror(error.errno)}"
+    text = str(error)
+    for phrase in _DISK_FAULT_TEXT:
+      if phrase in text:
+        return f"cannot write {place}: {phrase}"
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def _error(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+def _on_startup_sigterm(signum, frame):
+  raise StartupSigterm()
+
+
+def usage(fv: flags.FlagValues, full: bool = False) -> str:
+  """The module doc and this command's flags (absl's helpshort; --helpfull: all)."""
+  flag_help = fv.get_help() if full else fv.module_help(__name__)
+  return f"{__doc__.strip()}\n\n{flag_help}\n\nTry --helpfull for every flag."
+
+
+def execute(argv: list[str], *, beam_args=()) -> int:
+  """Parses `argv` (argv[0]: the program), runs the mode and returns the exit code;
+  every known stop reason is one `error:` line on stderr, never a traceback."""
+  previous = signal.signal(signal.SIGTERM, _on_startup_sigterm)
+  try:
+    fv = flags.FlagValues()
+    define_flags(fv, sys_argv=argv)
+    if set(argv[1:]) & set(HELP_ARGS):
+      print(usage(fv, full="--helpfull" in argv))
+      return 0
+    try:
+      rest = parse_flags(argv, fv)
+    except flags.Error as e:
+      _error(f"{e}\nsee --help")
+      return 2
+    if len(rest) > 1 and fv.mode != "mine":
+      raise CommandLineError(f"unexpected arguments {rest[1:]}")
+    beam_args = list(beam_args) + rest[1:]
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()  # Grain's worker processes read absl flags
+    config = config_from_flags(fv)
+    with console.session(_log_dir(config, fv), fv.verbosity):
+      try:
+        distributed.initialize_from_flags(fv)
+        stages.check_platform(config, allow_cpu=fv.allow_cpu)
+        run(config, fv, beam_args)
+      except Exception as e:
+        log.info("stopped by %s", type(e).__name__, exc_info=e)  # the details, in the log file
+        raise
+  except (ConfigError, DataError, CommandLineError) as e:
+    _error(str(e))
+    return 2
+  except KeyboardInterrupt:
+    _error("interrupted (Ctrl-C); a started training run resumes from its last checkpoint")
+    return 130
+  except StartupSigterm:
+    _error("stopped by SIGTERM during start-up, before training began")
+    return 143
+  except Exception as e:  # noqa: BLE001  (one clean line for the known stop reasons)
+    from esspr_jax.train import NonFiniteLossError  # noqa: PLC0415
+    if isinstance(e, NonFiniteLossError):
+      _error(str(e))
+      return 3
+    fault = disk_fault(e, fv.workdir)
+    if fault is None:
+      raise
+    _error(fault)
+    return 2
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  return 0
+
+
+def entry(argv: list[str] | None = None) -> None:
+  """The `esspr-jax` console script (and `python -m esspr_jax.main`)."""
+  console.quiet_native_logs()
+  sys.exit(execute(list(sys.argv if argv is None else argv)))
+
+
+def mine_entry(argv: list[str]) -> int:
+  """`python -m esspr_jax.ingest.mining ...`: `esspr-jax --mode=mine ...`, with flags
+  this command does not know passed on to Beam (as that module always did)."""
+  fv = flags.FlagValues()
+  define_flags(fv, sys_argv=argv)
+  known, beam = [argv[0], "--mode=mine"], []
+  for arg in argv[1:]:
+    name = arg.lstrip("-").split("=", 1)[0]
+    is_ours = (name in fv or name.startswith("config.") or
+               (name.startswith("no") and name[2:] in fv) or not arg.startswith("-"))
+    (known if is_ours else beam).append(arg)
+  return execute(known, beam_args=beam)
+
+
+def run_app(main) -> None:
+  """absl's app.run for the recipes, but --help exits 0 (absl's exits 1) with the
+  short usage."""
+  from absl import app  # noqa: PLC0415
+  if set(sys.argv[1:]) & set(HELP_ARGS):
+    app.usage(shorthelp="--helpfull" not in sys.argv, writeto_stdout=True)
+    sys.exit(0)
+  app.run(main)
+
+
+if __name__ == "__main__":
+  entry()
