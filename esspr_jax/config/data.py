@@ -61,6 +61,9 @@ def mining_config(preset: str) -> ml_collections.ConfigDict:
   c.category_constraint = True         # both listings in the same leaf category
   c.relevance_constraint = True        # both listings relevant to the query
   c.min_relevance = 0.8
+  # Title agreement (the paper's optional title/attribute constraint): Jaccard overlap of
+  # the two titles' lower-case word sets must reach this; 0 = off.
+  c.min_title_overlap = 0.0
   c.min_coclicks = 1                   # groups in which a pair must be co-clicked
   c.max_pairs_per_query = 20           # 0 = no cap
   c.max_pairs_per_listing = 30         # 0 = no cap
@@ -70,6 +73,7 @@ def mining_config(preset: str) -> ml_collections.ConfigDict:
   c.strict = False                     # first bad row raises, naming file and row
   c.max_bad_fraction = 0.05            # stop when more of the click log than this is bad
   c.write_rejects = True               # OUT.rejects.csv: reason, file:row, detail
+  c.num_shards = 0                     # output shards; 0 = the runner decides (1 shard -> OUT)
   c.runner = "DirectRunner"            # overridden by --runner=... pipeline options
   c.pipeline_options = ""              # extra Beam options, e.g. "--direct_num_workers=2"
   del preset
@@ -143,6 +147,7 @@ def validate_mining(m, prefix: str = "data.mining") -> None:
   _check(m.group_by in ("session", "query"), f"{prefix}.group_by",
          f"must be 'session' or 'query', got {m.group_by!r}")
   _in_unit(m.min_relevance, f"{prefix}.min_relevance")
+  _in_unit(m.min_title_overlap, f"{prefix}.min_title_overlap")
   _positive_int(m.min_coclicks, f"{prefix}.min_coclicks")
   _positive_int(m.max_pairs_per_query, f"{prefix}.max_pairs_per_query", 0)
   _positive_int(m.max_pairs_per_listing, f"{prefix}.max_pairs_per_listing", 0)
@@ -150,6 +155,7 @@ def validate_mining(m, prefix: str = "data.mining") -> None:
   _check(m.input_format in ("auto", "csv", "parquet"), f"{prefix}.input_format",
          f"must be 'auto', 'csv' or 'parquet', got {m.input_format!r}")
   _in_unit(m.max_bad_fraction, f"{prefix}.max_bad_fraction")
+  _positive_int(m.num_shards, f"{prefix}.num_shards", 0)
   _check(isinstance(m.runner, str) and m.runner.strip() != "", f"{prefix}.runner",
          "must name a Beam runner, e.g. 'DirectRunner'")
   _check(isinstance(m.pipeline_options, str), f"{prefix}.pipeline_options",
