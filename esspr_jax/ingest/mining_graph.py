@@ -112,32 +112,34 @@ class ParseClicks(beam.DoFn):
     if self._cats_src is not categories:
       self._cats_src, self._cats = categories, frozenset(tuple(c) for c in categories)
     path, position, payload = record
-    if isinstance(payload, bytes):
-      where = clicklog_source.csv_where(path, position)
-      if not payload.strip():
-        return  # blank line: not a row
-      _count("rows_read")
-      try:
-        values = next(csv.reader([payload.decode("utf-8")]))
-      except UnicodeDecodeError:
-        yield _bad("bad_encoding", where)
-        return
-      except csv.Error as e:
-        yield _bad("bad_csv", where, str(e))
-        return
-    else:
-      where = clicklog_source.parquet_where(path, position)
-      _count("rows_read")
-      values = payload
+    if isinstance(payload, bytes) and not payload.strip():
+      return []  # a blank line is not a row
+    _count("rows_read")
+    where, values = self._values(path, position, payload)
+    if isinstance(values, clicklog.BadRow):
+      return [_bad(values.reason, where, values.detail)]
     index, num_columns = self._header(path)
     parsed = clicklog.parse_click(values, index, num_columns, self._cats)
     if isinstance(parsed, clicklog.BadRow):
-      yield _bad(parsed.reason, where, parsed.detail)
-    elif not parsed.clicked:
+      return [_bad(parsed.reason, where, parsed.detail)]
+    if not parsed.clicked:
       _count("impressions")
-    else:
-      _count("clicks")
-      yield parsed.dedupe_key, (where, parsed)
+      return []
+    _count("clicks")
+    return [(parsed.dedupe_key, (where, parsed))]
+
+  @staticmethod
+  def _values(path: str, position: int, payload):
+    """(where, field values) of one record, or (where, BadRow) for an unreadable line."""
+    if not isinstance(payload, bytes):
+      return clicklog_source.parquet_where(path, position), payload
+    where = clicklog_source.csv_where(path, position)
+    try:
+      return where, next(csv.reader([payload.decode("utf-8")]))
+    except UnicodeDecodeError:
+      return where, clicklog.BadRow("bad_encoding", "")
+    except csv.Error as e:
+      return where, clicklog.BadRow("bad_csv", str(e))
 
 
 def _drop_duplicate_rows(keyed):
