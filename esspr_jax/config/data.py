@@ -2,6 +2,7 @@
 
   world.*     sizes, split and noise of the built-in demo marketplace (docs/data.md)
   mining.*    the click-log pair-mining constraints, caps, bad-row policy, Beam runner
+  fetch.*     downloading release-format image URLs (ingest/fetch_images.py)
   pipeline.*  owned by esspr_jax.config.pipeline (TFDS build + Grain loading)
 """
 import ml_collections
@@ -80,10 +81,31 @@ def mining_config(preset: str) -> ml_collections.ConfigDict:
   return c
 
 
+def fetch_config(preset: str) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.workers = 16                       # concurrent downloads
+  c.per_host = 4                       # most requests in flight to one host
+  c.min_host_interval_s = 0.0          # least time between request starts to one host
+  c.connect_timeout_s = 5.0
+  c.read_timeout_s = 10.0              # per socket read
+  c.total_timeout_s = 30.0             # whole body of one attempt
+  c.retries = 3                        # extra attempts for transient failures
+  c.backoff_s = 0.5                    # doubled per retry
+  c.max_backoff_s = 30.0               # cap, also on a server's Retry-After
+  c.max_bytes = 20 * 1024 * 1024       # larger bodies fail as too_large
+  c.max_side = 512                     # stored long side in pixels; 0 = keep
+  c.min_side = 8                       # smaller images fail as too_small
+  c.jpeg_quality = 90
+  c.user_agent = "esspr-jax-fetch-images/0.1"
+  del preset
+  return c
+
+
 def default_config(preset: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.world = world_config(preset)
   c.mining = mining_config(preset)
+  c.fetch = fetch_config(preset)
   c.pipeline = pipeline_section.default_config(preset)
   return c
 
@@ -162,7 +184,25 @@ def validate_mining(m, prefix: str = "data.mining") -> None:
          "must be a string of Beam flags")
 
 
+def validate_fetch(f, prefix: str = "data.fetch") -> None:
+  for key in ("workers", "per_host", "max_bytes", "min_side"):
+    _positive_int(f[key], f"{prefix}.{key}")
+  for key in ("retries", "max_side"):
+    _positive_int(f[key], f"{prefix}.{key}", 0)
+  _positive_int(f.jpeg_quality, f"{prefix}.jpeg_quality")
+  _check(f.jpeg_quality <= 100, f"{prefix}.jpeg_quality", "must be <= 100")
+  for key in ("connect_timeout_s", "read_timeout_s", "total_timeout_s"):
+    _check(isinstance(f[key], (int, float)) and f[key] > 0, f"{prefix}.{key}",
+           f"must be > 0 seconds, got {f[key]!r}")
+  for key in ("min_host_interval_s", "backoff_s", "max_backoff_s"):
+    _check(isinstance(f[key], (int, float)) and f[key] >= 0, f"{prefix}.{key}",
+           f"must be >= 0 seconds, got {f[key]!r}")
+  _check(isinstance(f.user_agent, str) and f.user_agent.strip() != "", f"{prefix}.user_agent",
+         "must be a non-empty string")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   validate_world(config.data.world)
   validate_mining(config.data.mining)
+  validate_fetch(config.data.fetch)
   pipeline_section.validate(config)
