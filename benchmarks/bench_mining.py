@@ -21,10 +21,10 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from esspr_jax.config.data import mining_config, world_config  # noqa: E402
-from esspr_jax.demo_world import synthetic  # noqa: E402
-from esspr_jax.demo_world.pair_precision import pair_precision  # noqa: E402
-from esspr_jax.ingest import mining  # noqa: E402
+from esspr_jax.config.data import mining_config, world_config
+from esspr_jax.demo_world import synthetic
+from esspr_jax.demo_world.pair_precision import pair_precision
+from esspr_jax.ingest import mining
 
 VARIANTS = (  # name, config overrides
     ("no constraints", dict(category_constraint=False, relevance_constraint=False)),

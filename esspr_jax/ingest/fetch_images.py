@@ -31,7 +31,6 @@ import csv
 import dataclasses
 import hashlib
 import io
-import os
 import pathlib
 import sys
 import threading
@@ -323,7 +322,7 @@ def fetch_images(pairs, out, image_dir, cfg, verbose: bool = True) -> FetchRepor
 
 def manifest_path(out) -> pathlib.Path:
   out = str(out)
-  return pathlib.Path((out[:-4] if out.endswith(".csv") else out) + ".fetch_manifest.csv")
+  return pathlib.Path((out.removesuffix(".csv")) + ".fetch_manifest.csv")
 
 
 def _write_pairs(path: pathlib.Path, rows: list[PairRow]) -> None:
@@ -356,10 +355,11 @@ def main(argv=None) -> None:
   fv(argv)
   try:
     fetch_from_config(fv.config, fv.pairs, fv.out, fv.image_dir)
-  except DataError as e:
-    raise SystemExit(f"error: {e}") from None
+  except DataError as e:  # bad input: one line and exit 2, as the other stages
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":
-  from esspr_jax.ingest import fetch_images as _fetch_images  # pylint: disable=import-self
+  from esspr_jax.ingest import fetch_images as _fetch_images  # noqa: PLW0406  # pylint: disable=import-self
   _fetch_images.main()

@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 import uuid
-from typing import Sequence
+from collections.abc import Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -39,10 +39,14 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from esspr_jax.errors import DataError
-from esspr_jax.ingest import beam_local
-from esspr_jax.ingest import clicklog
-from esspr_jax.ingest import pair_files
-from esspr_jax.ingest.mining_graph import NAMESPACE, STAGES, ClickSource, build_pipeline, where_key
+from esspr_jax.ingest import beam_local, clicklog, pair_files
+from esspr_jax.ingest.mining_graph import (
+  NAMESPACE,
+  STAGES,
+  ClickSource,
+  build_pipeline,
+  where_key,
+)
 from esspr_jax.ingest.skips import SkipCounter
 
 
@@ -143,7 +147,7 @@ def _first_reject(path: str) -> tuple:
 
 
 def _rejects_path(out: str) -> str:
-  return (out[:-4] if out.endswith(".csv") else out) + ".rejects.csv"
+  return (out.removesuffix(".csv")) + ".rejects.csv"
 
 
 def _move(src: str, dst: str) -> None:
@@ -304,11 +308,11 @@ def main(argv=None) -> None:
 
 
 def _report_path(out: str) -> str:
-  return (out[:-4] if out.endswith(".csv") else out) + ".report.json"
+  return (out.removesuffix(".csv")) + ".report.json"
 
 
 if __name__ == "__main__":
   # Run the importable module's main, not this __main__ copy, so nothing the pipeline
   # touches is ever defined in __main__.
-  from esspr_jax.ingest import mining as _mining  # pylint: disable=import-self
+  from esspr_jax.ingest import mining as _mining  # noqa: PLW0406  # pylint: disable=import-self
   _mining.main()

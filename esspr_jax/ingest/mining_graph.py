@@ -17,14 +17,14 @@ import io
 import os
 import re
 import zlib
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from esspr_jax.ingest import catalog as catalog_lib
-from esspr_jax.ingest import clicklog
-from esspr_jax.ingest import clicklog_source
+from esspr_jax.ingest import clicklog, clicklog_source
 from esspr_jax.ingest.release_format import FIELDS as PAIR_FIELDS
 from esspr_jax.ingest.skips import SkipCounter
 

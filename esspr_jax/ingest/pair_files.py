@@ -11,7 +11,7 @@ import dataclasses
 import glob
 import os
 import pathlib
-from typing import Iterator
+from collections.abc import Iterator
 
 from esspr_jax.errors import DataError
 from esspr_jax.ingest import release_format

@@ -20,7 +20,6 @@ from esspr_jax.ingest import fetch_images
 from esspr_jax.ingest.release_format import FIELDS, read_pairs
 
 
-
 def _image(fmt: str, size=(64, 48), color=(200, 30, 30)) -> bytes:
   buf = io.BytesIO()
   Image.new("RGB", size, color).save(buf, fmt)
@@ -51,7 +50,7 @@ class _Server:
       def log_message(self, *args):
         pass
 
-      def do_GET(self):  # noqa: N802
+      def do_GET(self):
         host = self.headers["Host"].split(":")[0]
         with server._lock:
           server.hits[self.path] += 1
