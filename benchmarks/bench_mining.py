@@ -63,17 +63,18 @@ def throughput(paths: synthetic.WorldPaths, workers: int) -> None:
            ("--direct_running_mode=multi_processing", f"--direct_num_workers={workers}")))
   rates = []
   print(f"\n| mining, default config, {os.cpu_count()} cores | rows read | pairs | shards | "
-        "seconds | rows/s | vs in-process |")
-  print("|---|---|---|---|---|---|---|")
+        "seconds | rows/s | vs in-process | load avg at start |")
+  print("|---|---|---|---|---|---|---|---|")
   with tempfile.TemporaryDirectory(dir=paths.out_dir) as tmp:
     for name, beam_args in runs:
+      load = os.getloadavg()[0]  # the machine is shared: say how busy it was
       out = pathlib.Path(tmp) / "pairs.csv"
       report = mining.mine_pairs(paths.clicklog, paths.catalog, out, mining_config("demo"),
                                  beam_args, verbose=False)
       rates.append(report.rows_read / report.seconds)
       print(f"| {name} | {report.rows_read:,} | {report.pairs_written:,} | "
             f"{len(report.output_files)} | {report.seconds:.1f} | {rates[-1]:,.0f} | "
-            f"{rates[-1] / rates[0]:.2f}x |", flush=True)
+            f"{rates[-1] / rates[0]:.2f}x | {load:.1f} |", flush=True)
 
 
 def precision(paths: synthetic.WorldPaths) -> None:
