@@ -1,6 +1,9 @@
 """Mining as a remote runner sees it: the CLI under multi_processing workers (pickled
 graph), the sockets a local run listens on, split reads, sharded output read back by
-glob (pair_files, the TFDS builder) and the title-overlap constraint."""
+glob (pair_files, the TFDS builder) and the title-overlap constraint.
+
+Listening sockets are read from /proc (a process's fds -> socket inodes -> the LISTEN
+rows of /proc/net/tcp{,6}), so the check needs Linux and nothing else."""
 import ipaddress
 import os
 import pathlib
@@ -9,7 +12,6 @@ import sys
 import threading
 import time
 
-import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -22,6 +24,8 @@ from esspr_jax.ingest import clicklog_source, mining, mining_graph, pair_files
 from esspr_jax.ingest.release_format import read_pairs as read_one_file
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
+linux_proc = pytest.mark.skipif(not os.path.exists("/proc/net/tcp6"),
+                                reason="reads listening sockets from Linux /proc")
 
 
 @pytest.fixture(scope="module")
@@ -39,25 +43,77 @@ def _rows(spec) -> set:
            r.cate_name) for r in pair_files.read_pairs(spec)}
 
 
-def _sample(root: psutil.Process, listening: set) -> int:
-  """Adds the TCP listen addresses of root's process tree to `listening`; returns how
-  many Beam SDK worker (Python) processes are in the tree."""
+def _parent(pid: str) -> int:
+  with open(f"/proc/{pid}/stat") as f:
+    return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def _tree(root: int) -> list[int]:
+  """root and all its descendants, from /proc/*/stat parent ids."""
+  parents = {}
+  for name in os.listdir("/proc"):
+    if name.isdigit():
+      try:
+        parents[int(name)] = _parent(name)
+      except (OSError, ValueError, IndexError):
+        continue
+  tree, frontier = [root], [root]
+  while frontier:
+    frontier = [pid for pid, ppid in parents.items() if ppid in frontier]
+    tree += frontier
+  return tree
+
+
+def _socket_inodes(pid: int) -> set:
+  inodes = set()
   try:
-    tree = [root] + root.children(recursive=True)
-  except psutil.NoSuchProcess:
-    return 0
-  workers = 0
-  for p in tree:
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+      try:
+        target = os.readlink(f"/proc/{pid}/fd/{fd}")
+      except OSError:
+        continue
+      if target.startswith("socket:["):
+        inodes.add(target[8:-1])
+  except OSError:
+    pass
+  return inodes
+
+
+def _hex_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+  raw = bytes.fromhex(text)  # 32-bit words in host (little-endian) order
+  raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+  return ipaddress.ip_address(raw)
+
+
+def _listen_sockets() -> dict:
+  """inode -> local address of every TCP socket in LISTEN state (/proc/net/tcp{,6})."""
+  out = {}
+  for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    with open(table) as f:
+      for line in f.readlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A":  # TCP_LISTEN
+          out[fields[9]] = _hex_ip(fields[1].split(":")[0])
+  return out
+
+
+def _sample(pids: list[int], listening: set) -> None:
+  """Adds the listen addresses of the sockets `pids` hold to `listening`."""
+  inodes = set().union(*(_socket_inodes(p) for p in pids))
+  listening.update(ip for inode, ip in _listen_sockets().items() if inode in inodes)
+
+
+def _sdk_workers(pids: list[int]) -> int:
+  """How many of `pids` are Python processes running a Beam SDK worker."""
+  n = 0
+  for pid in pids:
     try:
-      cmd = p.cmdline()
-      workers += bool(cmd) and "python" in os.path.basename(cmd[0]) and \
-          "sdk_worker_main" in " ".join(cmd)
-      for c in p.net_connections(kind="tcp"):
-        if c.status == psutil.CONN_LISTEN:
-          listening.add(c.laddr.ip)
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
+      with open(f"/proc/{pid}/cmdline", "rb") as f:
+        argv = f.read().decode(errors="replace").split("\0")
+    except OSError:
       continue
-  return workers
+    n += "python" in os.path.basename(argv[0]) and "sdk_worker_main" in " ".join(argv)
+  return n
 
 
 def _run_watching_sockets(args: list, cwd: pathlib.Path) -> tuple[set, int]:
@@ -66,12 +122,13 @@ def _run_watching_sockets(args: list, cwd: pathlib.Path) -> tuple[set, int]:
   env = dict(os.environ, PYTHONPATH=str(REPO))
   proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT)
-  root = psutil.Process(proc.pid)
   listening, workers = set(), 0
   drain = threading.Thread(target=lambda: setattr(proc, "log", proc.stdout.read()))
   drain.start()  # never let a full pipe stall the run
   while proc.poll() is None:
-    workers = max(workers, _sample(root, listening))
+    pids = _tree(proc.pid)
+    _sample(pids, listening)
+    workers = max(workers, _sdk_workers(pids))
     time.sleep(0.1)
   drain.join()
   assert proc.returncode == 0, proc.log.decode(errors="replace")[-3000:]
@@ -85,11 +142,8 @@ def reference(world, tmp_path_factory):
   listening, done = set(), threading.Event()
 
   def watch():
-    me = psutil.Process()
     while not done.is_set():
-      for c in me.net_connections(kind="tcp"):
-        if c.status == psutil.CONN_LISTEN:
-          listening.add(c.laddr.ip)
+      _sample([os.getpid()], listening)
       time.sleep(0.05)
   watcher = threading.Thread(target=watch)
   watcher.start()
@@ -102,18 +156,33 @@ def reference(world, tmp_path_factory):
   return out, report, listening
 
 
-def _is_loopback(ip: str) -> bool:
-  addr = ipaddress.ip_address(ip.split("%")[0])
+def _is_loopback(addr) -> bool:
   if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
     addr = addr.ipv4_mapped
   return addr.is_loopback
 
 
+@linux_proc
+def test_proc_socket_reader_sees_wildcard_and_loopback_listeners():
+  import socket  # pylint: disable=import-outside-toplevel
+  with socket.socket() as wild, socket.socket() as local:
+    wild.bind(("0.0.0.0", 0))
+    local.bind(("127.0.0.1", 0))
+    wild.listen()
+    local.listen()
+    seen = set()
+    _sample([os.getpid()], seen)
+  assert seen == {ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("127.0.0.1")}
+  assert [_is_loopback(ip) for ip in sorted(seen)] == [False, True]
+
+
+@linux_proc
 def test_in_process_run_listens_on_no_socket(reference):
   # Beam's DirectRunner would open a worker pool on [::] (and try to fetch Prism).
   assert reference[2] == set()
 
 
+@linux_proc
 def test_mining_command_under_two_worker_processes_matches_in_process(world, reference,
                                                                       tmp_path):
   """`python -m ...mining` with multi_processing: the graph is pickled to 2 worker
