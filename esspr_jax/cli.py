@@ -70,6 +70,8 @@ def define_flags(fv: flags.FlagValues, sys_argv: list[str] | None = None) -> Non
   flags.DEFINE_string("out", None, "mine: output pairs CSV", flag_values=fv)
   flags.DEFINE_bool("precision", False, "mine: also print pair precision against the "
                     "catalog's hidden style_id (demo world only)", flag_values=fv)
+  flags.DEFINE_integer("num_shards", None, "mine: output shards (0 = the runner decides; "
+                       "default: config.data.mining.num_shards)", flag_values=fv)
   flags.DEFINE_string("train_pairs", None, "build: train pairs CSV", flag_values=fv)
   flags.DEFINE_string("eval_pairs", None, "build: eval pairs CSV", flag_values=fv)
   flags.DEFINE_string("image_dir", None, "dir the CSVs' image paths resolve against",
@@ -171,6 +173,8 @@ def run(config, fv, beam_args=()):
   mode = fv.mode
   if mode == "mine":
     _require(fv, "clicklog", "catalog", "out")
+    if fv.num_shards is not None:
+      config.data.mining.num_shards = fv.num_shards
     report = stages.mine(config, fv.clicklog, fv.catalog, fv.out, beam_args=list(beam_args),
                          precision=fv.precision)
     stages.say(report.table())

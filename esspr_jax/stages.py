@@ -15,6 +15,8 @@ import logging
 import pathlib
 import time
 
+from etils import epath
+
 from esspr_jax import atomic_io
 from esspr_jax import console
 from esspr_jax import distributed

@@ -2,6 +2,7 @@
 
   world.*     sizes, split and noise of the built-in demo marketplace (docs/data.md)
   mining.*    the click-log pair-mining constraints, caps, bad-row policy, Beam runner
+  fetch.*     downloading release-format image URLs (ingest/fetch_images.py)
   pipeline.*  owned by esspr_jax.config.pipeline (TFDS build + Grain loading)
 """
 import ml_collections
@@ -72,6 +73,9 @@ def mining_config(preset: str) -> ml_collections.ConfigDict:
   c.category_constraint = True         # both listings in the same leaf category
   c.relevance_constraint = True        # both listings relevant to the query
   c.min_relevance = 0.8
+  # Title agreement (the paper's optional title/attribute constraint): Jaccard overlap of
+  # the two titles' lower-case word sets must reach this; 0 = off.
+  c.min_title_overlap = 0.0
   c.min_coclicks = 1                   # groups in which a pair must be co-clicked
   c.max_pairs_per_query = 20           # 0 = no cap
   c.max_pairs_per_listing = 30         # 0 = no cap
@@ -81,8 +85,29 @@ def mining_config(preset: str) -> ml_collections.ConfigDict:
   c.strict = False                     # first bad row raises, naming file and row
   c.max_bad_fraction = 0.05            # stop when more of the click log than this is bad
   c.write_rejects = True               # OUT.rejects.csv: reason, file:row, detail
+  c.num_shards = 0                     # output shards; 0 = the runner decides (1 shard -> OUT)
   c.runner = "DirectRunner"            # overridden by --runner=... pipeline options
   c.pipeline_options = ""              # extra Beam options, e.g. "--direct_num_workers=2"
+  del preset
+  return c
+
+
+def fetch_config(preset: str) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.workers = 16                       # concurrent downloads
+  c.per_host = 4                       # most requests in flight to one host
+  c.min_host_interval_s = 0.0          # least time between request starts to one host
+  c.connect_timeout_s = 5.0
+  c.read_timeout_s = 10.0              # per socket read
+  c.total_timeout_s = 30.0             # whole body of one attempt
+  c.retries = 3                        # extra attempts for transient failures
+  c.backoff_s = 0.5                    # doubled per retry
+  c.max_backoff_s = 30.0               # cap, also on a server's Retry-After
+  c.max_bytes = 20 * 1024 * 1024       # larger bodies fail as too_large
+  c.max_side = 512                     # stored long side in pixels; 0 = keep
+  c.min_side = 8                       # smaller images fail as too_small
+  c.jpeg_quality = 90
+  c.user_agent = "esspr-jax-fetch-images/0.1"
   del preset
   return c
 
@@ -91,6 +116,7 @@ def default_config(preset: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.world = world_config(preset)
   c.mining = mining_config(preset)
+  c.fetch = fetch_config(preset)
   c.pipeline = pipeline_section.default_config(preset)
   return c
 
@@ -138,6 +164,7 @@ def validate_mining(m, prefix: str = "data.mining") -> None:
   _check(m.group_by in ("session", "query"), f"{prefix}.group_by",
          f"must be 'session' or 'query', got {m.group_by!r}")
   _in_unit(m.min_relevance, f"{prefix}.min_relevance")
+  _in_unit(m.min_title_overlap, f"{prefix}.min_title_overlap")
   _positive_int(m.min_coclicks, f"{prefix}.min_coclicks")
   _positive_int(m.max_pairs_per_query, f"{prefix}.max_pairs_per_query", 0)
   _positive_int(m.max_pairs_per_listing, f"{prefix}.max_pairs_per_listing", 0)
@@ -145,13 +172,32 @@ def validate_mining(m, prefix: str = "data.mining") -> None:
   _check(m.input_format in ("auto", "csv", "parquet"), f"{prefix}.input_format",
          f"must be 'auto', 'csv' or 'parquet', got {m.input_format!r}")
   _in_unit(m.max_bad_fraction, f"{prefix}.max_bad_fraction")
+  _positive_int(m.num_shards, f"{prefix}.num_shards", 0)
   _check(isinstance(m.runner, str) and m.runner.strip() != "", f"{prefix}.runner",
          "must name a Beam runner, e.g. 'DirectRunner'")
   _check(isinstance(m.pipeline_options, str), f"{prefix}.pipeline_options",
          "must be a string of Beam flags")
 
 
+def validate_fetch(f, prefix: str = "data.fetch") -> None:
+  for key in ("workers", "per_host", "max_bytes", "min_side"):
+    _positive_int(f[key], f"{prefix}.{key}")
+  for key in ("retries", "max_side"):
+    _positive_int(f[key], f"{prefix}.{key}", 0)
+  _positive_int(f.jpeg_quality, f"{prefix}.jpeg_quality")
+  _check(f.jpeg_quality <= 100, f"{prefix}.jpeg_quality", "must be <= 100")
+  for key in ("connect_timeout_s", "read_timeout_s", "total_timeout_s"):
+    _check(isinstance(f[key], (int, float)) and f[key] > 0, f"{prefix}.{key}",
+           f"must be > 0 seconds, got {f[key]!r}")
+  for key in ("min_host_interval_s", "backoff_s", "max_backoff_s"):
+    _check(isinstance(f[key], (int, float)) and f[key] >= 0, f"{prefix}.{key}",
+           f"must be >= 0 seconds, got {f[key]!r}")
+  _check(isinstance(f.user_agent, str) and f.user_agent.strip() != "", f"{prefix}.user_agent",
+         "must be a non-empty string")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   validate_world(config.data.world)
   validate_mining(config.data.mining)
+  validate_fetch(config.data.fetch)
   pipeline_section.validate(config)

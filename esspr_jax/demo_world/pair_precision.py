@@ -7,7 +7,7 @@ import collections
 import dataclasses
 
 from esspr_jax.ingest.catalog import read_catalog
-from esspr_jax.ingest.release_format import read_pairs
+from esspr_jax.ingest.pair_files import read_pairs  # a file, glob or mining shards
 from esspr_jax.errors import DataError
 
 

@@ -39,7 +39,7 @@ from tensorflow_datasets.core import utils as tfds_utils
 
 from esspr_jax.atomic_io import atomic_open
 from esspr_jax.input import images
-from esspr_jax.ingest import release_format
+from esspr_jax.ingest import pair_files, release_format
 from esspr_jax.ingest.skips import SkipCounter
 from esspr_jax.errors import ConfigError, DataError
 
@@ -187,8 +187,7 @@ def _check_fraction(read: SkipCounter, build: SkipCounter, max_bad_fraction: flo
 def generate_examples(config: PairsBuildConfig, report: dict) -> Iterator[tuple[int, dict]]:
   """(key, example) for every good row of `config.csv_path`; fills `report` at the end."""
   csv_path = pathlib.Path(config.csv_path)
-  if not csv_path.is_file():
-    raise DataError(f"pair file not found: {csv_path}")
+  pair_files.expand(csv_path)  # a file, glob or mining output's shards; DataError if none
   if not pathlib.Path(config.image_dir).is_dir():
     raise DataError(f"image dir not found: {config.image_dir} (for {csv_path})")
   what = f"building {config.name} from {csv_path}"
@@ -198,7 +197,7 @@ def generate_examples(config: PairsBuildConfig, report: dict) -> Iterator[tuple[
   written: set[int] = set()
   empty_titles = collections.Counter()
   negatives = 0
-  for row in release_format.read_pairs(csv_path, read_skips):
+  for row in pair_files.read_pairs(csv_path, read_skips):
     where = f"{csv_path}:{row.source_row}"
     if read_skips.seen % _CHECK_EVERY == 0:
       _check_fraction(read_skips, build_skips, config.max_bad_fraction)
@@ -276,7 +275,7 @@ def stage_rows_for_beam(config: PairsBuildConfig, report: dict) -> list[str]:
   seen: set[int] = set()
   negatives, staged, files, out = 0, 0, [], None
   try:
-    for row in release_format.read_pairs(csv_path, read_skips):
+    for row in pair_files.read_pairs(csv_path, read_skips):
       if config.positives_only and row.label != 1:
         negatives += 1
         build_skips.ok()
@@ -338,14 +337,17 @@ class BeamPrepareRow:
 
 
 def inputs(config: PairsBuildConfig) -> dict:
-  """What a dataset is built from: the CSV (resolved path and content hash), the image
-  dir its image paths resolve against (resolved path), and the output settings. The
-  image files themselves are not hashed (that would read every image on each reuse)."""
+  """What a dataset is built from: the pair files (the CSV, or every shard its glob
+  names: resolved paths and one content hash), the image dir its image paths resolve
+  against (resolved path), and the output settings. The image files themselves are not
+  hashed (that would read every image on each reuse)."""
   h = hashlib.sha256()
-  with open(config.csv_path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return {"csv_path": os.path.realpath(config.csv_path), "csv_sha256": h.hexdigest(),
+  paths = pair_files.expand(config.csv_path)
+  for path in paths:
+    with open(path, "rb") as f:
+      for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
+  return {"csv_path": [os.path.realpath(p) for p in paths], "csv_sha256": h.hexdigest(),
           "image_dir": os.path.realpath(config.image_dir), "settings": config.settings()}
 
 
@@ -399,8 +401,7 @@ def build_pairs_dataset(csv_path: str | pathlib.Path, image_dir: str | pathlib.P
   readable by every worker, as must the image dir) and removed afterwards.
   """
   _validate_name(name)
-  if not pathlib.Path(csv_path).is_file():
-    raise DataError(f"pair file not found: {csv_path}")
+  pair_files.expand(csv_path)  # DataError naming it when no file matches
   if not pathlib.Path(image_dir).is_dir():
     raise DataError(f"image dir not found: {image_dir} (for {csv_path})")
   stage = ""

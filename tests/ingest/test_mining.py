@@ -5,6 +5,7 @@ Beam runs cost about a second each, so each run below checks several things at o
 import csv
 import json
 import math
+import re
 import pathlib
 
 import pyarrow as pa
@@ -79,6 +80,12 @@ def _write_log(path: pathlib.Path, rows, bad_lines=()) -> pathlib.Path:
   return path
 
 
+def _byte_where(path: pathlib.Path, line: int) -> str:
+  """The split reader's name for 1-based `line` of a CSV file: 'file:byte OFFSET'."""
+  lines = path.read_bytes().split(b"\n")
+  return f"{path}:byte {sum(len(x) + 1 for x in lines[:line - 1])}"
+
+
 def _cfg(**overrides):
   cfg = mining_config("tiny")
   cfg.max_pairs_per_query = 0
@@ -131,11 +138,14 @@ def test_every_bad_row_kind_is_counted_and_rejected_with_its_row(constrained, ha
   assert report.skipped == expected
   with open(report.rejects, newline="", encoding="utf-8") as f:
     rejects = {(r["reason"], r["where"]) for r in csv.DictReader(f)}
-  log = str(hand_made / "log.csv")
+  log = hand_made / "log.csv"
   first_bad_line = len(GOOD) + 2
+  # Rows are named by byte offset (the reader splits files by byte range); each names
+  # exactly its own line.
   for line_offset, reason in enumerate(BAD):
-    assert (reason, f"{log}:{first_bad_line + line_offset}") in rejects, reason
-  assert ("duplicate_row", f"{log}:2") not in rejects  # the first copy is kept
+    assert (reason, _byte_where(log, first_bad_line + line_offset)) in rejects, reason
+  assert ("duplicate_row", _byte_where(log, 2)) not in rejects  # the first copy is kept
+  assert ("bad_encoding", _byte_where(log, first_bad_line + len(BAD) + 1)) in rejects
 
 
 def test_output_rows_are_release_format_with_catalog_fields(constrained):
@@ -217,7 +227,8 @@ def test_group_by_query_text_and_group_size_cap(hand_made, tmp_path):
 
 def test_strict_names_file_and_row_and_writes_nothing(hand_made, tmp_path):
   out = tmp_path / "pairs.csv"
-  with pytest.raises(DataError, match=r"log\.csv:14: wrong_column_count"):
+  where = _byte_where(hand_made / "log.csv", 14)
+  with pytest.raises(DataError, match=re.escape(f"{where}: wrong_column_count")):
     mining.mine_pairs(hand_made / "log.csv", hand_made / "cat" / "catalog.csv", out,
                       _cfg(strict=True), verbose=False)
   assert list(tmp_path.iterdir()) == []

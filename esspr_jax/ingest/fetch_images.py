@@ -1,0 +1,365 @@
+"""Fetch the images of release-format pairs whose image fields are URLs.
+
+The released eSSPR rows name their images by URL. This stage downloads each distinct URL
+once, checks it is an image (Content-Type, then magic bytes, then a full decode),
+shrinks it to `max_side` and stores it as JPEG under IMAGE_DIR/ab/<sha256 of url>.jpg.
+It writes OUT: the pairs whose two images were fetched, image fields rewritten to those
+relative paths (so `--mode=build --train_pairs=OUT --image_dir=IMAGE_DIR` works), and
+OUT.fetch_manifest.csv: one line per URL with its status and, for a failure, why.
+
+- Concurrency: `workers` threads; politeness: at most `per_host` requests in flight to
+  one host and `min_host_interval_s` between request starts to it.
+- Retries with exponential backoff for transient failures only (timeouts, connection
+  errors, truncated bodies, 429 and 5xx, honouring Retry-After up to `max_backoff_s`); a
+  404 or an HTML page is final. Each attempt has connect/read timeouts and a deadline for
+  the whole body (a server that trickles bytes cannot hold a worker forever).
+- Resumable: every image is written atomically (temp file + rename), so after a kill a
+  file under its final name is whole; a rerun skips URLs whose file exists.
+
+HTTP is urllib3 (already a dependency through requests/Beam): pooled keep-alive
+connections per host, explicit connect/read timeouts, and streamed bodies we can cut off
+at a byte limit or deadline; retries are ours, so they cover the body as well as the
+headers. Pillow decodes and resizes.
+
+CLI:
+  python -m esspr_jax.ingest.fetch_images --config=configs/demo.py --pairs=RELEASE.csv \\
+      --out=PAIRS.csv --image_dir=IMAGES [--config.data.fetch.workers=32]
+"""
+import collections
+import concurrent.futures
+import csv
+import dataclasses
+import hashlib
+import io
+import pathlib
+import sys
+import threading
+import time
+import urllib.parse
+import warnings
+
+import urllib3
+from PIL import Image
+
+from esspr_jax.atomic_io import atomic_open
+from esspr_jax.errors import DataError
+from esspr_jax.ingest import pair_files
+from esspr_jax.ingest.release_format import FIELDS, PairRow
+from esspr_jax.ingest.skips import SkipCounter
+
+MANIFEST_FIELDS = ("url", "status", "reason", "detail", "file", "attempts", "bytes")
+# Failure reasons, final unless in TRANSIENT.
+REASONS = ("unsupported_url", "timeout", "connection_error", "truncated", "too_large",
+           "http_error", "bad_content_type", "bad_magic", "undecodable", "too_small")
+TRANSIENT = frozenset({"timeout", "connection_error", "truncated", "http_retry"})
+_MAGIC = ((b"\xff\xd8\xff", "jpeg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF87a", "gif"),
+          (b"GIF89a", "gif"), (b"BM", "bmp"))
+_SIDES = ("trigger", "recall")
+
+
+class FetchFailure(Exception):
+  def __init__(self, reason: str, detail: str = "", retry_after: float | None = None):
+    super().__init__(f"{reason}: {detail}")
+    self.reason, self.detail, self.retry_after = reason, detail, retry_after
+
+
+@dataclasses.dataclass
+class Outcome:
+  url: str
+  status: str          # fetched | already_fetched | failed
+  reason: str = ""
+  detail: str = ""
+  file: str = ""       # relative to the image dir
+  attempts: int = 0
+  bytes: int = 0
+
+
+@dataclasses.dataclass
+class FetchReport:
+  urls: int
+  fetched: int
+  already_fetched: int
+  failed: dict          # reason -> count
+  rows_read: int
+  rows_written: int
+  rows_dropped: int     # a row is dropped when either of its images failed
+  seconds: float
+  out: str
+  manifest: str
+
+  def table(self) -> str:
+    lines = [f"{'image urls':<26}{self.urls:>10,}", f"{'  fetched':<26}{self.fetched:>10,}",
+             f"{'  already fetched':<26}{self.already_fetched:>10,}",
+             f"{'  failed':<26}{sum(self.failed.values()):>10,}"]
+    lines += [f"{'    ' + r:<26}{n:>10,}" for r, n in sorted(self.failed.items())]
+    lines += [f"{'rows read':<26}{self.rows_read:>10,}",
+              f"{'rows written':<26}{self.rows_written:>10,}",
+              f"{'rows dropped':<26}{self.rows_dropped:>10,}",
+              f"wrote {self.out} and {self.manifest} in {self.seconds:.1f}s"]
+    return "\n".join(lines)
+
+
+def image_file(url: str) -> str:
+  """Where a URL's image is stored, relative to the image dir: ab/abcdef....jpg."""
+  digest = hashlib.sha256(url.encode("utf-8")).hexdigest()
+  return f"{digest[:2]}/{digest}.jpg"
+
+
+def is_url(ref: str) -> bool:
+  return "://" in ref or ref.lower().startswith(("javascript:", "data:"))
+
+
+def sniff(data: bytes) -> str | None:
+  """The image format its first bytes say, or None."""
+  for magic, fmt in _MAGIC:
+    if data.startswith(magic):
+      return fmt
+  if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+    return "webp"
+  return None
+
+
+def to_jpeg(data: bytes, max_side: int, min_side: int, quality: int) -> bytes:
+  """Decodes every pixel, shrinks the long side to max_side (0 = keep), re-encodes RGB
+  JPEG. Raises FetchFailure(undecodable | too_small | too_large)."""
+  from esspr_jax.input.images import to_rgb  # pylint: disable=import-outside-toplevel
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", Image.DecompressionBombWarning)
+      img = Image.open(io.BytesIO(data))
+      if max_side:
+        img.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced scale
+      img.load()
+  except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    raise FetchFailure("too_large", str(e)) from None
+  except (OSError, SyntaxError, ValueError, EOFError, IndexError) as e:
+    raise FetchFailure("undecodable", str(e)) from None
+  if min(img.size) < min_side:
+    raise FetchFailure("too_small", f"{img.size[0]}x{img.size[1]}")
+  img = to_rgb(img)
+  if max_side and max(img.size) > max_side:
+    img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+  buf = io.BytesIO()
+  img.save(buf, "JPEG", quality=quality)
+  return buf.getvalue()
+
+
+class HostGate:
+  """Per-host politeness: at most `per_host` requests in flight to a host, and request
+  starts to one host at least `interval` seconds apart."""
+
+  def __init__(self, per_host: int, interval: float):
+    self._per_host, self._interval = per_host, interval
+    self._lock = threading.Lock()
+    self._slots: dict[str, threading.Semaphore] = {}
+    self._next_start: dict[str, float] = collections.defaultdict(float)
+
+  def _slot(self, host: str) -> threading.Semaphore:
+    with self._lock:
+      if host not in self._slots:
+        self._slots[host] = threading.BoundedSemaphore(self._per_host)
+      return self._slots[host]
+
+  def __call__(self, host: str):
+    gate = self
+
+    class _Held:
+      def __enter__(self):
+        gate._slot(host).acquire()
+        with gate._lock:
+          now = time.monotonic()
+          start = max(now, gate._next_start[host])
+          gate._next_start[host] = start + gate._interval
+        if start > now:
+          time.sleep(start - now)
+
+      def __exit__(self, *exc):
+        gate._slot(host).release()
+    return _Held()
+
+
+class Fetcher:
+  """Downloads and validates one URL at a time per thread (see module doc)."""
+
+  def __init__(self, cfg):
+    self.cfg = cfg
+    self._http = urllib3.PoolManager(
+        maxsize=int(cfg.per_host), retries=False,
+        timeout=urllib3.Timeout(connect=float(cfg.connect_timeout_s),
+                                read=float(cfg.read_timeout_s)),
+        headers={"User-Agent": cfg.user_agent, "Accept": "image/*"})
+    self._gate = HostGate(int(cfg.per_host), float(cfg.min_host_interval_s))
+
+  def _download(self, url: str) -> bytes:
+    """One attempt: the body of a 200 image/* response, within the byte and time limits."""
+    cfg = self.cfg
+    host = urllib.parse.urlsplit(url).netloc
+    with self._gate(host):
+      deadline = time.monotonic() + float(cfg.total_timeout_s)
+      try:
+        resp = self._http.request("GET", url, preload_content=False, redirect=True)
+      except urllib3.exceptions.TimeoutError as e:
+        raise FetchFailure("timeout", str(e)) from None
+      except urllib3.exceptions.HTTPError as e:
+        raise FetchFailure("connection_error", str(e)) from None
+      whole = False
+      try:
+        if resp.status != 200:
+          retry_after = _retry_after(resp.headers.get("Retry-After"))
+          if resp.status == 429 or resp.status >= 500:
+            raise FetchFailure("http_retry", f"HTTP {resp.status}", retry_after)
+          raise FetchFailure("http_error", f"HTTP {resp.status}")
+        ctype = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if ctype and not ctype.startswith("image/"):
+          raise FetchFailure("bad_content_type", ctype)
+        length = resp.headers.get("Content-Length")
+        if length and length.isdigit() and int(length) > int(cfg.max_bytes):
+          raise FetchFailure("too_large", f"Content-Length {length} > max_bytes")
+        body = bytearray()
+        try:
+          # read1: at most one socket read per call, so a trickling server still meets
+          # the deadline check (a sized read would wait for all of its bytes).
+          while chunk := resp.read1(64 * 1024):
+            body += chunk
+            if len(body) > int(cfg.max_bytes):
+              raise FetchFailure("too_large", f"more than max_bytes={cfg.max_bytes}")
+            if time.monotonic() > deadline:
+              raise FetchFailure("timeout", f"body not done in {cfg.total_timeout_s}s")
+        except urllib3.exceptions.ProtocolError as e:  # IncompleteRead: short body
+          raise FetchFailure("truncated", str(e)) from None
+        except urllib3.exceptions.TimeoutError as e:
+          raise FetchFailure("timeout", str(e)) from None
+        whole = True
+        return bytes(body)
+      finally:
+        if not whole:  # unread bytes would corrupt the next response on this connection
+          resp.close()
+        resp.release_conn()
+
+  def fetch(self, url: str, image_dir: pathlib.Path) -> Outcome:
+    cfg = self.cfg
+    rel = image_file(url)
+    target = image_dir / rel
+    if target.is_file() and target.stat().st_size > 0:
+      return Outcome(url, "already_fetched", file=rel, bytes=target.stat().st_size)
+    if urllib.parse.urlsplit(url).scheme.lower() not in ("http", "https"):
+      return Outcome(url, "failed", "unsupported_url", url.split(":")[0] + ":")
+    attempts, failure = 0, None
+    while attempts <= int(cfg.retries):
+      attempts += 1
+      try:
+        data = self._download(url)
+        fmt = sniff(data)
+        if fmt is None:
+          raise FetchFailure("bad_magic", repr(data[:16]))
+        jpeg = to_jpeg(data, int(cfg.max_side), int(cfg.min_side), int(cfg.jpeg_quality))
+        with atomic_open(target, "wb") as f:
+          f.write(jpeg)
+        return Outcome(url, "fetched", file=rel, attempts=attempts, bytes=len(jpeg))
+      except FetchFailure as e:
+        failure = e
+        if e.reason not in TRANSIENT or attempts > int(cfg.retries):
+          break
+        backoff = float(cfg.backoff_s) * 2 ** (attempts - 1)
+        if e.retry_after is not None:
+          backoff = max(backoff, e.retry_after)
+        time.sleep(min(backoff, float(cfg.max_backoff_s)))
+    reason = "http_error" if failure.reason == "http_retry" else failure.reason
+    return Outcome(url, "failed", reason, failure.detail, attempts=attempts)
+
+
+def _retry_after(value: str | None) -> float | None:
+  try:
+    return max(0.0, float(value)) if value else None
+  except ValueError:
+    return None  # an HTTP date: fall back to our own backoff
+
+
+def fetch_images(pairs, out, image_dir, cfg, verbose: bool = True) -> FetchReport:
+  """Fetches every image URL of `pairs` (a file, glob or mining shards) into image_dir,
+  writes OUT (pairs with local image paths) and OUT.fetch_manifest.csv (module doc)."""
+  from esspr_jax.config.data import validate_fetch  # pylint: disable=import-outside-toplevel
+  validate_fetch(cfg)
+  start = time.perf_counter()
+  image_dir, out = pathlib.Path(image_dir), pathlib.Path(out)
+  image_dir.mkdir(parents=True, exist_ok=True)
+  skips = SkipCounter(f"pairs {pairs}")
+  rows = list(pair_files.read_pairs(pairs, skips))
+  urls = list(dict.fromkeys(getattr(r, f"{side}_img") for r in rows for side in _SIDES
+                            if is_url(getattr(r, f"{side}_img"))))
+  fetcher = Fetcher(cfg)
+  with concurrent.futures.ThreadPoolExecutor(max_workers=int(cfg.workers)) as pool:
+    outcomes = {o.url: o for o in pool.map(lambda u: fetcher.fetch(u, image_dir), urls)}
+  kept, dropped = [], 0
+  for r in rows:
+    local = {}
+    for side in _SIDES:
+      ref = getattr(r, f"{side}_img")
+      o = outcomes.get(ref)
+      local[f"{side}_img"] = ref if o is None else (o.file if o.status != "failed" else None)
+    if None in local.values():
+      dropped += 1
+      continue
+    kept.append(dataclasses.replace(r, **local))
+  _write_pairs(out, kept)
+  manifest = manifest_path(out)
+  with atomic_open(manifest, "w", newline="", encoding="utf-8") as f:
+    w = csv.writer(f)
+    w.writerow(MANIFEST_FIELDS)
+    for o in outcomes.values():
+      w.writerow([getattr(o, k) for k in MANIFEST_FIELDS])
+  status = collections.Counter(o.status for o in outcomes.values())
+  report = FetchReport(
+      urls=len(urls), fetched=status["fetched"], already_fetched=status["already_fetched"],
+      failed=dict(collections.Counter(o.reason for o in outcomes.values()
+                                      if o.status == "failed")),
+      rows_read=len(rows), rows_written=len(kept), rows_dropped=dropped,
+      seconds=time.perf_counter() - start, out=str(out), manifest=str(manifest))
+  if verbose:
+    print(report.table())
+  return report
+
+
+def manifest_path(out) -> pathlib.Path:
+  out = str(out)
+  return pathlib.Path((out.removesuffix(".csv")) + ".fetch_manifest.csv")
+
+
+def _write_pairs(path: pathlib.Path, rows: list[PairRow]) -> None:
+  with atomic_open(path, "w", newline="", encoding="utf-8") as f:
+    w = csv.writer(f)
+    w.writerow(FIELDS)
+    for r in rows:
+      w.writerow([getattr(r, k) for k in FIELDS])
+
+
+def fetch_from_config(config, pairs, out, image_dir) -> FetchReport:
+  """The `--mode=fetch-images` stage: fetch_images with `config.data.fetch`."""
+  if not (pairs and out and image_dir):
+    raise DataError("--mode=fetch-images needs --pairs (or --train_pairs), --out and "
+                    "--image_dir")
+  return fetch_images(pairs, out, image_dir, config.data.fetch)
+
+
+def main(argv=None) -> None:
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  argv = list(sys.argv if argv is None else argv)
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", "configs/demo.py", "run config file",
+                                  flag_values=fv, lock_config=True, sys_argv=argv)
+  flags.DEFINE_string("pairs", None, "release-format pairs with image URLs (file or glob)",
+                      flag_values=fv)
+  flags.DEFINE_string("out", None, "output pairs CSV with local image paths", flag_values=fv)
+  flags.DEFINE_string("image_dir", None, "where fetched images are stored", flag_values=fv)
+  fv(argv)
+  try:
+    fetch_from_config(fv.config, fv.pairs, fv.out, fv.image_dir)
+  except DataError as e:  # bad input: one line and exit 2, as the other stages
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  from esspr_jax.ingest import fetch_images as _fetch_images  # noqa: PLW0406  # pylint: disable=import-self
+  _fetch_images.main()
