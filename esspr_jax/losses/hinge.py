@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from esspr_jax.losses.chunking import scan_row_chunks
+from esspr_jax.losses.rows import WHOLE, RowShard
 from esspr_jax.losses.similarity import similarity
 
 
@@ -22,8 +23,11 @@ def positive_scores(scores: jax.Array, row_ids: jax.Array) -> jax.Array:
 
 
 def batch_hinge(query: jax.Array, gallery: jax.Array, margin: float, *,
-                chunk_size: int = 0, precision: str = "highest") -> jax.Array:
-  """Mean batch-hinge loss of normalised query [B, E] rows against gallery [B, E]."""
+                chunk_size: int = 0, precision: str = "highest",
+                shard: RowShard = WHOLE) -> jax.Array:
+  """Mean batch-hinge loss of normalised query rows against gallery [B, E].
+
+  query: [B, E], or this device's [B/n, E] slice of it under `shard` (rows.py)."""
   batch = gallery.shape[0]
 
   def block(total, q, ids, valid):
@@ -33,5 +37,6 @@ def batch_hinge(query: jax.Array, gallery: jax.Array, margin: float, *,
     violation = jnp.where(negative, jax.nn.relu(margin + scores - pos[:, None]), 0.0)
     return total + jnp.sum(jnp.where(valid, violation.sum(axis=1), 0.0))
 
-  return scan_row_chunks(block, jnp.zeros((), jnp.float32), query, chunk_size) / (
-      batch * batch)
+  local = scan_row_chunks(block, jnp.zeros((), jnp.float32), query, chunk_size,
+                          shard)
+  return shard.sum(local) / (batch * batch)

@@ -11,13 +11,17 @@ import jax
 import jax.numpy as jnp
 
 from esspr_jax.losses.chunking import scan_row_chunks
+from esspr_jax.losses.rows import WHOLE, RowShard
 from esspr_jax.losses.similarity import similarity
 
 
 def locality_consistency(single: jax.Array, fused: jax.Array, gallery: jax.Array,
                          margin: float, top_k: int, *, chunk_size: int = 0,
-                         precision: str = "highest") -> jax.Array:
-  """PLC of trigger views single [B, E] and fused [B, E] against recalls [B, E]."""
+                         precision: str = "highest", shard: RowShard = WHOLE) -> jax.Array:
+  """PLC of trigger views single [B, E] and fused [B, E] against recalls [B, E].
+
+  Under `shard`, single and fused are this device's rows; their top-k runs over the
+  gathered gallery's columns, so it needs no collective."""
   batch = gallery.shape[0]
   k = min(top_k, batch)
 
@@ -32,5 +36,6 @@ def locality_consistency(single: jax.Array, fused: jax.Array, gallery: jax.Array
     per_row = jnp.mean(jax.nn.relu(gap * gap - margin), axis=1)
     return total + jnp.sum(jnp.where(valid, per_row, 0.0))
 
-  total = scan_row_chunks(block, jnp.zeros((), jnp.float32), (single, fused), chunk_size)
-  return total / batch
+  local = scan_row_chunks(block, jnp.zeros((), jnp.float32), (single, fused), chunk_size,
+                          shard)
+  return shard.sum(local) / batch
