@@ -12,14 +12,15 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from esspr_jax.errors import ConfigError
+from esspr_jax.losses.chunking import BlockTerm, run_block_terms
 from esspr_jax.losses.composed import composed_infonce
-from esspr_jax.losses.hinge import batch_hinge
-from esspr_jax.losses.infonce import infonce
-from esspr_jax.losses.locality import locality_consistency
+from esspr_jax.losses.hinge import hinge_term
+from esspr_jax.losses.infonce import infonce_term
+from esspr_jax.losses.locality import locality_term
 from esspr_jax.losses.placement import context_mesh, on_local_rows, row_split
 from esspr_jax.losses.plan import LossPlan, TermSpec, plan_terms
 from esspr_jax.losses.rows import WHOLE, RowShard
-from esspr_jax.losses.sigmoid import sigmoid_pairs
+from esspr_jax.losses.sigmoid import sigmoid_term
 from esspr_jax.losses.similarity import l2_normalize
 
 Embeddings = Mapping[str, jax.Array]
@@ -60,41 +61,57 @@ def _gather_inputs(plan: LossPlan,
 Rows = Dict[Tuple[str, str], jax.Array]
 
 
-def _term_value(term: TermSpec, plan: LossPlan, rows: Rows, galleries: Rows,
-                logit_scale: Optional[jax.Array], logit_bias: Optional[jax.Array],
-                shard: RowShard = WHOLE) -> jax.Array:
-  """One term. Its query and anchor views come from `rows` (this device's, under a
-  split `shard`), its gallery from `galleries` (always the whole batch)."""
-  opts = dict(chunk_size=plan.chunk_size, precision=plan.precision, shard=shard)
-  query, gallery = rows[term.query], galleries[term.gallery]
+def _needs_scalars(term: TermSpec, logit_scale, logit_bias) -> None:
   if term.kind in ("infonce", "sigmoid", "composed_infonce") and logit_scale is None:
     raise ConfigError(f"{term.key}.kind", f"{term.kind!r} needs logit_scale (the model's "
                       "'logit_scale' param); loss_unit was called without it")
+  if term.kind == "sigmoid" and logit_bias is None:
+    raise ConfigError(f"{term.key}.kind", "'sigmoid' needs logit_bias (the model's "
+                      "'logit_bias' param); loss_unit was called without it")
+
+
+def _block_term(term: TermSpec, plan: LossPlan, batch: int,
+                logit_scale: Optional[jax.Array], logit_bias: Optional[jax.Array],
+                shard: RowShard) -> BlockTerm:
+  """One pair/PDC/PLC term in blocked form, reading its views by (side, modality)."""
+  _needs_scalars(term, logit_scale, logit_bias)
   if term.kind == "hinge":
-    return batch_hinge(query, gallery, term.margin, **opts)
+    return hinge_term(term.query, term.gallery, batch, term.margin, shard=shard)
   if term.kind == "infonce":
-    return infonce(query, gallery, logit_scale, plan.max_logit_scale, **opts)
+    return infonce_term(term.query, term.gallery, batch, logit_scale, plan.max_logit_scale,
+                        shard=shard)
   if term.kind == "sigmoid":
-    if logit_bias is None:
-      raise ConfigError(f"{term.key}.kind", "'sigmoid' needs logit_bias (the model's "
-                        "'logit_bias' param); loss_unit was called without it")
-    return sigmoid_pairs(query, gallery, logit_scale, logit_bias, plan.max_logit_scale,
-                         **opts)
-  if term.kind == "composed_infonce":
-    assert not shard.split, "the composed sub-batch is small; it is scored whole"
-    return composed_infonce(query, gallery, rows[term.anchor], logit_scale,
-                            plan.max_logit_scale, precision=plan.precision)
+    return sigmoid_term(term.query, term.gallery, batch, logit_scale, logit_bias,
+                        plan.max_logit_scale, shard=shard)
   if term.kind == "locality":
-    return locality_consistency(query, rows[term.anchor], gallery, term.margin,
-                                plan.top_k, **opts)
+    return locality_term(term.query, term.anchor, term.gallery, batch, term.margin,
+                         plan.top_k, shard=shard)
   raise AssertionError(f"unplanned term kind {term.kind!r}")
 
 
-def _whole_terms(terms: Sequence[TermSpec], plan: LossPlan, emb: Rows, scalars,
+def _pair_terms(terms: Sequence[TermSpec], plan: LossPlan, rows: Rows, galleries: Rows,
+                scalars, shard: RowShard = WHOLE) -> Dict[str, jax.Array]:
+  """All pair, PDC and PLC terms in one pass over blocks of the query rows."""
+  batch = galleries[terms[0].gallery].shape[0]  # every pair view has the same B
+  blocked = {t.name: _block_term(t, plan, batch, *scalars, shard) for t in terms}
+  return run_block_terms(blocked, rows, galleries, plan.chunk_size, plan.precision, shard)
+
+
+def _composed_term(term: TermSpec, plan: LossPlan, emb: Rows, scalars) -> jax.Array:
+  _needs_scalars(term, *scalars)
+  return composed_infonce(emb[term.query], emb[term.gallery], emb[term.anchor], scalars[0],
+                          plan.max_logit_scale, precision=plan.precision)
+
+
+def _whole_terms(plan: LossPlan, pairs: bool, emb: Rows, scalars,
                  mesh) -> Dict[str, jax.Array]:
-  """Terms over the whole batch on every device (XLA partitions them as it likes)."""
+  """The composed term and, if `pairs`, the others, over the whole batch on every
+  device (XLA partitions them as it likes)."""
   def values(emb, scalars):
-    return {t.name: _term_value(t, plan, emb, emb, *scalars) for t in terms}
+    out = _pair_terms(plan.terms, plan, emb, emb, scalars) if pairs else {}
+    if plan.composed:
+      out[plan.composed.name] = _composed_term(plan.composed, plan, emb, scalars)
+    return out
 
   if mesh is None or not mesh.explicit_axes:
     return values(emb, scalars)
@@ -106,19 +123,19 @@ def _whole_terms(terms: Sequence[TermSpec], plan: LossPlan, emb: Rows, scalars,
         emb, scalars)
 
 
-def _row_split_terms(terms: Sequence[TermSpec], plan: LossPlan, emb: Rows, scalars,
-                     mesh, shard: RowShard) -> Dict[str, jax.Array]:
-  """Terms with each device scoring its own query rows against the gathered gallery.
+def _row_split_terms(plan: LossPlan, emb: Rows, scalars, mesh,
+                     shard: RowShard) -> Dict[str, jax.Array]:
+  """Pair/PDC/PLC terms with each device scoring its own query rows against the
+  gathered gallery.
 
   Every gallery view is all-gathered once ([B, E]); a device's scores are its
   [B/n, B] block (or [chunk/n, B] blocks), and only per-term partial sums (and
   InfoNCE's per-column log-sum-exp pieces) cross devices."""
-  gallery_refs = sorted({t.gallery for t in terms})
+  gallery_refs = sorted({t.gallery for t in plan.terms})
 
   def per_device(local: Rows, scalars):
     galleries = {ref: shard.gather(local[ref]) for ref in gallery_refs}
-    return {t.name: _term_value(t, plan, local, galleries, *scalars, shard=shard)
-            for t in terms}
+    return _pair_terms(plan.terms, plan, local, galleries, scalars, shard)
 
   return on_local_rows(per_device, mesh, shard, emb, scalars)
 
@@ -153,12 +170,12 @@ def loss_unit(sides: Mapping[str, Embeddings], config, *,
   pair_emb = {ref: x for ref, x in emb.items() if not ref[0].startswith("composed")}
   shard = row_split(mesh, list(pair_emb.values()), batch_axes)
   if shard is None:
-    values = _whole_terms(plan.all_terms, plan, emb, scalars, mesh)
+    values = _whole_terms(plan, True, emb, scalars, mesh)
   else:
-    values = _row_split_terms(plan.terms, plan, pair_emb, scalars, mesh, shard)
+    values = _row_split_terms(plan, pair_emb, scalars, mesh, shard)
     if plan.composed:  # small: it may stay whole
       composed_emb = {ref: x for ref, x in emb.items() if ref not in pair_emb}
-      values.update(_whole_terms((plan.composed,), plan, composed_emb, scalars, mesh))
+      values.update(_whole_terms(plan, False, composed_emb, scalars, mesh))
   total = jnp.zeros((), jnp.float32)
   for term in plan.all_terms:
     total = total + term.weight * values[term.name]
