@@ -102,6 +102,18 @@ def batch_shards(mesh: Mesh, logical_rules: tuple) -> int:
   return math.prod(mesh.shape[a] for a in axes)
 
 
+def logical_batch_axes() -> tuple[str, ...]:
+  """The mesh axes the logical 'batch' dim maps to under the flax rules in effect
+  (`nn.logical_axis_rules`, as the train step sets them); () outside any rules.
+
+  For code that runs inside a step and must follow the batch split without being
+  handed the rules (the loss unit's per-device rows)."""
+  axes = nn.logical_to_mesh_axes(("batch",))[0]
+  if axes is None:
+    return ()
+  return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 

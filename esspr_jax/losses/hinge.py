@@ -4,11 +4,13 @@ loss = mean_k mean_j max(0, margin * [j != k] + S_kj - S_kk), S = query gallery^
 every other gallery row must score at least `margin` below row k's own positive.
 The j = k term is 0 and still counts in the mean over j (so B = 1 gives 0).
 """
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
-from esspr_jax.losses.chunking import scan_row_chunks
-from esspr_jax.losses.similarity import similarity
+from esspr_jax.losses.chunking import BlockTerm, run_block_terms
+from esspr_jax.losses.rows import WHOLE, RowShard
 
 
 def positive_scores(scores: jax.Array, row_ids: jax.Array) -> jax.Array:
@@ -21,17 +23,26 @@ def positive_scores(scores: jax.Array, row_ids: jax.Array) -> jax.Array:
   return jnp.take_along_axis(scores, cols[:, None], axis=1)[:, 0]
 
 
-def batch_hinge(query: jax.Array, gallery: jax.Array, margin: float, *,
-                chunk_size: int = 0, precision: str = "highest") -> jax.Array:
-  """Mean batch-hinge loss of normalised query [B, E] rows against gallery [B, E]."""
-  batch = gallery.shape[0]
-
-  def block(total, q, ids, valid):
-    scores = similarity(q, gallery, precision)
+def hinge_term(query: Any, gallery: Any, batch: int, margin: float, *,
+               shard: RowShard = WHOLE) -> BlockTerm:
+  """The batch hinge of the rows keyed `query` against the B-row gallery `gallery`."""
+  def block(total, scores, ids, valid):
+    scores = scores[query]
     pos = positive_scores(scores, ids)
     negative = jnp.arange(batch)[None, :] != ids[:, None]
     violation = jnp.where(negative, jax.nn.relu(margin + scores - pos[:, None]), 0.0)
     return total + jnp.sum(jnp.where(valid, violation.sum(axis=1), 0.0))
 
-  return scan_row_chunks(block, jnp.zeros((), jnp.float32), query, chunk_size) / (
-      batch * batch)
+  return BlockTerm(jnp.zeros((), jnp.float32), block,
+                   lambda total: shard.sum(total) / (batch * batch), (query,), gallery)
+
+
+def batch_hinge(query: jax.Array, gallery: jax.Array, margin: float, *,
+                chunk_size: int = 0, precision: str = "highest",
+                shard: RowShard = WHOLE) -> jax.Array:
+  """Mean batch-hinge loss of normalised query rows against gallery [B, E].
+
+  query: [B, E], or this device's [B/n, E] slice of it under `shard` (rows.py)."""
+  term = hinge_term("q", "g", gallery.shape[0], margin, shard=shard)
+  return run_block_terms({"hinge": term}, {"q": query}, {"g": gallery}, chunk_size,
+                         precision, shard)["hinge"]

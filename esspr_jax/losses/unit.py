@@ -1,21 +1,26 @@
 """The loss unit: one pure function from both sides' {i, t, m} embeddings to a loss.
 
-`config.loss` chooses the terms (see plan.py and docs/losses.md); this module only
-checks the inputs against that choice and adds the terms up.
+`config.loss` chooses the terms (see esspr_jax/config/loss_plan.py and docs/losses.md); this module
+checks the inputs against that choice, places the terms (placement.py: with the batch
+split over devices, each device scores its own query rows against the gathered
+gallery) and adds them up.
 """
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from esspr_jax.errors import ConfigError
-from esspr_jax.losses.composed import composed_infonce
-from esspr_jax.losses.hinge import batch_hinge
-from esspr_jax.losses.infonce import infonce
-from esspr_jax.losses.locality import locality_consistency
 from esspr_jax.config.loss_plan import LossPlan, TermSpec, plan_terms
-from esspr_jax.losses.sigmoid import sigmoid_pairs
+from esspr_jax.errors import ConfigError
+from esspr_jax.losses.chunking import BlockTerm, run_block_terms
+from esspr_jax.losses.composed import composed_infonce
+from esspr_jax.losses.hinge import hinge_term
+from esspr_jax.losses.infonce import infonce_term
+from esspr_jax.losses.locality import locality_term
+from esspr_jax.losses.placement import context_mesh, on_local_rows, row_split
+from esspr_jax.losses.rows import WHOLE, RowShard
+from esspr_jax.losses.sigmoid import sigmoid_term
 from esspr_jax.losses.similarity import l2_normalize
 
 Embeddings = Mapping[str, jax.Array]
@@ -53,47 +58,92 @@ def _gather_inputs(plan: LossPlan,
   return {ref: l2_normalize(x) for ref, x in needed.items()}
 
 
-def _term_value(term: TermSpec, plan: LossPlan, emb: Dict[Tuple[str, str], jax.Array],
-                logit_scale: Optional[jax.Array],
-                logit_bias: Optional[jax.Array]) -> jax.Array:
-  opts = dict(chunk_size=plan.chunk_size, precision=plan.precision)
-  query, gallery = emb[term.query], emb[term.gallery]
+Rows = Dict[Tuple[str, str], jax.Array]
+
+
+def _needs_scalars(term: TermSpec, logit_scale, logit_bias) -> None:
   if term.kind in ("infonce", "sigmoid", "composed_infonce") and logit_scale is None:
     raise ConfigError(f"{term.key}.kind", f"{term.kind!r} needs logit_scale (the model's "
                       "'logit_scale' param); loss_unit was called without it")
+  if term.kind == "sigmoid" and logit_bias is None:
+    raise ConfigError(f"{term.key}.kind", "'sigmoid' needs logit_bias (the model's "
+                      "'logit_bias' param); loss_unit was called without it")
+
+
+def _block_term(term: TermSpec, plan: LossPlan, batch: int,
+                logit_scale: Optional[jax.Array], logit_bias: Optional[jax.Array],
+                shard: RowShard) -> BlockTerm:
+  """One pair/PDC/PLC term in blocked form, reading its views by (side, modality)."""
+  _needs_scalars(term, logit_scale, logit_bias)
   if term.kind == "hinge":
-    return batch_hinge(query, gallery, term.margin, **opts)
+    return hinge_term(term.query, term.gallery, batch, term.margin, shard=shard)
   if term.kind == "infonce":
-    return infonce(query, gallery, logit_scale, plan.max_logit_scale, **opts)
+    return infonce_term(term.query, term.gallery, batch, logit_scale, plan.max_logit_scale,
+                        shard=shard)
   if term.kind == "sigmoid":
-    if logit_bias is None:
-      raise ConfigError(f"{term.key}.kind", "'sigmoid' needs logit_bias (the model's "
-                        "'logit_bias' param); loss_unit was called without it")
-    return sigmoid_pairs(query, gallery, logit_scale, logit_bias, plan.max_logit_scale,
-                         **opts)
-  if term.kind == "composed_infonce":
-    return composed_infonce(query, gallery, emb[term.anchor], logit_scale,
-                            plan.max_logit_scale, precision=plan.precision)
+    return sigmoid_term(term.query, term.gallery, batch, logit_scale, logit_bias,
+                        plan.max_logit_scale, shard=shard)
   if term.kind == "locality":
-    return locality_consistency(query, emb[term.anchor], gallery, term.margin, plan.top_k,
-                                **opts)
+    return locality_term(term.query, term.anchor, term.gallery, batch, term.margin,
+                         plan.top_k, shard=shard)
   raise AssertionError(f"unplanned term kind {term.kind!r}")
 
 
-def _explicit_mesh(arrays) -> Optional[jax.sharding.AbstractMesh]:
-  """The mesh with Explicit axes the inputs are typed on, if any."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    for x in arrays:
-      mesh = jax.typeof(x).sharding.mesh
-      if not mesh.empty:
-        break
-  return None if mesh.empty or not mesh.explicit_axes else mesh
+def _pair_terms(terms: Sequence[TermSpec], plan: LossPlan, rows: Rows, galleries: Rows,
+                scalars, shard: RowShard = WHOLE) -> Dict[str, jax.Array]:
+  """All pair, PDC and PLC terms in one pass over blocks of the query rows."""
+  batch = galleries[terms[0].gallery].shape[0]  # every pair view has the same B
+  blocked = {t.name: _block_term(t, plan, batch, *scalars, shard) for t in terms}
+  return run_block_terms(blocked, rows, galleries, plan.chunk_size, plan.precision, shard)
+
+
+def _composed_term(term: TermSpec, plan: LossPlan, emb: Rows, scalars) -> jax.Array:
+  _needs_scalars(term, *scalars)
+  return composed_infonce(emb[term.query], emb[term.gallery], emb[term.anchor], scalars[0],
+                          plan.max_logit_scale, precision=plan.precision)
+
+
+def _whole_terms(plan: LossPlan, pairs: bool, emb: Rows, scalars,
+                 mesh) -> Dict[str, jax.Array]:
+  """The composed term and, if `pairs`, the others, over the whole batch on every
+  device (XLA partitions them as it likes)."""
+  def values(emb, scalars):
+    out = _pair_terms(plan.terms, plan, emb, emb, scalars) if pairs else {}
+    if plan.composed:
+      out[plan.composed.name] = _composed_term(plan.composed, plan, emb, scalars)
+    return out
+
+  if mesh is None or not mesh.explicit_axes:
+    return values(emb, scalars)
+  # Under explicit sharding every op's output sharding must be typeable, and scores of
+  # batch-sharded queries against a batch-sharded gallery have no legal type. Run these
+  # terms with those axes in Auto mode: the partitioner gathers the (small) gallery.
+  with jax.sharding.use_abstract_mesh(mesh):
+    return jax.sharding.auto_axes(values, axes=mesh.explicit_axes, out_sharding=P())(
+        emb, scalars)
+
+
+def _row_split_terms(plan: LossPlan, emb: Rows, scalars, mesh,
+                     shard: RowShard) -> Dict[str, jax.Array]:
+  """Pair/PDC/PLC terms with each device scoring its own query rows against the
+  gathered gallery.
+
+  Every gallery view is all-gathered once ([B, E]); a device's scores are its
+  [B/n, B] block (or [chunk/n, B] blocks), and only per-term partial sums (and
+  InfoNCE's per-column log-sum-exp pieces) cross devices."""
+  gallery_refs = sorted({t.gallery for t in plan.terms})
+
+  def per_device(local: Rows, scalars):
+    galleries = {ref: shard.gather(local[ref]) for ref in gallery_refs}
+    return _pair_terms(plan.terms, plan, local, galleries, scalars, shard)
+
+  return on_local_rows(per_device, mesh, shard, emb, scalars)
 
 
 def loss_unit(sides: Mapping[str, Embeddings], config, *,
               logit_scale: Optional[jax.Array] = None,
               logit_bias: Optional[jax.Array] = None,
+              batch_axes: Optional[Sequence[str]] = None,
               ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
   """Total loss and every enabled term by name ('ppm/m-m', 'pdc/t', 'plc/i', ...).
 
@@ -106,27 +156,27 @@ def loss_unit(sides: Mapping[str, Embeddings], config, *,
   only. `LossPlan.views()` says which side needs which modality. `config` is the run
   config's `loss` section. Embeddings are (re-)normalised here, in float32. `terms`
   holds unweighted values; total is the sum of weight * term.
+
+  Traced under a mesh (`jax.set_mesh`) with the batch split over several devices,
+  the pair, PDC and PLC terms run on each device's own query rows (placement.py);
+  the split's mesh axes are those of logical 'batch' under the flax rules in effect,
+  or `batch_axes` when given. The values equal the one-device loss either way.
   """
   plan = plan_terms(config)
   emb = _gather_inputs(plan, sides)
-  scalars = [None if v is None else jnp.asarray(v, jnp.float32)
-             for v in (logit_scale, logit_bias)]
-
-  def add_terms(emb, scalars):
-    terms = {}
-    total = jnp.zeros((), jnp.float32)
-    for term in plan.all_terms:
-      value = _term_value(term, plan, emb, *scalars)
-      terms[term.name] = value
-      total = total + term.weight * value
-    return total, terms
-
-  mesh = _explicit_mesh(emb.values())
-  if mesh is None:
-    return add_terms(emb, scalars)
-  # Under explicit sharding every op's output sharding must be typeable, and scores of
-  # batch-sharded queries against a batch-sharded gallery have no legal type. Run the
-  # loss with those axes in Auto mode: the partitioner gathers the (small) gallery.
-  with jax.sharding.use_abstract_mesh(mesh):
-    return jax.sharding.auto_axes(add_terms, axes=mesh.explicit_axes, out_sharding=P())(
-        emb, scalars)
+  scalars = tuple(None if v is None else jnp.asarray(v, jnp.float32)
+                  for v in (logit_scale, logit_bias))
+  mesh = context_mesh(emb.values())
+  pair_emb = {ref: x for ref, x in emb.items() if not ref[0].startswith("composed")}
+  shard = row_split(mesh, list(pair_emb.values()), batch_axes)
+  if shard is None:
+    values = _whole_terms(plan, True, emb, scalars, mesh)
+  else:
+    values = _row_split_terms(plan, pair_emb, scalars, mesh, shard)
+    if plan.composed:  # small: it may stay whole
+      composed_emb = {ref: x for ref, x in emb.items() if ref not in pair_emb}
+      values.update(_whole_terms(plan, False, composed_emb, scalars, mesh))
+  total = jnp.zeros((), jnp.float32)
+  for term in plan.all_terms:
+    total = total + term.weight * values[term.name]
+  return total, {term.name: values[term.name] for term in plan.all_terms}
