@@ -35,7 +35,7 @@ def default_config(preset: str) -> ml_collections.ConfigDict:
   c.index = ml_collections.ConfigDict()
   # Exact search: chunked matmul + running top-k; never a full Q x G score matrix.
   c.index.query_chunk = 256 if preset == "tiny" else 1024
-  c.index.gallery_chunk = 1024 if preset == "tiny" else 16384
+  c.index.gallery_chunk = 1024 if preset == "tiny" else 4096
   # Galleries smaller than this use exact search (ScaNN buys nothing there).
   c.index.exact_max_gallery = 50_000
   # ScaNN returns this many neighbours for the table (MRR is truncated at this depth).

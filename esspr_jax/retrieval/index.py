@@ -54,9 +54,16 @@ def _scores(q, g):
   return jnp.einsum("qd,gd->qg", q, g, precision=jax.lax.Precision.HIGHEST)
 
 
+# Rows per block in the block-max top-k. A block's best score bounds all of its rows, so
+# the k best rows of a gallery lie in its k best blocks: the scan keeps only the k best
+# block maxima (a max-reduce and a top-k over `chunk / BLOCK + k` numbers per chunk,
+# instead of a top-k over the whole score chunk), then rescores those k x BLOCK rows.
+BLOCK = 32
+
+
 @functools.partial(jax.jit, static_argnames=("k",))
-def _topk_chunk(q, gallery, n_valid, k):
-  """Top-k of one query chunk over the chunked gallery [C, Gc, D]."""
+def _topk_direct(q, gallery, n_valid, k):
+  """Top-k of one query chunk over the chunked gallery [C, Gc, D] (top-k per chunk)."""
   chunk = gallery.shape[1]
 
   def body(carry, inputs):
@@ -73,6 +80,54 @@ def _topk_chunk(q, gallery, n_valid, k):
   offsets = jnp.arange(gallery.shape[0], dtype=jnp.int32) * chunk
   (top_s, top_i), _ = jax.lax.scan(body, init, (gallery, offsets))
   return top_s, jnp.where(jnp.isfinite(top_s), top_i, -1)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "block", "sub"))
+def _topk_blocks(q, gallery, n_valid, k, block, sub):
+  """Top-k of one query chunk by block maxima, then an exact rescore (see BLOCK).
+
+  Exact: the k best scores are always found; among equal scores the lower row wins,
+  as in `_topk_direct`. Memory: O(Qc x (Gc + k x block)), never Q x G.
+  """
+  chunks, chunk, dim = gallery.shape
+  blocks = chunk // block
+  qn = q.shape[0]
+
+  def body(carry, c):
+    best_s, best_b = carry
+    s = _scores(q, gallery[c])
+    block_max = jnp.max(s.reshape(qn, blocks, block), axis=2)
+    ids = c * blocks + jnp.arange(blocks, dtype=jnp.int32)
+    block_max = jnp.where(ids[None, :] * block < n_valid, block_max, -jnp.inf)
+    cat_s = jnp.concatenate([best_s, block_max], axis=1)
+    cat_b = jnp.concatenate([best_b, jnp.broadcast_to(ids, block_max.shape)], axis=1)
+    top_s, pos = jax.lax.top_k(cat_s, k)
+    return (top_s, jnp.take_along_axis(cat_b, pos, axis=1)), None
+
+  init = (jnp.full((qn, k), -jnp.inf, jnp.float32), jnp.zeros((qn, k), jnp.int32))
+  (_, best_b), _ = jax.lax.scan(body, init, jnp.arange(chunks, dtype=jnp.int32))
+  rows = best_b[:, :, None] * block + jnp.arange(block, dtype=jnp.int32)
+  rows = jnp.sort(rows.reshape(qn, k * block), axis=1)   # ascending: ties -> lower row
+  flat = gallery.reshape(chunks * chunk, dim)
+
+  def rescore(args):
+    qs, rs = args
+    s = jnp.einsum("qd,qcd->qc", qs, flat[rs], precision=jax.lax.Precision.HIGHEST)
+    s = jnp.where(rs < n_valid, s, -jnp.inf)
+    top_s, pos = jax.lax.top_k(s, k)
+    return top_s, jnp.take_along_axis(rs, pos, axis=1)
+
+  top_s, top_i = jax.lax.map(rescore, (q.reshape(-1, sub, dim), rows.reshape(-1, sub, k * block)))
+  top_s, top_i = top_s.reshape(qn, k), top_i.reshape(qn, k)
+  return top_s, jnp.where(jnp.isfinite(top_s), top_i, -1)
+
+
+def _topk_chunk(q, gallery, n_valid, k):
+  """Block-max top-k where it saves work (k x BLOCK well below the gallery), else direct."""
+  chunk = gallery.shape[1]
+  if chunk % BLOCK == 0 and 4 * k * BLOCK <= gallery.shape[0] * chunk:
+    return _topk_blocks(q, gallery, n_valid, k, BLOCK, math.gcd(q.shape[0], 32))
+  return _topk_direct(q, gallery, n_valid, k)
 
 
 @jax.jit
