@@ -63,6 +63,8 @@ def define_flags(fv: flags.FlagValues, sys_argv: list[str] | None = None) -> Non
   flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)", flag_values=fv)
   flags.DEFINE_string("export_dir", None, "export dir (default: <workdir>/export)",
                       flag_values=fv)
+  flags.DEFINE_bool("update", False, "export: embed only new/changed listings into the "
+                    "existing export (docs/retrieval.md)", flag_values=fv)
   flags.DEFINE_string("listing_id", "", "search: listings of the same style as this one",
                       flag_values=fv)
   flags.DEFINE_string("image", "", "search: query image file", flag_values=fv)
@@ -330,7 +332,7 @@ def run(config, fv):
     out = _local_export_dir(fv, paths)
     return export.export_catalog(config, paths.workdir, fv.catalog, fv.image_dir, out,
                                  checkpoint=fv.checkpoint, step=fv.step,
-                                 data_dir=paths.data_dir)
+                                 data_dir=paths.data_dir, update=fv.update)
   if mode == "search":
     from esspr_jax.retrieval import search  # noqa: PLC0415
     return search.search_from_config(

@@ -217,6 +217,59 @@ class ExactIndex:
     return out
 
 
+class LiveIndex:
+  """A base index (ScaNN or exact) plus an exact index over rows added since, minus
+  retired base rows: what an updated export searches (update.py).
+
+  Rows 0..base.size-1 are the base's, then the delta's. Retired rows are never
+  returned: the base is over-fetched until k live rows survive per query (or it is
+  exhausted), then merged with the delta's top-k by score. With an exact base the
+  result equals exact search over the live rows.
+  """
+
+  kind = "live"
+
+  def __init__(self, base, delta: "ExactIndex | None", retired: np.ndarray):
+    self.base, self.delta = base, delta
+    self.retired = np.asarray(retired, bool)
+    if len(self.retired) != base.size:
+      raise DataError(f"retired-row mask has {len(self.retired)} rows, the base index {base.size}")
+    self.dim = base.dim
+    self.base_live = int(base.size - self.retired.sum())
+    self.size = self.base_live + (delta.size if delta is not None else 0)
+
+  def _base_search(self, queries, k):
+    n_retired = self.base.size - self.base_live
+    fetch = min(self.base.size, k + min(n_retired, k))
+    while True:
+      ids, scores = self.base.search(queries, max(fetch, 1))
+      dead = (ids < 0) | self.retired[np.clip(ids, 0, None)]
+      live = (~dead).sum(axis=1)
+      if fetch >= self.base.size or np.all(live >= min(k, self.base_live)):
+        break
+      fetch = min(self.base.size, fetch * 4)
+    scores = np.where(dead, -np.inf, scores)
+    order = np.argsort(dead, axis=1, kind="stable")[:, :k]   # live rows first, score order kept
+    return np.where(np.take_along_axis(dead, order, 1), -1, np.take_along_axis(ids, order, 1)), \
+        np.take_along_axis(scores, order, 1)
+
+  def search(self, queries, k: int):
+    queries = _as_matrix(queries, "queries", self.dim)
+    ids, scores = self._base_search(queries, k)
+    if self.delta is not None and self.delta.size:
+      d_ids, d_scores = self.delta.search(queries, min(k, self.delta.size))
+      d_ids = np.where(d_ids >= 0, d_ids + self.base.size, -1)
+      ids = np.concatenate([ids, d_ids], axis=1)
+      scores = np.concatenate([scores, d_scores], axis=1)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    ids, scores = np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
+    if ids.shape[1] < k:
+      pad = k - ids.shape[1]
+      ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+      scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+    return ids.astype(np.int64), scores.astype(np.float32)
+
+
 @dataclasses.dataclass
 class ScannSettings:
   """What a ScaNN searcher was built and tuned with; stored in manifests."""
@@ -382,7 +435,8 @@ def save_index(index, directory) -> None:
   try:
     meta = {"kind": index.kind, "size": index.size, "dim": index.dim}
     if isinstance(index, ScannIndex):
-      index.searcher.serialize(str(tmp), relative_path=True)
+      # The pybind searcher itself: ScaNN's Python wrapper would also pickle doc ids.
+      index.searcher.searcher.serialize(str(tmp), True)
       meta["scann"] = dataclasses.asdict(index.settings)
     else:
       np.save(tmp / "vectors.npy", index.vectors)
@@ -395,6 +449,22 @@ def save_index(index, directory) -> None:
     raise
 
 
+def _load_scann(directory: pathlib.Path):
+  """A ScaNN searcher from its protobuf + .npy assets; never ScaNN's `load_searcher`,
+  which unpickles `scann_docids.pkl` (and writes files for old layouts)."""
+  import re  # noqa: PLC0415
+  from scann.scann_ops.py import scann_ops_pybind  # noqa: PLC0415
+  assets = directory / "scann_assets.pbtxt"
+  if not assets.is_file():
+    raise DataError(f"{directory}: ScaNN index lacks scann_assets.pbtxt")
+  text = assets.read_text()
+  for path in re.findall(r'asset_path:\s*"([^"]*)"', text):
+    if "/" in path or "\\" in path or path.startswith("."):
+      raise DataError(f"refusing index {directory}: asset path {path!r} leaves the directory")
+  searcher = scann_ops_pybind.scann_pybind.ScannNumpy(str(directory.absolute()), text)
+  return scann_ops_pybind.ScannSearcher(searcher, None)
+
+
 def load_index(directory):
   """Reads an index written by `save_index`; a clear DataError if it is not one."""
   directory = pathlib.Path(directory)
@@ -402,10 +472,13 @@ def load_index(directory):
   if not meta_path.is_file():
     raise DataError(f"{directory} is not an index directory (no {INDEX_META})")
   meta = json.loads(meta_path.read_text())
+  pickles = [p.name for p in directory.iterdir() if p.suffix.lower() in (".pkl", ".pickle")]
+  if pickles:
+    raise DataError(f"refusing index {directory}: it holds pickle files {pickles}")
   if meta["kind"] == "exact":
-    return ExactIndex(np.load(directory / "vectors.npy"), meta["query_chunk"], meta["gallery_chunk"])
+    return ExactIndex(np.load(directory / "vectors.npy", allow_pickle=False), meta["query_chunk"],
+                      meta["gallery_chunk"])
   if meta["kind"] == "scann":
-    import scann
-    searcher = scann.scann_ops_pybind.load_searcher(str(directory))
-    return ScannIndex(searcher, meta["size"], meta["dim"], ScannSettings(**meta["scann"]))
+    return ScannIndex(_load_scann(directory), meta["size"], meta["dim"],
+                      ScannSettings(**meta["scann"]))
   raise DataError(f"{meta_path}: unknown index kind {meta['kind']!r}")
