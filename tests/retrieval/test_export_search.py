@@ -239,3 +239,30 @@ def test_two_process_export_covers_every_id_once(exported, tiny, tmp_path):
   np.testing.assert_allclose(two, np.stack([one[i] for i in ids.tolist()]), rtol=1e-5, atol=1e-6)
   hits = search.Searcher(tmp_path / "two").by_id("item_1", k=1)
   assert hits[0].listing_id == "item_1_dup"
+
+
+def test_duplicate_ids_across_shards_of_different_widths_are_found(tmp_path):
+  export.save_npy(tmp_path / export.shard_name("ids", 0, 2), np.array([f"L{i}" for i in range(5000)]))
+  export.save_npy(tmp_path / export.shard_name("ids", 1, 2), np.array(["M1", "L77"]))
+  with pytest.raises(DataError, match=r"duplicate listing ids \['L77'\]"):
+    export._check_unique_ids(tmp_path, 2)
+  export.save_npy(tmp_path / export.shard_name("ids", 1, 2), np.array(["M1", "L77x"]))
+  export._check_unique_ids(tmp_path, 2)
+
+
+def test_vectors_through_the_export_path_round_trip(tiny, tmp_path):
+  rng = np.random.default_rng(0)
+  v = rng.normal(size=(50, 32)).astype(np.float32)
+  ids = [f"v{i}" for i in range(50)]
+  meta = lambda r: {"listing_id": [ids[i] for i in r], "title": [f"t\u2028{i}" for i in r],
+                    "supplier_id": ["s"] * len(r), "category": ["c"] * len(r), "image": [""] * len(r)}
+  config = tiny.config.copy_and_resolve_references()
+  config.eval.export.modalities = "m"
+  chunks = ((ids[s:s + 16], {"m": v[s:s + 16]}, meta(range(s, min(50, s + 16)))) for s in range(0, 50, 16))
+  manifest = export.export_vectors(chunks, tmp_path / "v", config)
+  assert manifest["count"] == 50 and manifest["index"]["m"]["kind"] == "exact"
+  s = search.Searcher(tmp_path / "v")
+  np.testing.assert_array_equal(s.vectors("m"), v)
+  assert s.meta["title"][7] == "t\u20287"
+  hits = s.by_id("v3", k=49)
+  assert [h.listing_id for h in hits] == [ids[i] for i in np.argsort(-(v @ v[3]), kind="stable") if i != 3]
