@@ -1,7 +1,16 @@
-"""Exact vs ScaNN search on clustered unit vectors, and the eval table's retrieval time.
+"""Exact search against the matmul limit; exact vs ScaNN; the eval table's retrieval time.
 
-    .venv/bin/python benchmarks/bench_retrieval.py            # 1M x 256 (a few minutes)
-    .venv/bin/python benchmarks/bench_retrieval.py --n 100000 # smaller
+    .venv/bin/python benchmarks/bench_retrieval.py            # 262k limit + 1M x 256 (minutes)
+    .venv/bin/python benchmarks/bench_retrieval.py --n 100000 # smaller ScaNN part
+    .venv/bin/python benchmarks/bench_retrieval.py --limit-only
+
+First table (the matmul limit): at --limit-n x --dim with --limit-queries queries, the
+bare query x gallery matmul (one jitted `q @ g.T` per query chunk, the score matrix
+written and nothing else), the previous exact top-k (a top-k over every gallery chunk
+of 16,384 scores) and ExactIndex.search (block-max top-k, index.BLOCK), interleaved
+over --rounds rounds, best round kept. GFLOP/s = 2 Q N D / seconds; the ratio to the
+bare matmul is the figure of merit. CPU-seconds rates are printed too: on a shared
+machine they are steadier than wall-clock rates.
 
 Synthetic data (no model needed), shaped like product embeddings: each vector is
 normalize(0.45 c + 0.5 s + 0.74 z) with c one of `--categories` random unit
@@ -68,6 +77,88 @@ def timed_search(idx, queries, k, **knobs):
   return ids, len(queries) / (time.perf_counter() - start)
 
 
+def _bare_matmul(gallery, queries, query_chunk):
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  g = jnp.asarray(gallery)
+  mm = jax.jit(lambda q, g: jnp.dot(q, g.T))
+
+  def run():
+    for start in range(0, len(queries), query_chunk):
+      jax.block_until_ready(mm(queries[start:start + query_chunk], g))
+  return run
+
+
+def _bare_matmul_chunked(gallery, queries, query_chunk, gallery_chunk):
+  """The matmul as the search tiles it: one jitted dot per (query, gallery) chunk."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  chunks = [jnp.asarray(gallery[s:s + gallery_chunk]) for s in range(0, len(gallery), gallery_chunk)]
+  mm = jax.jit(lambda q, g: jnp.dot(q, g.T))
+
+  def run():
+    for start in range(0, len(queries), query_chunk):
+      q = jnp.asarray(queries[start:start + query_chunk])
+      out = [mm(q, g) for g in chunks]
+      jax.block_until_ready(out[-1])
+      del out
+  return run
+
+
+def _previous_exact(gallery, queries, query_chunk, k, chunk=16384):
+  """The exact search before the block-max top-k: top-k over each 16,384-score chunk."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  padded = np.zeros((-(-len(gallery) // chunk) * chunk, gallery.shape[1]), np.float32)
+  padded[:len(gallery)] = gallery
+  g = jnp.asarray(padded.reshape(-1, chunk, gallery.shape[1]))
+
+  def run():
+    out = []
+    for start in range(0, len(queries), query_chunk):
+      out.append(np.asarray(index_lib._topk_direct(queries[start:start + query_chunk], g,
+                                                   len(gallery), k)[1]))
+    return np.concatenate(out)
+  return run
+
+
+def bench_limit(args):
+  """Rows of the matmul-limit table (see module doc)."""
+  rng = np.random.default_rng(args.seed + 7)
+  world = World(args.limit_n, args.dim, args.categories, args.seed)
+  gallery = world.draw(np.arange(args.limit_n) % world.styles, rng)
+  queries = world.draw(rng.integers(world.styles, size=args.limit_queries), rng)
+  config = eval_config.default_config("base").index
+  exact = index_lib.ExactIndex(gallery, config.query_chunk, config.gallery_chunk)
+  runs = {"bare matmul (q @ g.T, scores written)": _bare_matmul(gallery, queries, config.query_chunk),
+          f"bare matmul tiled like the search ({config.query_chunk} x {config.gallery_chunk} "
+          f"score tiles)": _bare_matmul_chunked(gallery, queries, config.query_chunk,
+                                                config.gallery_chunk),
+          "previous exact search (top-k per 16,384-score chunk)":
+              _previous_exact(gallery, queries, config.query_chunk, args.k),
+          f"ExactIndex.search (block-max top-k, gallery chunk {config.gallery_chunk})":
+              lambda: exact.search(queries, args.k)[0]}
+  wall = {n: float("inf") for n in runs}
+  cpu = {n: float("inf") for n in runs}
+  for f in runs.values():
+    f()  # compile
+  a = runs["previous exact search (top-k per 16,384-score chunk)"]()
+  b = exact.search(queries, args.k)[0]
+  same = float(np.mean(a == b))
+  for _ in range(args.rounds):
+    for name, f in runs.items():
+      t, c = time.perf_counter(), time.process_time()
+      f()
+      wall[name] = min(wall[name], time.perf_counter() - t)
+      cpu[name] = min(cpu[name], time.process_time() - c)
+  flop = 2.0 * args.limit_queries * args.limit_n * args.dim
+  bare = [n for n in runs if n.startswith("bare")]
+  best_wall, best_cpu = min(wall[n] for n in bare), min(cpu[n] for n in bare)
+  rows = [(n, flop / wall[n] / 1e9, best_wall / wall[n], flop / cpu[n] / 1e9, best_cpu / cpu[n])
+          for n in runs]
+  return rows, same
+
+
 def bench_eval(dim, pairs, seed):
   """Scores `pairs` synthetic eval pairs in the 7 paper settings; returns seconds."""
   rng = np.random.default_rng(seed)
@@ -93,8 +184,32 @@ def main():
   p.add_argument("--eval-pairs", type=int, default=5000)
   p.add_argument("--json", default="", help="also write the results here")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--limit-n", type=int, default=262_144, help="gallery of the matmul-limit table")
+  p.add_argument("--limit-queries", type=int, default=2048)
+  p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (best kept)")
+  p.add_argument("--limit-only", action="store_true", help="only the matmul-limit table")
+  p.add_argument("--no-limit", action="store_true", help="skip the matmul-limit table")
   args = p.parse_args()
+  if not args.no_limit:
+    limit_table(args)
+  if not args.limit_only:
+    scann_table(args)
 
+
+def limit_table(args):
+  t_limit = time.perf_counter()
+  limit_rows, same = bench_limit(args)
+  print(f"\n| exact search at the matmul limit (N={args.limit_n:,}, D={args.dim}, "
+        f"{args.limit_queries} queries, k={args.k}, {os.cpu_count()} cores) "
+        f"| GFLOP/s | x faster bare matmul | GFLOP per CPU-s | x faster bare (CPU-s) |")
+  print("|---|---|---|---|---|")
+  for name, rate, ratio, cpu_rate, cpu_ratio in limit_rows:
+    print(f"| {name} | {rate:.1f} | {ratio:.2f} | {cpu_rate:.1f} | {cpu_ratio:.2f} |")
+  print(f"\nids equal to the previous exact search: {same:.4%} "
+        f"({time.perf_counter() - t_limit:.0f}s)", flush=True)
+
+
+def scann_table(args):
   rng = np.random.default_rng(args.seed + 1)
   t0 = time.perf_counter()
   world = World(args.n, args.dim, args.categories, args.seed)
@@ -118,7 +233,7 @@ def main():
   start = time.perf_counter()
   scann_index, report = index_lib.build_index(gallery, config, tune_queries=tune_queries)
   s = report["scann"]
-  rows = [("exact (JAX, chunked matmul + top-k)", exact_build, exact_qps, 1.0, "")]
+  rows = [("exact (JAX, chunked matmul + block-max top-k)", exact_build, exact_qps, 1.0, "")]
   ids, qps = timed_search(scann_index, queries, args.k)
   rows.append((f"ScaNN tuned (leaves {s['leaves_to_search']}/{s['num_leaves']}, reorder {s['reorder']})",
                report["build_s"], qps, metrics.recall_vs_exact(ids, exact_ids),

@@ -82,6 +82,8 @@ def define_flags(fv: flags.FlagValues, sys_argv: list[str] | None = None) -> Non
   flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)", flag_values=fv)
   flags.DEFINE_string("export_dir", None, "export dir (default: <workdir>/export)",
                       flag_values=fv)
+  flags.DEFINE_bool("update", False, "export: embed only new/changed listings into the "
+                    "existing export (docs/retrieval.md)", flag_values=fv)
   flags.DEFINE_string("listing_id", "", "search: listings of the same style as this one",
                       flag_values=fv)
   flags.DEFINE_string("image", "", "search: query image file", flag_values=fv)
@@ -197,7 +199,7 @@ def run(config, fv, beam_args=()):
   if mode == "export":
     _require(fv, "catalog", "image_dir")
     return stages.export(config, paths, fv.catalog, fv.image_dir, _local_export_dir(fv, paths),
-                         checkpoint=fv.checkpoint, step=fv.step)
+                         checkpoint=fv.checkpoint, step=fv.step, update=fv.update)
   if mode == "search":
     return stages.search(
         config, paths, _local_export_dir(fv, paths),

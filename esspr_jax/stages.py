@@ -222,10 +222,13 @@ def evaluate(config, paths: Paths, *, checkpoint=None, step=None):
 
 
 def export(config, paths: Paths, catalog, image_dir, export_dir, *, checkpoint=None,
-           step=None):
+           step=None, update: bool = False):
+  """Embeddings of `catalog` in `export_dir`; with `update`, only new or changed
+  listings are embedded into the existing export (docs/retrieval.md)."""
   from esspr_jax.retrieval import export as export_lib  # noqa: PLC0415
   return export_lib.export_catalog(config, paths.workdir, catalog, image_dir, export_dir,
-                                   checkpoint=checkpoint, step=step, data_dir=paths.data_dir)
+                                   checkpoint=checkpoint, step=step, data_dir=paths.data_dir,
+                                   update=update)
 
 
 def search(config, paths: Paths, export_dir, **query):

@@ -8,7 +8,8 @@ Keys (see docs/retrieval.md for what each one changes):
   max_pairs         evaluate on the first N pairs only (0: all)
   index.*           exact chunking, the gallery size above which ScaNN is used, ScaNN
                     tree / hashing / reorder settings and its automatic tuning
-  export.*          catalog export: modalities, dtype, rows per resumable chunk
+  export.*          catalog export: modalities, dtype, rows per resumable chunk,
+                    when an --update folds its delta into a new base
   search.*          defaults of the search command (k, duplicate threshold, HTML page)
 """
 import ml_collections
@@ -36,7 +37,7 @@ def default_config(preset: str) -> ml_collections.ConfigDict:
   c.index = ml_collections.ConfigDict()
   # Exact search: chunked matmul + running top-k; never a full Q x G score matrix.
   c.index.query_chunk = 256 if preset == "tiny" else 1024
-  c.index.gallery_chunk = 1024 if preset == "tiny" else 16384
+  c.index.gallery_chunk = 1024 if preset == "tiny" else 4096
   # Galleries smaller than this use exact search (ScaNN buys nothing there).
   c.index.exact_max_gallery = 50_000
   # ScaNN returns this many neighbours for the table (MRR is truncated at this depth).
@@ -57,6 +58,9 @@ def default_config(preset: str) -> ml_collections.ConfigDict:
   c.export.modalities = "i,t,m"
   c.export.dtype = "float32"
   c.export.chunk_rows = 64 if preset == "tiny" else 4096
+  # --update folds the delta into a new base (and rebuilds the indexes) once the delta
+  # rows plus the retired base rows pass this fraction of the live rows.
+  c.export.rebuild_fraction = 0.2
 
   c.search = ml_collections.ConfigDict()
   c.search.k = 20
@@ -126,6 +130,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if e.export.dtype not in EXPORT_DTYPES:
     raise ConfigError("eval.export.dtype", f"{e.export.dtype!r} not in {EXPORT_DTYPES}")
   _positive_int(e.export, "eval.export", "chunk_rows")
+  fraction = e.export.rebuild_fraction
+  if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+    raise ConfigError("eval.export.rebuild_fraction", f"must be a number in [0, 1], got {fraction!r}")
   _positive_int(e.search, "eval.search", "k")
   _positive_int(e.search, "eval.search", "html_thumb_px")
   if not -1.0 <= e.search.duplicate_threshold <= 1.0:

@@ -1,172 +1,119 @@
-"""Catalog export: embeddings + ids as per-process .npy shards, then one index per modality.
+"""Catalog export: embeddings + ids as per-process shards, then one index per modality.
 
 Entry points:
 
     export_catalog(config, workdir, catalog_csv, image_dir, out_dir, *, checkpoint=None,
-                   step=None) -> manifest dict          (main.py --mode=export)
-        Restores the model from the run's checkpoint (or `checkpoint`), reads the
-        catalog (listing_id, title, image, supplier_id, cate_name, ...) and calls:
-
+                   step=None, update=False) -> manifest dict   (main.py --mode=export [--update])
     export_embeddings(model, params, items, out_dir, config, *, tokenizer, listings=None,
-                      checkpoint_info=None, batch_sharding=None) -> manifest dict
+                      checkpoint_info=None, image_dir=None, ...) -> manifest dict
         `items`: a sequence of {'id', 'title', 'image' bytes} (pipeline.CatalogItems);
-        `listings`: {listing_id: catalog.Listing} for titles/suppliers/categories;
-        `image_dir`: where relative image paths live (recorded absolute for search pages).
+        `listings`: {listing_id: catalog.Listing} for titles/suppliers/categories.
+    export_vectors(chunks, out_dir, config, *, build_indexes=True) -> manifest dict
+        The same writer fed with ready vectors (benchmarks; other embedders).
+    build_indexes(out_dir, config) -> manifest dict      (indexes for a finished export)
 
 Layout of out_dir (`manifest.json` is written last, so its presence means complete):
-    manifest.json            model checkpoint + step, model config and its hash,
-                             modalities, dtype, count, dim, shard files, index reports
+    manifest.json            model checkpoint + step, model config and its hash, modalities,
+                             dtype, count, dim, shard files, index reports, and the sha256
+                             of every other file (integrity.py: checked before loading)
     tokenizer.json           the tokenizer used, so search encodes text the same way
-    listings.parquet         listing_id, title, supplier_id, category, image (row order)
-    ids.process-PPPPP-of-NNNNN.npy, emb_<m>.process-PPPPP-of-NNNNN.npy   one per process
+    ids / hash / emb_<m> .process-PPPPP-of-NNNNN.npy     one per process (row order)
+    listings.process-PPPPP-of-NNNNN.parquet             listing_id, title, supplier_id,
+                                                        category, image
     index/<m>/               exact or tuned ScaNN index (index.py), rows = shard order
+    delta/gen-NNNNNN/        listings added or changed since (update.py), if any
+
+`hash` is each listing's content hash (id, title, image bytes, supplier, category,
+image path): updates re-embed only listings whose hash changed.
 
 Resumable: each process embeds its share (items p, p+P, ...) in chunks of
 `eval.export.chunk_rows`; a chunk's files are written atomically, then a progress
-record (`work/progress.process-P.json`) is advanced. After a kill the rerun skips the
-recorded chunks and overwrites any unrecorded partial one, so no id is duplicated or
-lost. A partial export made with other settings is refused rather than mixed in.
-Memory is bounded by one chunk (images are decoded per batch by the loader).
+record (`work/progress.process-P.json`) is advanced with the chunk's content hash.
+After a kill the rerun re-hashes the finished chunks' listings and keeps only those
+whose content is unchanged (a changed or reordered catalog restarts from the first
+chunk that differs), so no id is duplicated, lost or mixed from two catalogs. A partial
+export made with another model, checkpoint or settings is refused.
+
+Memory is bounded by one chunk: chunk files are streamed into the shards (memory-mapped
+.npy, Parquet row groups); only the index build holds a whole modality.
 """
+import hashlib
 import json
 import logging
 import math
-import os
 import pathlib
 import shutil
 import time
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from esspr_jax import atomic_io
 from esspr_jax.config import eval as eval_config
 from esspr_jax.errors import DataError
 from esspr_jax.retrieval import embed as embed_lib
 from esspr_jax.retrieval import index as index_lib
-from esspr_jax.retrieval import report as report_lib
+from esspr_jax.retrieval import integrity
 from esspr_jax.retrieval import restore
 
 log = logging.getLogger(__name__)
 
-FORMAT = "esspr-export/1"
-MANIFEST = "manifest.json"
+FORMAT = "esspr-export/2"
+MANIFEST = integrity.MANIFEST
 TOKENIZER = "tokenizer.json"
-LISTINGS = "listings.parquet"
+META_COLUMNS = ("listing_id", "title", "supplier_id", "category", "image")
+HASH_BYTES = 16
 
 
-def shard_name(kind: str, process: int, count: int) -> str:
-  return f"{kind}.process-{process:05d}-of-{count:05d}.npy"
+def shard_name(kind: str, process: int, count: int, ext: str = "npy") -> str:
+  return f"{kind}.process-{process:05d}-of-{count:05d}.{ext}"
 
 
-class _Share(Sequence):
-  """Rows start, start+step, ... of `items` from position `skip` on (lazy)."""
-
-  def __init__(self, items: Sequence, start: int, step: int, skip: int = 0):
-    self._items, self._start, self._step, self._skip = items, start, step, skip
-    self._len = max(0, math.ceil((len(items) - start) / step) - skip)
-
-  def __len__(self):
-    return self._len
-
-  def __getitem__(self, i):
-    if not 0 <= i < self._len:
-      raise IndexError(i)
-    return self._items[self._start + (self._skip + i) * self._step]
+def save_npy(path, array: np.ndarray) -> None:
+  with atomic_io.atomic_open(path, "wb") as f:
+    np.save(f, array, allow_pickle=False)
 
 
-def _save_npy_atomic(path: pathlib.Path, array: np.ndarray) -> None:
-  tmp = path.with_name(path.name + ".tmp.npy")
-  np.save(tmp, array)
-  os.replace(tmp, path)
+def load_npy(path, mmap: bool = True) -> np.ndarray:
+  return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
 
 
-def _fingerprint(config, modalities, dtype, count, process, processes, checkpoint_info) -> dict:
-  return {"format": FORMAT, "modalities": list(modalities), "dtype": dtype, "items": count,
-          "process": process, "processes": processes, "chunk_rows": config.eval.export.chunk_rows,
-          "batch_size": config.eval.batch_size, "model_config_hash": restore.config_hash(config.model),
-          "checkpoint": (checkpoint_info or {}).get("checkpoint"),
-          "step": (checkpoint_info or {}).get("step")}
+def iter_npy(path, rows: int = 65536):
+  """An .npy file's rows in slices, by plain reads: unlike a memory map, nothing read
+  stays resident, so a pass over a whole shard costs one slice of memory."""
+  with open(path, "rb") as f:
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+      shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+      shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    else:
+      raise DataError(f"{path}: unsupported .npy version {version}")
+    if fortran or dtype.hasobject:
+      raise DataError(f"{path}: not a plain C-order array")
+    tail = int(np.prod(shape[1:], dtype=np.int64))
+    for start in range(0, shape[0], rows):
+      n = min(rows, shape[0] - start)
+      yield np.fromfile(f, dtype=dtype, count=n * tail).reshape((n,) + tuple(shape[1:]))
 
 
-def _read_progress(path: pathlib.Path, fingerprint: dict) -> int:
-  if not path.is_file():
-    return 0
-  record = json.loads(path.read_text())
-  if record.get("fingerprint") != fingerprint:
-    changed = sorted(k for k in fingerprint if record.get("fingerprint", {}).get(k) != fingerprint[k])
-    raise DataError(f"{path.parent.parent} holds a partial export made with other settings "
-                    f"(differs in {changed}); use a new out_dir or delete that one")
-  return int(record["chunks_done"])
+# ----------------------------------------------------------------------------- content hashes
+def item_hash(item: Mapping, listing=None) -> bytes:
+  """The listing's content hash: what the embedding and the search page depend on."""
+  h = hashlib.sha256()
+  image = item.get("image", b"")
+  for part in (str(item["id"]), str(item.get("title", "")),
+               getattr(listing, "supplier_id", ""), getattr(listing, "cate_name", ""),
+               getattr(listing, "image", "")):
+    data = part.encode("utf-8")
+    h.update(len(data).to_bytes(8, "little") + data)
+  image = bytes(image) if isinstance(image, (bytes, bytearray, memoryview)) else str(image).encode()
+  h.update(len(image).to_bytes(8, "little") + image)
+  return h.digest()[:HASH_BYTES]
 
 
-def _embed_share(model, params, share, work: pathlib.Path, config, *, tokenizer, modalities,
-                 dtype, fingerprint, batch_sharding, process) -> int:
-  """Embeds this process's share chunk by chunk; returns the number of chunks."""
-  from esspr_jax.input import pipeline  # noqa: PLC0415
-  batch = config.eval.batch_size
-  chunk_rows = math.ceil(config.eval.export.chunk_rows / batch) * batch
-  chunks = math.ceil(len(share) / chunk_rows)
-  progress = work / f"progress.process-{process:05d}.json"
-  done = _read_progress(progress, fingerprint)
-  if done:
-    log.info("export: resuming at chunk %d of %d", done, chunks)
-  spec = pipeline.spec_from_config(config)
-  for c in range(done, chunks):
-    part = _Head(_Share(share, 0, 1, c * chunk_rows), min(chunk_rows, len(share) - c * chunk_rows))
-    loader = pipeline.make_items_dataset(part, tokenizer, spec, batch, process_index=0,
-                                         process_count=1)
-    ids, emb = embed_lib.embed_all(model, params, loader, ("item",), modalities,
-                                   batch_sharding=batch_sharding)
-    if len(ids["item"]) != len(part):
-      raise DataError(f"export chunk {c}: the loader gave {len(ids['item'])} rows for "
-                      f"{len(part)} items")
-    _save_npy_atomic(work / f"chunk-{process:05d}-{c:06d}.ids.npy", ids["item"].astype(str))
-    for m in modalities:
-      _save_npy_atomic(work / f"chunk-{process:05d}-{c:06d}.{m}.npy", emb["item"][m].astype(dtype))
-    report_lib.atomic_write(progress, json.dumps({"fingerprint": fingerprint, "chunks_done": c + 1,
-                                                  "chunks": chunks}))
-    log.info("export: chunk %d/%d (%d rows)", c + 1, chunks, len(part))
-  return chunks
-
-
-class _Head(Sequence):
-  def __init__(self, items, n):
-    self._items, self._n = items, n
-
-  def __len__(self):
-    return self._n
-
-  def __getitem__(self, i):
-    if not 0 <= i < self._n:
-      raise IndexError(i)
-    return self._items[i]
-
-
-def _finalize_shard(work: pathlib.Path, out_dir: pathlib.Path, chunks: int, process: int,
-                    processes: int, modalities, dtype) -> None:
-  """Concatenates the chunk files into this process's shard files (streaming)."""
-  def chunk(c, kind):
-    return np.load(work / f"chunk-{process:05d}-{c:06d}.{kind}.npy", mmap_mode="r")
-
-  counts = [len(chunk(c, "ids")) for c in range(chunks)]
-  total = sum(counts)
-  width = max([chunk(c, "ids").dtype.itemsize // 4 for c in range(chunks)] or [1])
-  ids = np.concatenate([chunk(c, "ids") for c in range(chunks)]).astype(f"<U{width}") if chunks \
-      else np.zeros(0, "<U1")
-  _save_npy_atomic(out_dir / shard_name("ids", process, processes), ids)
-  for m in modalities:
-    dim = chunk(0, m).shape[1] if chunks else 0
-    final = out_dir / shard_name(f"emb_{m}", process, processes)
-    tmp = final.with_name(final.name + ".tmp.npy")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(total, dim))
-    row = 0
-    for c in range(chunks):
-      part = chunk(c, m)
-      out[row:row + len(part)] = part
-      row += len(part)
-    out.flush()
-    del out
-    os.replace(tmp, final)
+def hashes_array(digests: Sequence[bytes]) -> np.ndarray:
+  return np.frombuffer(b"".join(digests), np.uint8).reshape(len(digests), HASH_BYTES)
 
 
 def _image_ref(ref: str, image_dir) -> str:
@@ -180,38 +127,326 @@ def _image_ref(ref: str, image_dir) -> str:
     return ref
 
 
-def _write_listings(path: pathlib.Path, ids: np.ndarray, listings: Mapping | None,
-                    image_dir=None) -> None:
+def meta_rows(items: Sequence[Mapping], listings: Mapping | None, image_dir=None) -> dict:
+  """The listings columns for `items` (title from the catalog, else the item's)."""
+  listings = listings or {}
+  cols = {c: [] for c in META_COLUMNS}
+  for it in items:
+    i = str(it["id"])
+    x = listings.get(i)
+    cols["listing_id"].append(i)
+    cols["title"].append(getattr(x, "title", None) or str(it.get("title", "")))
+    cols["supplier_id"].append(getattr(x, "supplier_id", ""))
+    cols["category"].append(getattr(x, "cate_name", ""))
+    cols["image"].append(_image_ref(getattr(x, "image", ""), image_dir))
+  return cols
+
+
+def write_parquet(path, columns: Mapping[str, list]) -> None:
   import pyarrow as pa  # noqa: PLC0415
   import pyarrow.parquet as pq  # noqa: PLC0415
-  listings = listings or {}
+  with atomic_io.atomic_open(path, "wb") as f:
+    pq.write_table(pa.table({c: [str(v) for v in columns[c]] for c in META_COLUMNS}), f)
 
-  def get(i, k):
-    value = getattr(listings[i], k, "") if i in listings else ""
-    return _image_ref(value, image_dir) if k == "image" else value
 
-  table = pa.table({
-      "listing_id": [str(i) for i in ids],
-      "title": [get(i, "title") for i in ids],
-      "supplier_id": [get(i, "supplier_id") for i in ids],
-      "category": [get(i, "cate_name") for i in ids],
-      "image": [get(i, "image") for i in ids],
-  })
-  tmp = path.with_name(path.name + ".tmp")
-  pq.write_table(table, tmp)
-  os.replace(tmp, path)
+def read_parquet(path) -> dict:
+  import pyarrow.parquet as pq  # noqa: PLC0415
+  table = pq.read_table(path).to_pydict()
+  return {c: np.asarray(table[c], dtype=object) for c in META_COLUMNS}
+
+
+# ----------------------------------------------------------------------------- the writer
+class ShareWriter:
+  """One process's share: chunk files in work/, then streamed into its shard files."""
+
+  def __init__(self, out_dir, process: int, processes: int, modalities, dtype):
+    self.out = pathlib.Path(out_dir)
+    self.work = self.out / "work"
+    self.work.mkdir(parents=True, exist_ok=True)
+    self.process, self.processes = process, processes
+    self.modalities, self.dtype = tuple(modalities), np.dtype(dtype)
+
+  def _chunk(self, c: int, kind: str, ext: str = "npy") -> pathlib.Path:
+    return self.work / f"chunk-{self.process:05d}-{c:06d}.{kind}.{ext}"
+
+  def write_chunk(self, c: int, ids, hashes: np.ndarray, vectors: Mapping, meta: Mapping) -> None:
+    n = len(ids)
+    if hashes.shape != (n, HASH_BYTES) or any(len(vectors[m]) != n for m in self.modalities):
+      raise DataError(f"export chunk {c}: ids, hashes and vectors disagree in length")
+    save_npy(self._chunk(c, "ids"), np.asarray([str(i) for i in ids]))
+    save_npy(self._chunk(c, "hash"), hashes)
+    for m in self.modalities:
+      save_npy(self._chunk(c, m), np.asarray(vectors[m]).astype(self.dtype))
+    write_parquet(self._chunk(c, "meta", "parquet"), meta)
+
+  def finalize(self, chunks: int) -> list[str]:
+    """Shard files of this process (streaming, one chunk in memory); returns their names."""
+    import pyarrow.parquet as pq  # noqa: PLC0415
+    counts = [len(load_npy(self._chunk(c, "ids"))) for c in range(chunks)]
+    total = sum(counts)
+    width = max([load_npy(self._chunk(c, "ids")).dtype.itemsize // 4 for c in range(chunks)] or [1])
+    names = []
+
+    def stream(kind, dtype, shape_tail):
+      name = shard_name(kind, self.process, self.processes)
+      with atomic_io.atomic_open(self.out / name, "wb") as f:
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                  "shape": (total,) + shape_tail}
+        np.lib.format.write_array_header_1_0(f, header)
+        for c in range(chunks):
+          part = np.ascontiguousarray(load_npy(self._chunk(c, kind.removeprefix("emb_"))), dtype)
+          f.write(part.tobytes())
+      names.append(name)
+
+    stream("ids", f"<U{width}", ())
+    stream("hash", np.uint8, (HASH_BYTES,))
+    for m in self.modalities:
+      dim = load_npy(self._chunk(0, m)).shape[1] if chunks else 0
+      stream(f"emb_{m}", self.dtype, (dim,))
+    name = shard_name("listings", self.process, self.processes, "parquet")
+    writer = None
+    with atomic_io.atomic_open(self.out / name, "wb") as f:
+      for c in range(chunks):
+        table = pq.read_table(self._chunk(c, "meta", "parquet"))
+        writer = writer or pq.ParquetWriter(f, table.schema)
+        writer.write_table(table)
+      if writer is None:
+        import pyarrow as pa  # noqa: PLC0415
+        pq.write_table(pa.table({c: pa.array([], pa.string()) for c in META_COLUMNS}), f)
+      else:
+        writer.close()
+    names.append(name)
+    return names
 
 
 def load_shards(out_dir, kind: str, processes: int) -> np.ndarray:
-  """All processes' shards of `kind` ('ids' or 'emb_<m>') concatenated in process order."""
+  """All processes' shards of `kind` ('ids', 'hash' or 'emb_<m>') in process order."""
   out_dir = pathlib.Path(out_dir)
   parts = []
   for p in range(processes):
     path = out_dir / shard_name(kind, p, processes)
     if not path.is_file():
       raise DataError(f"export {out_dir} lacks shard {path.name}")
-    parts.append(np.load(path, mmap_mode="r"))
+    parts.append(load_npy(path))
+  if len(parts) == 1:
+    return parts[0]
   return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def load_listings(out_dir, processes: int) -> dict:
+  parts = [read_parquet(pathlib.Path(out_dir) / shard_name("listings", p, processes, "parquet"))
+           for p in range(processes)]
+  return {c: np.concatenate([p[c] for p in parts]) for c in META_COLUMNS}
+
+
+def _id_keys(ids: np.ndarray) -> np.ndarray:
+  """64-bit FNV-1a keys of fixed-width unicode ids (vectorised over rows; the padding
+  of narrower shards is skipped, so a key does not depend on the shard's width)."""
+  width = max(ids.dtype.itemsize // 4, 1)
+  codes = np.ascontiguousarray(ids).view(np.uint32).reshape(len(ids), width).astype(np.uint64)
+  h = np.full(len(ids), 1469598103934665603, np.uint64)
+  with np.errstate(over="ignore"):
+    for col in range(width):
+      c = codes[:, col]
+      h = np.where(c != 0, (h ^ c) * np.uint64(1099511628211), h)
+  return h
+
+
+def _check_unique_ids(out_dir, processes: int) -> None:
+  """Duplicate ids across shards in 8 bytes per row: 64-bit keys sorted in place, and
+  an exact comparison of the ids behind any equal keys."""
+  paths = [pathlib.Path(out_dir) / shard_name("ids", p, processes) for p in range(processes)]
+  keys = np.concatenate([_id_keys(part) for path in paths for part in iter_npy(path)] or
+                        [np.zeros(0, np.uint64)])
+  keys.sort()
+  clash = np.unique(keys[1:][keys[1:] == keys[:-1]])
+  if len(clash):
+    found = {}
+    for path in paths:
+      for part in iter_npy(path):
+        for i in part[np.isin(_id_keys(part), clash)].tolist():
+          found[i] = found.get(i, 0) + 1
+    dup = sorted(i for i, c in found.items() if c > 1)
+    if dup:
+      raise DataError(f"export {out_dir}: duplicate listing ids {dup[:5]} in the catalog")
+
+
+# ----------------------------------------------------------------------------- progress
+def _fingerprint(config, modalities, dtype, process, processes, checkpoint_info) -> dict:
+  return {"format": FORMAT, "modalities": list(modalities), "dtype": dtype,
+          "process": process, "processes": processes, "chunk_rows": config.eval.export.chunk_rows,
+          "batch_size": config.eval.batch_size, "model_config_hash": restore.config_hash(config.model),
+          "checkpoint": (checkpoint_info or {}).get("checkpoint"),
+          "step": (checkpoint_info or {}).get("step")}
+
+
+def _read_progress(path: pathlib.Path, fingerprint: dict) -> list[str]:
+  """The content hashes of the finished chunks of a partial export with these settings."""
+  if not path.is_file():
+    return []
+  record = json.loads(path.read_text())
+  if record.get("fingerprint") != fingerprint:
+    changed = sorted(k for k in fingerprint if record.get("fingerprint", {}).get(k) != fingerprint[k])
+    raise DataError(f"{path.parent.parent} holds a partial export made with other settings "
+                    f"(differs in {changed}); use a new out_dir or delete that one")
+  return list(record.get("chunk_hashes", []))
+
+
+class _Slice(Sequence):
+  """Items start, start+step, ... (a process's share), lazily."""
+
+  def __init__(self, items: Sequence, start: int, step: int):
+    self._items, self._start, self._step = items, start, step
+    self._len = max(0, math.ceil((len(items) - start) / step))
+
+  def __len__(self):
+    return self._len
+
+  def __getitem__(self, i):
+    if not 0 <= i < self._len:
+      raise IndexError(i)
+    return self._items[self._start + i * self._step]
+
+
+def _chunk_items(share: Sequence, c: int, rows: int, listings) -> tuple[list, np.ndarray, str]:
+  """Chunk c's items (read once), their content hashes and the chunk's hash."""
+  items = [share[i] for i in range(c * rows, min(len(share), (c + 1) * rows))]
+  digests = [item_hash(it, (listings or {}).get(str(it["id"]))) for it in items]
+  return items, hashes_array(digests), hashlib.sha256(b"".join(digests)).hexdigest()
+
+
+def embed_items(model, params, items: Sequence, config, *, tokenizer, modalities,
+                batch_sharding=None) -> tuple[np.ndarray, dict]:
+  """(ids, {m: float32 [n, E]}) of `items` through the catalog loader, in item order."""
+  from esspr_jax.input import pipeline  # noqa: PLC0415
+  spec = pipeline.spec_from_config(config)
+  loader = pipeline.make_items_dataset(items, tokenizer, spec, config.eval.batch_size,
+                                       process_index=0, process_count=1)
+  ids, emb = embed_lib.embed_all(model, params, loader, ("item",), modalities,
+                                 batch_sharding=batch_sharding)
+  if len(ids["item"]) != len(items) or ids["item"].tolist() != [str(it["id"]) for it in items]:
+    raise DataError(f"export: the loader gave {len(ids['item'])} rows for {len(items)} items")
+  return ids["item"], emb["item"]
+
+
+def _embed_share(model, params, share, writer: ShareWriter, config, *, tokenizer, listings,
+                 image_dir, fingerprint, batch_sharding) -> int:
+  """Embeds this process's share chunk by chunk; returns the number of chunks."""
+  batch = config.eval.batch_size
+  rows = math.ceil(config.eval.export.chunk_rows / batch) * batch
+  chunks = math.ceil(len(share) / rows)
+  progress = writer.work / f"progress.process-{writer.process:05d}.json"
+  done = _read_progress(progress, fingerprint)[:chunks]
+  resumed = False
+  for c in range(chunks):
+    items, hashes, chunk_hash = _chunk_items(share, c, rows, listings)
+    if c < len(done):
+      if done[c] == chunk_hash:
+        continue
+      log.warning("export: the catalog changed since the partial export (chunk %d of %d "
+                  "differs): re-embedding from there", c, chunks)
+      done = done[:c]
+    if c and c == len(done) and not resumed:
+      log.info("export: resuming at chunk %d of %d", c, chunks)
+    resumed = True
+    ids, vectors = embed_items(model, params, items, config, tokenizer=tokenizer,
+                               modalities=writer.modalities, batch_sharding=batch_sharding)
+    writer.write_chunk(c, ids, hashes, vectors, meta_rows(items, listings, image_dir))
+    done = done[:c] + [chunk_hash]
+    atomic_io.atomic_write(progress, json.dumps({"fingerprint": fingerprint, "chunks": chunks,
+                                                 "chunk_hashes": done}))
+    log.info("export: chunk %d/%d (%d rows)", c + 1, chunks, len(items))
+  return chunks
+
+
+# ----------------------------------------------------------------------------- finishing
+def asset_names(out_dir) -> list[str]:
+  return [f for f in integrity.list_files(out_dir) if f != MANIFEST]
+
+
+def write_manifest(out_dir, manifest: dict) -> dict:
+  """Adds the sha256 of every file in out_dir, then writes manifest.json (atomically)."""
+  manifest = dict(manifest, assets=integrity.hash_assets(out_dir, asset_names(out_dir)))
+  atomic_io.atomic_write(pathlib.Path(out_dir) / MANIFEST,
+                         json.dumps(manifest, indent=2, default=str))
+  return manifest
+
+
+def read_manifest(out_dir) -> dict:
+  out_dir = pathlib.Path(out_dir)
+  path = out_dir / MANIFEST
+  if not path.is_file():
+    raise DataError(f"{out_dir} is not a finished export (no {MANIFEST}; an interrupted "
+                    f"export resumes when rerun)")
+  manifest = json.loads(path.read_text())
+  if manifest.get("format") != FORMAT or "assets" not in manifest:
+    raise integrity.ExportRefused(f"refusing export {out_dir}: format {manifest.get('format')!r} "
+                                  f"has no file manifest (want {FORMAT}); re-export it")
+  return manifest
+
+
+def _build_and_save(out_dir: pathlib.Path, config, modalities, processes) -> dict:
+  indexes = {}
+  for m in modalities:
+    vectors = np.asarray(load_shards(out_dir, f"emb_{m}", processes), np.float32)
+    idx, report = index_lib.build_index(vectors, config.eval.index)
+    index_lib.save_index(idx, out_dir / "index" / m)
+    indexes[m] = {"dir": f"index/{m}", **report}
+    del idx, vectors
+  return indexes
+
+
+def build_indexes(out_dir, config) -> dict:
+  """Builds (or rebuilds) the indexes of a finished export and rewrites its manifest."""
+  out_dir = pathlib.Path(out_dir)
+  manifest = read_manifest(out_dir)
+  integrity.check_layout(out_dir, manifest["assets"])
+  start = time.perf_counter()
+  manifest["index"] = _build_and_save(out_dir, config, manifest["modalities"], manifest["processes"])
+  manifest["index_seconds"] = time.perf_counter() - start
+  return write_manifest(out_dir, manifest)
+
+
+def finish_export(out_dir, config, *, modalities, dtype, processes, checkpoint_info=None,
+                  tokenizer=None, build=True, seconds=0.0, extra=None) -> dict:
+  """Process 0, after every process's shards: checks, indexes, manifest; drops work/."""
+  out_dir = pathlib.Path(out_dir)
+  _check_unique_ids(out_dir, processes)
+  if tokenizer is not None:
+    tokenizer.save(out_dir / TOKENIZER)
+  shutil.rmtree(out_dir / "work", ignore_errors=True)
+  start = time.perf_counter()
+  ids = load_shards(out_dir, "ids", processes)
+  first = load_shards(out_dir, f"emb_{modalities[0]}", processes)
+  manifest = {
+      "format": FORMAT, "count": int(len(ids)), "dim": int(first.shape[1]),
+      "modalities": list(modalities), "dtype": np.dtype(dtype).name, "processes": processes,
+      "shards": {k: [shard_name(k, p, processes) for p in range(processes)]
+                 for k in ("ids", "hash", *[f"emb_{m}" for m in modalities])},
+      "listings": [shard_name("listings", p, processes, "parquet") for p in range(processes)],
+      "checkpoint": (checkpoint_info or {}).get("checkpoint"),
+      "step": (checkpoint_info or {}).get("step"),
+      "model_config_hash": restore.config_hash(config.model),
+      "model_config": config.model.to_dict(),
+      "tokenizer": TOKENIZER if tokenizer is not None else None,
+      "index": _build_and_save(out_dir, config, modalities, processes) if build else {},
+      "delta": None, **(extra or {}),
+  }
+  del ids, first
+  manifest["index_seconds"] = time.perf_counter() - start
+  manifest["seconds"] = seconds + manifest["index_seconds"]
+  return write_manifest(out_dir, manifest)
+
+
+def _start(out_dir, config) -> tuple[pathlib.Path, tuple, np.dtype]:
+  ex = config.eval.export
+  modalities = eval_config.parse_modalities(ex.modalities, "eval.export.modalities")
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  (out_dir / MANIFEST).unlink(missing_ok=True)  # an export being (re)made is not complete
+  for stale in ("index", "delta"):
+    shutil.rmtree(out_dir / stale, ignore_errors=True)
+  return out_dir, modalities, np.dtype(ex.dtype)
 
 
 def export_embeddings(model, params, items: Sequence[dict], out_dir, config, *, tokenizer,
@@ -226,84 +461,97 @@ def export_embeddings(model, params, items: Sequence[dict], out_dir, config, *, 
   """
   import jax  # noqa: PLC0415
   start = time.perf_counter()
-  ex = config.eval.export
-  modalities = eval_config.parse_modalities(ex.modalities, "eval.export.modalities")
+  modalities = eval_config.parse_modalities(config.eval.export.modalities, "eval.export.modalities")
   missing = [m for m in modalities if m not in getattr(model, "available", modalities)]
   if missing:
     raise DataError(f"eval.export.modalities asks for {missing}, which this model does not "
                     f"produce (it has {tuple(model.available)})")
   if len(items) == 0:
     raise DataError("the catalog to export is empty")
-  dtype = np.dtype(ex.dtype)
-  out_dir = pathlib.Path(out_dir)
-  work = out_dir / "work"
-  work.mkdir(parents=True, exist_ok=True)
-  (out_dir / MANIFEST).unlink(missing_ok=True)  # an export being (re)made is not complete
+  out_dir, modalities, dtype = _start(out_dir, config)
   process, processes = process or (jax.process_index(), jax.process_count())
-  fingerprint = _fingerprint(config, modalities, dtype.name, len(items), process, processes,
-                             checkpoint_info)
-  share = _Share(items, process, processes)
-  chunks = _embed_share(model, params, share, work, config, tokenizer=tokenizer,
-                        modalities=modalities, dtype=dtype, fingerprint=fingerprint,
-                        batch_sharding=batch_sharding, process=process)
-  _finalize_shard(work, out_dir, chunks, process, processes, modalities, dtype)
+  writer = ShareWriter(out_dir, process, processes, modalities, dtype)
+  fingerprint = _fingerprint(config, modalities, dtype.name, process, processes, checkpoint_info)
+  chunks = _embed_share(model, params, _Slice(items, process, processes), writer, config,
+                        tokenizer=tokenizer, listings=listings, image_dir=image_dir,
+                        fingerprint=fingerprint, batch_sharding=batch_sharding)
+  writer.finalize(chunks)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # noqa: PLC0415
     multihost_utils.sync_global_devices("esspr export shards written")
   if process != 0:
     return {}
-
-  ids = load_shards(out_dir, "ids", processes)
-  if len(set(ids.tolist())) != len(ids):
-    raise DataError(f"export {out_dir}: duplicate listing ids in the catalog")
-  tokenizer.save(out_dir / TOKENIZER)
-  _write_listings(out_dir / LISTINGS, ids, listings, image_dir)
-  indexes = {}
-  for m in modalities:
-    vectors = np.asarray(load_shards(out_dir, f"emb_{m}", processes), np.float32)
-    idx, report = index_lib.build_index(vectors, config.eval.index)
-    index_lib.save_index(idx, out_dir / "index" / m)
-    indexes[m] = {"dir": f"index/{m}", **report}
-    dim = int(vectors.shape[1])
-    del idx, vectors
-  manifest = {
-      "format": FORMAT, "count": int(len(ids)), "dim": dim, "modalities": list(modalities),
-      "dtype": dtype.name, "processes": processes,
-      "shards": {"ids": [shard_name("ids", p, processes) for p in range(processes)],
-                 **{m: [shard_name(f"emb_{m}", p, processes) for p in range(processes)]
-                    for m in modalities}},
-      "checkpoint": (checkpoint_info or {}).get("checkpoint"),
-      "step": (checkpoint_info or {}).get("step"),
-      "model_config_hash": restore.config_hash(config.model),
-      "model_config": config.model.to_dict(),
-      "tokenizer": TOKENIZER, "listings": LISTINGS, "index": indexes,
-      "seconds": time.perf_counter() - start,
-  }
-  report_lib.atomic_write(out_dir / MANIFEST, json.dumps(manifest, indent=2, default=str))
-  shutil.rmtree(work, ignore_errors=True)
-  log.info("export: %d listings x %s -> %s", len(ids), modalities, out_dir)
+  manifest = finish_export(out_dir, config, modalities=modalities, dtype=dtype,
+                           processes=processes, checkpoint_info=checkpoint_info,
+                           tokenizer=tokenizer, seconds=time.perf_counter() - start)
+  log.info("export: %d listings x %s -> %s", manifest["count"], modalities, out_dir)
   return manifest
 
 
+def export_vectors(chunks: Iterable[tuple], out_dir, config, *, build_indexes: bool = True,
+                   checkpoint_info: dict | None = None, tokenizer=None, extra=None) -> dict:
+  """Exports ready vectors: `chunks` yields (ids, {m: [n, E]}, meta columns[, hashes]).
+
+  The same writer, shard layout and manifest as export_embeddings (one process).
+  Without hashes a row's content hash is taken over its id, title and vector bytes.
+  """
+  start = time.perf_counter()
+  out_dir, modalities, dtype = _start(out_dir, config)
+  shutil.rmtree(out_dir / "work", ignore_errors=True)
+  writer = ShareWriter(out_dir, 0, 1, modalities, dtype)
+  count = 0
+  for c, chunk in enumerate(chunks):
+    ids, vectors, meta = chunk[:3]
+    hashes = chunk[3] if len(chunk) > 3 else hashes_array([
+        item_hash({"id": i, "title": meta["title"][r],
+                   "image": b"".join(np.asarray(vectors[m][r]).tobytes() for m in modalities)})
+        for r, i in enumerate(ids)])
+    writer.write_chunk(c, ids, np.asarray(hashes, np.uint8), vectors, meta)
+    count = c + 1
+  if not count:
+    raise DataError("export_vectors: no chunks to export")
+  writer.finalize(count)
+  return finish_export(out_dir, config, modalities=modalities, dtype=dtype, processes=1,
+                       checkpoint_info=checkpoint_info, build=build_indexes, tokenizer=tokenizer,
+                       seconds=time.perf_counter() - start, extra=extra)
+
+
 def export_catalog(config, workdir, catalog_csv, image_dir, out_dir, *, checkpoint=None,
-                   step=None, data_dir=None) -> dict:
-  """main.py --mode=export: restore the model, export the catalog at `catalog_csv`."""
-  from esspr_jax.ingest import catalog as catalog_lib  # noqa: PLC0415
+                   step=None, data_dir=None, update: bool = False) -> dict:
+  """main.py --mode=export [--update]: restore the model, export (or update) the catalog."""
   from esspr_jax.input import pipeline  # noqa: PLC0415
   model, params, info = restore.load_model_and_params(config, checkpoint or workdir, step=step)
   if data_dir is None and not config.data.pipeline.data_dir:
     data_dir = pathlib.Path(workdir) / "tfds"
   tokenizer = pipeline.tokenizer_from_config(config, data_dir)
-  listings = catalog_lib.read_catalog(str(catalog_csv))
-  items = pipeline.CatalogItems(catalog_csv, image_dir,
-                                max_image_side=config.data.pipeline.build.max_image_side or None)
-  manifest = export_embeddings(model, params, items, out_dir, config, tokenizer=tokenizer,
-                               listings=listings, checkpoint_info=info, image_dir=image_dir)
+  items, listings = read_catalog(config, catalog_csv, image_dir)
+  if update:
+    from esspr_jax.retrieval import update as update_lib  # noqa: PLC0415
+    manifest = update_lib.update_export(model, params, items, out_dir, config,
+                                        tokenizer=tokenizer, listings=listings,
+                                        checkpoint_info=info, image_dir=image_dir)
+  else:
+    manifest = export_embeddings(model, params, items, out_dir, config, tokenizer=tokenizer,
+                                 listings=listings, checkpoint_info=info, image_dir=image_dir)
   if manifest:
     kinds = ", ".join(
         f"{m}: {r['kind']}" + (f" (recall@20 {r['recall']:.4f})" if r["kind"] == "scann" else "")
         for m, r in manifest["index"].items())
+    delta = manifest.get("delta") or {}
     print(f"exported {manifest['count']} listings x {manifest['modalities']} "
           f"({manifest['dim']}-d {manifest['dtype']}) from step {manifest['step']} to {out_dir} "
-          f"in {manifest['seconds']:.1f}s; indexes {kinds}", flush=True)
+          f"in {manifest['seconds']:.1f}s; indexes {kinds}"
+          + (f"; delta {delta['count']} rows, {delta['dead']} base rows retired"
+             if delta else ""), flush=True)
   return manifest
+
+
+def read_catalog(config, catalog_csv, image_dir):
+  """The catalog's items (validated images) and listing metadata: the one call site of
+  the catalog readers in export, so the single-reader change lands in one place."""
+  from esspr_jax.ingest import catalog as catalog_lib  # noqa: PLC0415
+  from esspr_jax.input import pipeline  # noqa: PLC0415
+  listings = catalog_lib.read_catalog(str(catalog_csv))
+  items = pipeline.CatalogItems(catalog_csv, image_dir,
+                                max_image_side=config.data.pipeline.build.max_image_side or None)
+  return items, listings

@@ -54,9 +54,16 @@ def _scores(q, g):
   return jnp.einsum("qd,gd->qg", q, g, precision=jax.lax.Precision.HIGHEST)
 
 
+# Rows per block in the block-max top-k. A block's best score bounds all of its rows, so
+# the k best rows of a gallery lie in its k best blocks: the scan keeps only the k best
+# block maxima (a max-reduce and a top-k over `chunk / BLOCK + k` numbers per chunk,
+# instead of a top-k over the whole score chunk), then rescores those k x BLOCK rows.
+BLOCK = 32
+
+
 @functools.partial(jax.jit, static_argnames=("k",))
-def _topk_chunk(q, gallery, n_valid, k):
-  """Top-k of one query chunk over the chunked gallery [C, Gc, D]."""
+def _topk_direct(q, gallery, n_valid, k):
+  """Top-k of one query chunk over the chunked gallery [C, Gc, D] (top-k per chunk)."""
   chunk = gallery.shape[1]
 
   def body(carry, inputs):
@@ -73,6 +80,54 @@ def _topk_chunk(q, gallery, n_valid, k):
   offsets = jnp.arange(gallery.shape[0], dtype=jnp.int32) * chunk
   (top_s, top_i), _ = jax.lax.scan(body, init, (gallery, offsets))
   return top_s, jnp.where(jnp.isfinite(top_s), top_i, -1)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "block", "sub"))
+def _topk_blocks(q, gallery, n_valid, k, block, sub):
+  """Top-k of one query chunk by block maxima, then an exact rescore (see BLOCK).
+
+  Exact: the k best scores are always found; among equal scores the lower row wins,
+  as in `_topk_direct`. Memory: O(Qc x (Gc + k x block)), never Q x G.
+  """
+  chunks, chunk, dim = gallery.shape
+  blocks = chunk // block
+  qn = q.shape[0]
+
+  def body(carry, c):
+    best_s, best_b = carry
+    s = _scores(q, gallery[c])
+    block_max = jnp.max(s.reshape(qn, blocks, block), axis=2)
+    ids = c * blocks + jnp.arange(blocks, dtype=jnp.int32)
+    block_max = jnp.where(ids[None, :] * block < n_valid, block_max, -jnp.inf)
+    cat_s = jnp.concatenate([best_s, block_max], axis=1)
+    cat_b = jnp.concatenate([best_b, jnp.broadcast_to(ids, block_max.shape)], axis=1)
+    top_s, pos = jax.lax.top_k(cat_s, k)
+    return (top_s, jnp.take_along_axis(cat_b, pos, axis=1)), None
+
+  init = (jnp.full((qn, k), -jnp.inf, jnp.float32), jnp.zeros((qn, k), jnp.int32))
+  (_, best_b), _ = jax.lax.scan(body, init, jnp.arange(chunks, dtype=jnp.int32))
+  rows = best_b[:, :, None] * block + jnp.arange(block, dtype=jnp.int32)
+  rows = jnp.sort(rows.reshape(qn, k * block), axis=1)   # ascending: ties -> lower row
+  flat = gallery.reshape(chunks * chunk, dim)
+
+  def rescore(args):
+    qs, rs = args
+    s = jnp.einsum("qd,qcd->qc", qs, flat[rs], precision=jax.lax.Precision.HIGHEST)
+    s = jnp.where(rs < n_valid, s, -jnp.inf)
+    top_s, pos = jax.lax.top_k(s, k)
+    return top_s, jnp.take_along_axis(rs, pos, axis=1)
+
+  top_s, top_i = jax.lax.map(rescore, (q.reshape(-1, sub, dim), rows.reshape(-1, sub, k * block)))
+  top_s, top_i = top_s.reshape(qn, k), top_i.reshape(qn, k)
+  return top_s, jnp.where(jnp.isfinite(top_s), top_i, -1)
+
+
+def _topk_chunk(q, gallery, n_valid, k):
+  """Block-max top-k where it saves work (k x BLOCK well below the gallery), else direct."""
+  chunk = gallery.shape[1]
+  if chunk % BLOCK == 0 and 4 * k * BLOCK <= gallery.shape[0] * chunk:
+    return _topk_blocks(q, gallery, n_valid, k, BLOCK, math.gcd(q.shape[0], 32))
+  return _topk_direct(q, gallery, n_valid, k)
 
 
 @jax.jit
@@ -160,6 +215,59 @@ class ExactIndex:
       out[start:start + n] = 1.0 + count
     out[target == metrics.ABSENT] = np.inf
     return out
+
+
+class LiveIndex:
+  """A base index (ScaNN or exact) plus an exact index over rows added since, minus
+  retired base rows: what an updated export searches (update.py).
+
+  Rows 0..base.size-1 are the base's, then the delta's. Retired rows are never
+  returned: the base is over-fetched until k live rows survive per query (or it is
+  exhausted), then merged with the delta's top-k by score. With an exact base the
+  result equals exact search over the live rows.
+  """
+
+  kind = "live"
+
+  def __init__(self, base, delta: "ExactIndex | None", retired: np.ndarray):
+    self.base, self.delta = base, delta
+    self.retired = np.asarray(retired, bool)
+    if len(self.retired) != base.size:
+      raise DataError(f"retired-row mask has {len(self.retired)} rows, the base index {base.size}")
+    self.dim = base.dim
+    self.base_live = int(base.size - self.retired.sum())
+    self.size = self.base_live + (delta.size if delta is not None else 0)
+
+  def _base_search(self, queries, k):
+    n_retired = self.base.size - self.base_live
+    fetch = min(self.base.size, k + min(n_retired, k))
+    while True:
+      ids, scores = self.base.search(queries, max(fetch, 1))
+      dead = (ids < 0) | self.retired[np.clip(ids, 0, None)]
+      live = (~dead).sum(axis=1)
+      if fetch >= self.base.size or np.all(live >= min(k, self.base_live)):
+        break
+      fetch = min(self.base.size, fetch * 4)
+    scores = np.where(dead, -np.inf, scores)
+    order = np.argsort(dead, axis=1, kind="stable")[:, :k]   # live rows first, score order kept
+    return np.where(np.take_along_axis(dead, order, 1), -1, np.take_along_axis(ids, order, 1)), \
+        np.take_along_axis(scores, order, 1)
+
+  def search(self, queries, k: int):
+    queries = _as_matrix(queries, "queries", self.dim)
+    ids, scores = self._base_search(queries, k)
+    if self.delta is not None and self.delta.size:
+      d_ids, d_scores = self.delta.search(queries, min(k, self.delta.size))
+      d_ids = np.where(d_ids >= 0, d_ids + self.base.size, -1)
+      ids = np.concatenate([ids, d_ids], axis=1)
+      scores = np.concatenate([scores, d_scores], axis=1)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    ids, scores = np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
+    if ids.shape[1] < k:
+      pad = k - ids.shape[1]
+      ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+      scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+    return ids.astype(np.int64), scores.astype(np.float32)
 
 
 @dataclasses.dataclass
@@ -327,7 +435,8 @@ def save_index(index, directory) -> None:
   try:
     meta = {"kind": index.kind, "size": index.size, "dim": index.dim}
     if isinstance(index, ScannIndex):
-      index.searcher.serialize(str(tmp), relative_path=True)
+      # The pybind searcher itself: ScaNN's Python wrapper would also pickle doc ids.
+      index.searcher.searcher.serialize(str(tmp), True)
       meta["scann"] = dataclasses.asdict(index.settings)
     else:
       np.save(tmp / "vectors.npy", index.vectors)
@@ -340,6 +449,22 @@ def save_index(index, directory) -> None:
     raise
 
 
+def _load_scann(directory: pathlib.Path):
+  """A ScaNN searcher from its protobuf + .npy assets; never ScaNN's `load_searcher`,
+  which unpickles `scann_docids.pkl` (and writes files for old layouts)."""
+  import re  # noqa: PLC0415
+  from scann.scann_ops.py import scann_ops_pybind  # noqa: PLC0415
+  assets = directory / "scann_assets.pbtxt"
+  if not assets.is_file():
+    raise DataError(f"{directory}: ScaNN index lacks scann_assets.pbtxt")
+  text = assets.read_text()
+  for path in re.findall(r'asset_path:\s*"([^"]*)"', text):
+    if "/" in path or "\\" in path or path.startswith("."):
+      raise DataError(f"refusing index {directory}: asset path {path!r} leaves the directory")
+  searcher = scann_ops_pybind.scann_pybind.ScannNumpy(str(directory.absolute()), text)
+  return scann_ops_pybind.ScannSearcher(searcher, None)
+
+
 def load_index(directory):
   """Reads an index written by `save_index`; a clear DataError if it is not one."""
   directory = pathlib.Path(directory)
@@ -347,10 +472,13 @@ def load_index(directory):
   if not meta_path.is_file():
     raise DataError(f"{directory} is not an index directory (no {INDEX_META})")
   meta = json.loads(meta_path.read_text())
+  pickles = [p.name for p in directory.iterdir() if p.suffix.lower() in (".pkl", ".pickle")]
+  if pickles:
+    raise DataError(f"refusing index {directory}: it holds pickle files {pickles}")
   if meta["kind"] == "exact":
-    return ExactIndex(np.load(directory / "vectors.npy"), meta["query_chunk"], meta["gallery_chunk"])
+    return ExactIndex(np.load(directory / "vectors.npy", allow_pickle=False), meta["query_chunk"],
+                      meta["gallery_chunk"])
   if meta["kind"] == "scann":
-    import scann
-    searcher = scann.scann_ops_pybind.load_searcher(str(directory))
-    return ScannIndex(searcher, meta["size"], meta["dim"], ScannSettings(**meta["scann"]))
+    return ScannIndex(_load_scann(directory), meta["size"], meta["dim"],
+                      ScannSettings(**meta["scann"]))
   raise DataError(f"{meta_path}: unknown index kind {meta['kind']!r}")

@@ -24,8 +24,8 @@ modality the export was not built for, a model whose embedding size differs from
 index, or a checkpoint whose model config differs from the one that made the export.
 """
 import dataclasses
-import json
 import pathlib
+import re
 from typing import Sequence
 
 import numpy as np
@@ -33,8 +33,10 @@ import numpy as np
 from esspr_jax.errors import ConfigError, DataError
 from esspr_jax.retrieval import export as export_lib
 from esspr_jax.retrieval import index as index_lib
+from esspr_jax.retrieval import integrity
 from esspr_jax.retrieval import report as report_lib
 from esspr_jax.retrieval import restore
+from esspr_jax.retrieval import update as update_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,16 +54,23 @@ class Searcher:
 
   def __init__(self, export_dir, *, model=None, params=None, config=None, tokenizer=None):
     self.dir = pathlib.Path(export_dir)
-    manifest_path = self.dir / export_lib.MANIFEST
-    if not manifest_path.is_file():
-      raise DataError(f"{self.dir} is not a finished export (no {export_lib.MANIFEST}; an "
-                      f"interrupted export resumes when rerun)")
-    self.manifest = json.loads(manifest_path.read_text())
+    self.manifest = export_lib.read_manifest(self.dir)
+    self.assets = self.manifest["assets"]
+    integrity.check_layout(self.dir, self.assets)   # before any file of it is read
     self.modalities = tuple(self.manifest["modalities"])
     self.dim = int(self.manifest["dim"])
     processes = self.manifest["processes"]
-    self.ids = np.asarray(export_lib.load_shards(self.dir, "ids", processes)).astype(str)
-    self.row_of = {i: r for r, i in enumerate(self.ids.tolist())}
+    delta = self.manifest.get("delta")
+    integrity.verify(self.dir, self.assets, self.manifest["shards"]["ids"]
+                     + self.manifest["listings"] + ([delta["dir"]] if delta else []))
+    self.delta = update_lib.load_delta(self.dir, self.manifest)
+    base_ids = np.asarray(export_lib.load_shards(self.dir, "ids", processes)).astype(str)
+    self.base_size = len(base_ids)
+    self.ids = base_ids if self.delta is None else np.concatenate([base_ids, self.delta["ids"]])
+    self.retired = np.zeros(len(self.ids), bool)
+    if self.delta is not None:
+      self.retired[:self.base_size] = self.delta["retired"]
+    self.row_of = {i: r for r, i in enumerate(self.ids.tolist()) if not self.retired[r]}
     self._load_listings()
     self._indexes: dict = {}
     self._vectors: dict = {}
@@ -92,10 +101,10 @@ class Searcher:
 
   # ---------------------------------------------------------------- setup
   def _load_listings(self) -> None:
-    import pyarrow.parquet as pq  # noqa: PLC0415
-    table = pq.read_table(self.dir / self.manifest["listings"]).to_pydict()
-    self.meta = {k: np.asarray(v, dtype=object) for k, v in table.items()}
-    if list(self.meta["listing_id"]) != self.ids.tolist():
+    self.meta = export_lib.load_listings(self.dir, self.manifest["processes"])
+    if self.delta is not None:
+      self.meta = {c: np.concatenate([self.meta[c], self.delta["meta"][c]]) for c in self.meta}
+    if self.meta["listing_id"].tolist() != self.ids.tolist():
       raise DataError(f"{self.dir}: listings file does not match the id shards")
 
   def _check_model(self) -> None:
@@ -119,15 +128,28 @@ class Searcher:
     return m
 
   def index(self, m: str):
+    """The modality's index: the base's, merged with the delta's rows after an update."""
     m = self._modality(m)
     if m not in self._indexes:
-      self._indexes[m] = index_lib.load_index(self.dir / self.manifest["index"][m]["dir"])
+      entry = self.manifest["index"].get(m)
+      if not entry:
+        raise DataError(f"the export at {self.dir} has no built {m!r} index (export.build_indexes)")
+      integrity.verify(self.dir, self.assets, [entry["dir"]])
+      base = index_lib.load_index(self.dir / entry["dir"])
+      if self.delta is not None:
+        vectors = np.asarray(self.delta[f"emb_{m}"], np.float32)
+        delta = index_lib.ExactIndex(vectors, 256, 4096) if len(vectors) else None
+        base = index_lib.LiveIndex(base, delta, self.delta["retired"])
+      self._indexes[m] = base
     return self._indexes[m]
 
   def vectors(self, m: str) -> np.ndarray:
     m = self._modality(m)
     if m not in self._vectors:
-      self._vectors[m] = export_lib.load_shards(self.dir, f"emb_{m}", self.manifest["processes"])
+      integrity.verify(self.dir, self.assets, self.manifest["shards"][f"emb_{m}"])
+      base = export_lib.load_shards(self.dir, f"emb_{m}", self.manifest["processes"])
+      self._vectors[m] = base if self.delta is None else np.concatenate(
+          [base, self.delta[f"emb_{m}"]])
     return self._vectors[m]
 
   # ---------------------------------------------------------------- queries
@@ -152,7 +174,7 @@ class Searcher:
       ids, scores = idx.search(query, max(fetch, 1))
       hits = []
       for row, score in zip(ids[0], scores[0]):
-        if row < 0 or row in exclude:
+        if row < 0 or row in exclude or self.retired[row]:
           continue
         if exclude_supplier is not None and self.meta["supplier_id"][row] == exclude_supplier:
           continue
@@ -215,7 +237,7 @@ class Searcher:
   def duplicates(self, supplier_id: str, threshold: float = 0.95, modality: str = "m",
                  max_neighbours: int = 100) -> list[tuple[Hit, Hit, float]]:
     """Pairs of one supplier's listings with similarity >= threshold, most similar first."""
-    rows = np.nonzero(self.meta["supplier_id"] == supplier_id)[0]
+    rows = np.nonzero((self.meta["supplier_id"] == supplier_id) & ~self.retired)[0]
     if len(rows) == 0:
       raise DataError(f"unknown supplier {supplier_id!r}: no listing of it in {self.dir}")
     vectors = np.asarray(self.vectors(modality)[rows], np.float32)
@@ -268,10 +290,24 @@ def _load_image(image, size: int, resize_mode: str) -> np.ndarray:
     raise DataError(f"cannot read query image {name}: {type(e).__name__}: {e}") from e
 
 
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]"            # CSI: colours, cursor moves
+                      r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"  # OSC: titles, hyperlinks
+                      r"|\x1b[PX^_][^\x1b]*(?:\x1b\\)?"       # DCS / SOS / PM / APC strings
+                      r"|\x1b.?"                               # any other escape
+                      r"|[\x00-\x08\x0b-\x1f\x7f-\x9f]")        # other control characters
+
+
+def printable(text: str) -> str:
+  """`text` safe for a terminal: ANSI escape sequences and control characters removed
+  (catalog titles are user data; an escape could rewrite or hide console output)."""
+  return _ESCAPES.sub("", str(text)).replace("\n", " ").replace("\t", " ")
+
+
 def format_hits(hits: Sequence[Hit]) -> str:
   lines = [f"{'#':>3}  {'score':>7}  {'listing':<14} {'supplier':<12} title"]
   for rank, h in enumerate(hits, start=1):
-    lines.append(f"{rank:>3}  {h.score:7.4f}  {h.listing_id:<14} {h.supplier_id:<12} {h.title}")
+    lines.append(f"{rank:>3}  {h.score:7.4f}  {printable(h.listing_id):<14} "
+                 f"{printable(h.supplier_id):<12} {printable(h.title)}")
   return "\n".join(lines)
 
 
@@ -300,10 +336,11 @@ def search_from_config(config, workdir, export_dir, *, listing_id: str = "", ima
     title = f"query {pathlib.Path(image).name if image else ''} {text}".strip()
   elif supplier:
     pairs = s.duplicates(supplier, config.eval.search.duplicate_threshold, gallery)
-    print(f"{len(pairs)} likely duplicate pairs of supplier {supplier} "
+    print(f"{len(pairs)} likely duplicate pairs of supplier {printable(supplier)} "
           f"(cosine >= {config.eval.search.duplicate_threshold}):")
     for a, b, score in pairs:
-      print(f"  {score:.4f}  {a.listing_id} | {a.title}  <->  {b.listing_id} | {b.title}")
+      print(f"  {score:.4f}  {printable(a.listing_id)} | {printable(a.title)}  <->  "
+            f"{printable(b.listing_id)} | {printable(b.title)}")
     return pairs
   else:
     raise DataError("give a listing id, an image, a text, or a supplier (duplicates report)")

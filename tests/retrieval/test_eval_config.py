@@ -19,6 +19,7 @@ def test_presets_validate(preset):
     ("index.scann.leaves_fractions", (0.5, 0.1), "eval.index.scann.leaves_fractions"),
     ("export.modalities", "m,m", "eval.export.modalities"),
     ("export.dtype", "int8", "eval.export.dtype"),
+    ("export.rebuild_fraction", 1.5, "eval.export.rebuild_fraction"),
     ("search.duplicate_threshold", 2.0, "eval.search.duplicate_threshold"),
     ("batch_size", 0, "eval.batch_size"),
 ])

@@ -60,7 +60,11 @@ def test_export_layout_and_manifest(exported, tiny):
   assert manifest["count"] == len(items) == 21
   assert manifest["dim"] == tiny.config.model.embed_dim
   assert manifest["modalities"] == ["i", "t", "m"] and manifest["index"]["m"]["kind"] == "exact"
-  assert json.loads((out / "manifest.json").read_text())["step"] == 5
+  saved = json.loads((out / "manifest.json").read_text())
+  assert saved["step"] == 5
+  on_disk = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+  assert sorted(saved["assets"]) == [f for f in on_disk if f != "manifest.json"]
+  assert not [f for f in on_disk if f.endswith(".pkl")]
   ids = np.load(out / export.shard_name("ids", 0, 1))
   assert ids.tolist() == [it["id"] for it in items]
   m = np.load(out / export.shard_name("emb_m", 0, 1))
@@ -69,15 +73,19 @@ def test_export_layout_and_manifest(exported, tiny):
   assert not (out / "work").exists()
 
 
-def test_export_resumes_after_a_kill_without_duplicates(exported, tiny, tmp_path):
+def test_export_resumes_after_a_kill_without_duplicates(exported, tiny, tmp_path, monkeypatch):
   out, _, items, listings = exported
+  embedded = []
+  real_embed = export.embed_items
+  monkeypatch.setattr(export, "embed_items",
+                      lambda m, p, its, *a, **k: embedded.extend(its) or real_embed(m, p, its, *a, **k))
   run = lambda it, cfg=tiny.config: export.export_embeddings(
       tiny.model, tiny.params, it, tmp_path / "resumed", cfg, tokenizer=tiny.tokenizer,
       listings=listings, checkpoint_info={"checkpoint": None, "step": 5})
   with pytest.raises(Killed):
     run(FlakyItems(items, budget=11))   # chunk 0 (8 rows) finishes, chunk 1 dies
   progress = json.loads((tmp_path / "resumed" / "work" / "progress.process-00000.json").read_text())
-  assert progress["chunks_done"] == 1 and progress["chunks"] == 3
+  assert len(progress["chunk_hashes"]) == 1 and progress["chunks"] == 3
   assert not (tmp_path / "resumed" / "manifest.json").exists()
   with pytest.raises(DataError, match="not a finished export"):
     search.Searcher(tmp_path / "resumed")
@@ -85,13 +93,47 @@ def test_export_resumes_after_a_kill_without_duplicates(exported, tiny, tmp_path
   other.eval.export.dtype = "float16"
   with pytest.raises(DataError, match="other settings.*dtype"):
     run(items, other)
-  resumed_items = FlakyItems(items, budget=10**6)
-  run(resumed_items)
-  assert 10**6 - resumed_items.budget == 21 - 8   # the finished chunk was not redone
-  for kind in ("ids", "emb_i", "emb_t", "emb_m"):
+  embedded.clear()
+  run(items)
+  assert [e["id"] for e in embedded] == [it["id"] for it in items[8:]]  # chunk 0 not redone
+  for kind in ("ids", "hash", "emb_i", "emb_t", "emb_m"):
     a = np.load(out / export.shard_name(kind, 0, 1))
     b = np.load(tmp_path / "resumed" / export.shard_name(kind, 0, 1))
     np.testing.assert_array_equal(a, b)
+
+
+def _by_id(directory, ids):
+  """{listing id: row of emb_m} of an export (base shards only)."""
+  e = np.load(directory / export.shard_name("emb_m", 0, 1))
+  return {i: e[r] for r, i in enumerate(np.load(directory / export.shard_name("ids", 0, 1)).tolist())
+          if i in ids}
+
+
+@pytest.mark.parametrize("change", ["reordered", "replaced"])
+def test_resume_with_a_changed_catalog_never_mixes_two_catalogs(exported, tiny, tmp_path, change):
+  out, _, items, listings = exported
+  if change == "reordered":
+    second = items[::-1]
+  else:   # 4 listings removed, 4 new ones (other ids, other titles) in their place
+    second = items[:-4] + [dict(it, id=f"new_{n}", title=f"new title {n}") for n, it in enumerate(items[:4])]
+  run = lambda it: export.export_embeddings(
+      tiny.model, tiny.params, it, tmp_path / "e", tiny.config, tokenizer=tiny.tokenizer,
+      listings=listings, checkpoint_info={"checkpoint": None, "step": 5})
+  with pytest.raises(Killed):
+    run(FlakyItems(items, budget=19))   # chunks 0 and 1 of the first catalog finish
+  manifest = run(second)                # no false "duplicate listing ids", no mix
+  ids = np.load(tmp_path / "e" / export.shard_name("ids", 0, 1)).tolist()
+  assert ids == [it["id"] for it in second] and manifest["count"] == len(second)
+  meta = export.load_listings(tmp_path / "e", 1)
+  assert meta["title"].tolist() == [listings[i].title if i in listings else
+                                    next(it["title"] for it in second if it["id"] == i) for i in ids]
+  fresh = tmp_path / "fresh"
+  export.export_embeddings(tiny.model, tiny.params, second, fresh, tiny.config,
+                           tokenizer=tiny.tokenizer, listings=listings,
+                           checkpoint_info={"checkpoint": None, "step": 5})
+  a, b = _by_id(tmp_path / "e", set(ids)), _by_id(fresh, set(ids))
+  for i in ids:
+    np.testing.assert_allclose(a[i], b[i], rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +196,7 @@ def test_search_errors_name_the_problem(searcher, exported, tiny, tmp_path):
   copy = tmp_path / "copy"
   shutil.copytree(exported[0], copy)
   manifest = json.loads((copy / "manifest.json").read_text())
+  manifest["index"].pop("t")
   manifest["modalities"] = ["i", "m"]
   (copy / "manifest.json").write_text(json.dumps(manifest))
   with pytest.raises(DataError, match="has no 't' index"):
@@ -196,3 +239,30 @@ def test_two_process_export_covers_every_id_once(exported, tiny, tmp_path):
   np.testing.assert_allclose(two, np.stack([one[i] for i in ids.tolist()]), rtol=1e-5, atol=1e-6)
   hits = search.Searcher(tmp_path / "two").by_id("item_1", k=1)
   assert hits[0].listing_id == "item_1_dup"
+
+
+def test_duplicate_ids_across_shards_of_different_widths_are_found(tmp_path):
+  export.save_npy(tmp_path / export.shard_name("ids", 0, 2), np.array([f"L{i}" for i in range(5000)]))
+  export.save_npy(tmp_path / export.shard_name("ids", 1, 2), np.array(["M1", "L77"]))
+  with pytest.raises(DataError, match=r"duplicate listing ids \['L77'\]"):
+    export._check_unique_ids(tmp_path, 2)
+  export.save_npy(tmp_path / export.shard_name("ids", 1, 2), np.array(["M1", "L77x"]))
+  export._check_unique_ids(tmp_path, 2)
+
+
+def test_vectors_through_the_export_path_round_trip(tiny, tmp_path):
+  rng = np.random.default_rng(0)
+  v = rng.normal(size=(50, 32)).astype(np.float32)
+  ids = [f"v{i}" for i in range(50)]
+  meta = lambda r: {"listing_id": [ids[i] for i in r], "title": [f"t\u2028{i}" for i in r],
+                    "supplier_id": ["s"] * len(r), "category": ["c"] * len(r), "image": [""] * len(r)}
+  config = tiny.config.copy_and_resolve_references()
+  config.eval.export.modalities = "m"
+  chunks = ((ids[s:s + 16], {"m": v[s:s + 16]}, meta(range(s, min(50, s + 16)))) for s in range(0, 50, 16))
+  manifest = export.export_vectors(chunks, tmp_path / "v", config)
+  assert manifest["count"] == 50 and manifest["index"]["m"]["kind"] == "exact"
+  s = search.Searcher(tmp_path / "v")
+  np.testing.assert_array_equal(s.vectors("m"), v)
+  assert s.meta["title"][7] == "t\u20287"
+  hits = s.by_id("v3", k=49)
+  assert [h.listing_id for h in hits] == [ids[i] for i in np.argsort(-(v @ v[3]), kind="stable") if i != 3]

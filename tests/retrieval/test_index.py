@@ -118,3 +118,42 @@ def test_save_load_round_trip_survives_a_move(tmp_path, data, scann_built):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["exact_moved", "scann_moved"]
   with pytest.raises(DataError, match="not an index directory"):
     index.load_index(tmp_path)
+
+
+@pytest.mark.parametrize("size,chunk,k", [(3000, 512, 20), (2049, 256, 7), (700, 4096, 5)])
+def test_block_topk_equals_direct_topk_with_ties_and_padding(size, chunk, k):
+  g = clustered(size, 16, 10, seed=size)
+  g[size // 2:size // 2 + 40] = g[:40]           # exact duplicates: tied scores
+  q = np.concatenate([g[:30], clustered(50, 16, 10, seed=1)])
+  gallery = index.ExactIndex(g, query_chunk=64, gallery_chunk=chunk)
+  padded = gallery._gallery
+  for start in range(0, len(q), 64):
+    part = np.zeros((64, 16), np.float32)
+    part[:len(q[start:start + 64])] = q[start:start + 64]
+    direct = index._topk_direct(part, padded, size, k)
+    blocks = index._topk_blocks(part, padded, size, k, index.BLOCK, 32) \
+        if padded.shape[1] % index.BLOCK == 0 else direct
+    np.testing.assert_array_equal(np.asarray(blocks[1]), np.asarray(direct[1]))
+    np.testing.assert_allclose(np.asarray(blocks[0]), np.asarray(direct[0]), rtol=1e-6, atol=1e-6)
+  ids, _ = gallery.search(q, k)
+  dense = q @ g.T
+  ref = np.argsort(-dense, axis=1, kind="stable")[:, :k]   # ties: lower row first
+  np.testing.assert_array_equal(np.take_along_axis(dense, ids, 1), np.take_along_axis(dense, ref, 1))
+
+
+def test_live_index_equals_exact_search_over_live_rows(data):
+  gallery, queries = data
+  base, extra = gallery[:2500], gallery[2500:]
+  rng = np.random.default_rng(7)
+  retired = np.zeros(len(base), bool)
+  retired[rng.choice(len(base), 400, replace=False)] = True
+  live = index.LiveIndex(index.ExactIndex(base, 128, 512), index.ExactIndex(extra, 128, 512), retired)
+  assert live.size == 2100 + 500
+  rows = np.concatenate([np.nonzero(~retired)[0], len(base) + np.arange(len(extra))])
+  ref_ids, ref_scores = index.ExactIndex(gallery[rows], 128, 512).search(queries, 30)
+  ids, scores = live.search(queries, 30)
+  np.testing.assert_array_equal(ids, rows[ref_ids])
+  np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-6)
+  assert not retired[ids[ids < len(base)]].any()
+  all_ids, _ = live.search(queries[:5], 4000)        # more than the live rows: -1 padded
+  assert (all_ids[:, :live.size] >= 0).all() and (all_ids[:, live.size:] == -1).all()
