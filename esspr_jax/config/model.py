@@ -3,14 +3,17 @@
 Keys (see docs/model.md for what each does):
   dtype 'float32'|'bfloat16' (compute; params stay float32), embed_dim, dropout,
   remat, scan, logit_scale_init, logit_bias_init,
-  image: enabled, size, patch, width, depth, heads, mlp_dim, cls_token, mean, std, ln_eps,
-         init_from (pretrained checkpoint; see esspr_jax/models/pretrained.py)
-  text: vocab_size, max_positions, type_vocab_size, width, depth, heads, mlp_dim,
-        norm 'post'|'pre', ln_eps, pooler, init_from
+  image: enabled, kind 'vit'|'clip_vit'|'siglip_vit'|'efficientnet_lite0', size, patch,
+         width, depth, heads, mlp_dim, cls_token, mean, std, ln_eps,
+         act 'gelu'|'gelu_tanh'|'quick_gelu', batch_norm 'frozen'|'trainable'
+         (EfficientNet only), init_from (pretrained checkpoint; models/pretrained.py)
+  text: kind 'bert'|'clip'|'siglip', vocab_size, max_positions, type_vocab_size, width,
+        depth, heads, mlp_dim, norm 'post'|'pre', ln_eps, act, pooler, init_from
   fused: num_layers, width, heads, mlp_dim, pool 'cls'|'map'|'mean', input_proj,
-         output_proj, ln_eps
-  tokenizer: kind 'train'|'vocab_txt'|'file', path, vocab_size, max_len, lowercase,
-             strip_accents
+         output_proj, ln_eps, dual (i / t from per-modality projections of the towers'
+         pooled vectors, as CLIP / SigLIP; models/dual_head.py)
+  tokenizer: kind 'train'|'vocab_txt'|'file'|'clip'|'siglip', path, vocab_size, max_len,
+             lowercase, strip_accents
 """
 import json
 import math
@@ -25,7 +28,12 @@ from esspr_jax.errors import ConfigError
 DTYPES = ("float32", "bfloat16")
 POOLS = ("cls", "map", "mean")
 NORMS = ("pre", "post")
-TOKENIZER_KINDS = ("train", "vocab_txt", "file")
+TOKENIZER_KINDS = ("train", "vocab_txt", "file", "clip", "siglip")
+IMAGE_KINDS = ("vit", "clip_vit", "siglip_vit", "efficientnet_lite0")
+TEXT_KINDS = ("bert", "clip", "siglip")
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
+BATCH_NORMS = ("frozen", "trainable")
+EFFICIENTNET_STRIDE = 32  # the last feature map is size / 32 on a side
 
 # name: (image size, patch, width, depth, heads, mlp) / (width, depth, heads, mlp) / fused
 _SIZES = {
@@ -62,20 +70,20 @@ def default_config(preset: str) -> ml_collections.ConfigDict:
 
   size, patch, width, depth, heads, mlp = s["image"]
   c.image = ml_collections.ConfigDict(dict(
-      enabled=True, size=size, patch=patch, width=width, depth=depth, heads=heads, mlp_dim=mlp,
-      cls_token=True, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), ln_eps=1e-6,
-      init_from=default_init_from("image")))
+      enabled=True, kind="vit", size=size, patch=patch, width=width, depth=depth, heads=heads,
+      mlp_dim=mlp, cls_token=True, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), ln_eps=1e-6,
+      act="gelu", batch_norm="frozen", init_from=default_init_from("image")))
 
   width, depth, heads, mlp = s["text"]
   c.text = ml_collections.ConfigDict(dict(
-      vocab_size=s["vocab"], max_positions=s["positions"], type_vocab_size=2, width=width,
-      depth=depth, heads=heads, mlp_dim=mlp, norm="post", ln_eps=1e-12, pooler=False,
-      init_from=default_init_from("text")))
+      kind="bert", vocab_size=s["vocab"], max_positions=s["positions"], type_vocab_size=2,
+      width=width, depth=depth, heads=heads, mlp_dim=mlp, norm="post", ln_eps=1e-12,
+      act="gelu", pooler=False, init_from=default_init_from("text")))
 
   width, depth, heads, mlp = s["fused"]
   c.fused = ml_collections.ConfigDict(dict(
       num_layers=depth, width=width, heads=heads, mlp_dim=mlp, pool="cls", input_proj=True,
-      output_proj=True, ln_eps=1e-6))
+      output_proj=True, ln_eps=1e-6, dual=False))
 
   c.tokenizer = ml_collections.ConfigDict(dict(
       kind="train", path="", vocab_size=s["vocab"], max_len=s["max_len"], lowercase=True,
@@ -107,7 +115,9 @@ def _file_vocab_size(kind: str, path: str) -> int:
       with file.open(encoding="utf-8") as f:
         return sum(1 for _ in f)  # ids are line numbers
     spec = json.loads(file.read_text(encoding="utf-8"))
-    ids = set(spec["model"]["vocab"].values()) | {t["id"] for t in spec.get("added_tokens", [])}
+    vocab = spec["model"]["vocab"]  # WordPiece / BPE: {token: id}; Unigram: [[piece, score]]
+    ids = set(vocab.values()) if isinstance(vocab, dict) else set(range(len(vocab)))
+    ids |= {t["id"] for t in spec.get("added_tokens", [])}
     return max(ids) + 1
   except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
     raise ConfigError("model.tokenizer.path", f"{path!r} is not a readable {kind} ({e})") from e
@@ -129,13 +139,28 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   img = m.image
   if img.enabled:
+    _one_of(img, "kind", "model.image", IMAGE_KINDS)
+    _one_of(img, "act", "model.image", ACTIVATIONS)
+    _one_of(img, "batch_norm", "model.image", BATCH_NORMS)
     for key in ("size", "patch", "width", "heads", "mlp_dim"):
       _positive_int(img, key, "model.image")
     _positive_int(img, "depth", "model.image", allow_zero=True)
-    if img.size % img.patch:
-      raise ConfigError("model.image.patch",
-                        f"model.image.size={img.size} is not divisible by patch={img.patch}")
-    _heads_divide(img, "model.image")
+    if img.kind == "efficientnet_lite0":
+      if img.size % EFFICIENTNET_STRIDE:
+        raise ConfigError("model.image.size", f"EfficientNet-Lite0 needs a multiple of "
+                          f"{EFFICIENTNET_STRIDE}, got {img.size}")
+      if not m.fused.input_proj:
+        raise ConfigError("model.fused.input_proj", "EfficientNet-Lite0's 1280-channel "
+                          "tokens need the fused head's input projections")
+    else:
+      if img.size % img.patch:
+        raise ConfigError("model.image.patch",
+                          f"model.image.size={img.size} is not divisible by patch={img.patch}")
+      _heads_divide(img, "model.image")
+    if img.kind == "clip_vit" and not img.cls_token:
+      raise ConfigError("model.image.cls_token", "kind 'clip_vit' pools its CLS token: set True")
+    if img.kind == "siglip_vit" and img.cls_token:
+      raise ConfigError("model.image.cls_token", "kind 'siglip_vit' has no CLS token: set False")
     for key in ("mean", "std"):
       values = tuple(img[key])
       if len(values) != 3:
@@ -152,6 +177,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _positive_int(txt, "depth", "model.text", allow_zero=True)
   _heads_divide(txt, "model.text")
   _one_of(txt, "norm", "model.text", NORMS)
+  _one_of(txt, "kind", "model.text", TEXT_KINDS)
+  _one_of(txt, "act", "model.text", ACTIVATIONS)
+  if txt.kind != "bert" and txt.norm != "pre":
+    raise ConfigError("model.text.norm", f"kind {txt.kind!r} is a pre-LN tower: set 'pre'")
   if not txt.ln_eps > 0:
     raise ConfigError("model.text.ln_eps", f"must be > 0, got {txt.ln_eps!r}")
   validate_init_from(config, "text")
@@ -173,6 +202,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if img.enabled and img.width != txt.width:
       raise ConfigError("model.fused.input_proj", f"image width {img.width} != text width "
                         f"{txt.width}: the towers need input projections")
+  if not isinstance(fu.dual, bool):
+    raise ConfigError("model.fused.dual", f"must be True or False, got {fu.dual!r}")
   if not fu.output_proj and m.embed_dim != fu.width:
     raise ConfigError("model.embed_dim", f"must equal model.fused.width={fu.width} "
                       "when model.fused.output_proj=False")

@@ -14,7 +14,8 @@ Block layout (params under `layer_{i}/`, or under `layers/` when scanned):
 with the same names and a leading axis of size `depth` (logical name `layers`),
 e.g. `layers/attn/query/kernel` is [depth, D, H, Dh]. `remat=True` recomputes each
 block's activations in the backward pass (`nn.remat`), trading FLOPs for memory.
-Both give the same outputs as the plain stack.
+Both give the same outputs as the plain stack. `act` is the MLP activation
+(models/layers.py ACTIVATIONS); `causal=True` makes attention causal (CLIP text).
 """
 from __future__ import annotations
 
@@ -38,12 +39,15 @@ class EncoderBlock(nn.Module):
   deterministic: bool = True
   dtype: jnp.dtype = jnp.float32
   scanned: bool = False  # return (carry, None) for nn.scan
+  act: str = "gelu"
+  causal: bool = False
 
   @nn.compact
   def __call__(self, x, key_mask: Optional[jax.Array]):
     x = constrain(x, ("batch", "seq", "act_embed"))
-    attn = Attention(self.heads, dtype=self.dtype, name="attn")
-    mlp = Mlp(self.mlp_dim, self.dropout, self.deterministic, dtype=self.dtype, name="mlp")
+    attn = Attention(self.heads, dtype=self.dtype, causal=self.causal, name="attn")
+    mlp = Mlp(self.mlp_dim, self.dropout, self.deterministic, dtype=self.dtype, act=self.act,
+              name="mlp")
     norm_attn = layer_norm(self.ln_eps, self.dtype, "norm_attn")
     norm_mlp = layer_norm(self.ln_eps, self.dtype, "norm_mlp")
     drop = nn.Dropout(self.dropout, deterministic=self.deterministic)
@@ -71,6 +75,8 @@ class Encoder(nn.Module):
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
   scan: bool = False
+  act: str = "gelu"
+  causal: bool = False
 
   @nn.compact
   def __call__(self, x, key_mask: Optional[jax.Array] = None, train: bool = False):
@@ -80,7 +86,8 @@ class Encoder(nn.Module):
     if self.remat:
       block = nn.remat(block, prevent_cse=not self.scan)
     settings = dict(heads=self.heads, mlp_dim=self.mlp_dim, norm=self.norm, ln_eps=self.ln_eps,
-                    dropout=self.dropout, deterministic=not train, dtype=self.dtype)
+                    dropout=self.dropout, deterministic=not train, dtype=self.dtype,
+                    act=self.act, causal=self.causal)
     if self.scan:
       stack = nn.scan(block, variable_axes={"params": 0},
                       split_rngs={"params": True, "dropout": True},

@@ -43,6 +43,7 @@ class MapPool(nn.Module):
   mlp_dim: int
   ln_eps: float = 1e-6
   dtype: jnp.dtype = jnp.float32
+  act: str = "gelu"
 
   @nn.compact
   def __call__(self, x, key_mask):
@@ -50,7 +51,7 @@ class MapPool(nn.Module):
     probe = self.param("probe", normal_init((None, None, "embed")), (1, 1, width), jnp.float32)
     probe = jnp.broadcast_to(probe, (x.shape[0], 1, width)).astype(self.dtype)
     y = Attention(self.heads, dtype=self.dtype, name="attn")(probe, x, key_mask)
-    y = y + Mlp(self.mlp_dim, dtype=self.dtype, name="mlp")(
+    y = y + Mlp(self.mlp_dim, dtype=self.dtype, act=self.act, name="mlp")(
         layer_norm(self.ln_eps, self.dtype, "norm")(y))
     return y[:, 0]
 

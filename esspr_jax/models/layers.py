@@ -13,6 +13,7 @@ Layouts (chosen so BERT / ViT checkpoints map on with at most a reshape per arra
   LayerNorm:  scale [D], bias [D]
   Attention:  query|key|value: kernel [D, H, Dh], bias [H, Dh]; out: kernel [H, Dh, D], bias [D]
   Mlp:        fc_in: kernel [D, F], bias [F]; fc_out: kernel [F, D], bias [D]; GELU (exact erf)
+              by default; `act` picks the tanh GELU (SigLIP) or quick GELU (OpenAI CLIP)
 """
 from __future__ import annotations
 
@@ -27,6 +28,15 @@ from esspr_jax.config.model import DTYPES
 Names = Sequence[Optional[str]]
 
 INIT_STD = 0.02  # BERT / ViT truncated-normal scale
+
+
+# Activations of the MLPs: exact-erf GELU (BERT, ViT), tanh GELU (SigLIP, big_vision's
+# nn.gelu default, HF 'gelu_pytorch_tanh'), x * sigmoid(1.702 x) (OpenAI CLIP's 'quick_gelu').
+ACTIVATIONS = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
 
 
 def compute_dtype(name: str):
@@ -87,17 +97,18 @@ def layer_norm(eps: float, dtype, name: str) -> nn.LayerNorm:
 
 
 class Mlp(nn.Module):
-  """Position-wise feed-forward: Dense -> GELU (exact erf, as BERT and ViT) -> Dense."""
+  """Position-wise feed-forward: Dense -> activation (`ACTIVATIONS[act]`) -> Dense."""
   hidden: int
   dropout: float = 0.0
   deterministic: bool = True
   dtype: jnp.dtype = jnp.float32
+  act: str = "gelu"
 
   @nn.compact
   def __call__(self, x):
     width = x.shape[-1]
     h = dense(self.hidden, ("embed", "mlp"), self.dtype, "fc_in")(x)
-    h = nn.gelu(h, approximate=False)
+    h = ACTIVATIONS[self.act](h)
     h = constrain(h, ("batch", "seq", "act_mlp"))
     h = nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
     return dense(width, ("mlp", "embed"), self.dtype, "fc_out")(h)
@@ -141,10 +152,12 @@ class Attention(nn.Module):
 
   Masked keys get probability exactly 0 (and a query with no visible key gets all
   zeros), so a masked token's value can never leak into the output: this is what
-  makes the fused head's modality masking bit-exact.
+  makes the fused head's modality masking bit-exact. `causal=True` also hides every
+  key after the query's position (CLIP's text tower).
   """
   heads: int
   dtype: jnp.dtype = jnp.float32
+  causal: bool = False
 
   @nn.compact
   def __call__(self, x_q, x_kv, key_mask: Optional[jax.Array] = None):
@@ -157,8 +170,11 @@ class Attention(nn.Module):
     q, k, v = (constrain(a, ("batch", "seq", "act_heads", "act_head_dim")) for a in (q, k, v))
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     logits = logits * (head_dim ** -0.5)
-    if key_mask is not None:
-      visible = key_mask[:, None, None, :]
+    visible = None if key_mask is None else key_mask[:, None, None, :]
+    if self.causal:
+      order = jnp.tril(jnp.ones((x_q.shape[1], x_kv.shape[1]), bool))[None, None]
+      visible = order if visible is None else visible & order
+    if visible is not None:
       logits = jnp.where(visible, logits, jnp.finfo(jnp.float32).min)
       probs = jnp.where(visible, jax.nn.softmax(logits, axis=-1), 0.0)
     else:

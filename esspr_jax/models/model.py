@@ -5,9 +5,13 @@
     emb = model.apply({'params': params}, side, modalities=('t', 'm'))
 
 Top-level param tree:
-  image/       VisionTower (models/vit.py)      absent with image.enabled=False
+  image/       VisionTower (models/vit.py), or EfficientNetLite0 (models/efficientnet.py)
+               with image.kind='efficientnet_lite0'; absent with image.enabled=False
   text/        TextTower (models/text.py)
   fused/       FusedHead (models/fused.py), shared by the three branches
+  dual/        DualViews (models/dual_head.py), only with fused.dual=True: i and t come
+               from the towers' pooled vectors (CLIP / SigLIP style), m adds the gated
+               fused head
   logit_scale  scalar, init log(10): temperature of InfoNCE / sigmoid losses
   logit_bias   scalar, init -10: bias of the sigmoid loss
 
@@ -28,10 +32,19 @@ import numpy as np
 
 from esspr_jax.config.constants import MODALITIES
 from esspr_jax.errors import DataError
+from esspr_jax.models.dual_head import DualViews
 from esspr_jax.models.fused import FusedHead
 from esspr_jax.models.text import TextTower
 from esspr_jax.models.vit import VisionTower
 
+
+
+def image_tower(model_config) -> nn.Module:
+  """The image tower `model.image.kind` names: a ViT layout or EfficientNet-Lite0."""
+  if model_config.image.kind == "efficientnet_lite0":
+    from esspr_jax.models.efficientnet import EfficientNetLite0  # noqa: PLC0415
+    return EfficientNetLite0.from_config(model_config)
+  return VisionTower.from_config(model_config)
 
 
 def _scalar(value: float):
@@ -71,19 +84,26 @@ class EssprModel(nn.Module):
     need_text = "t" in wanted or "m" in wanted
     self._check_side(side, need_image, need_text)
 
-    image_tokens = text_tokens = text_mask = None
+    image_tokens = text_tokens = text_mask = image_pooled = text_pooled = None
     if need_image:
-      image_tokens, _ = VisionTower.from_config(self.config)(side["image"], train)
+      image_tokens, image_pooled = image_tower(self.config)(side["image"], train)
     if need_text:
       text_mask = side["text_mask"]
-      text_tokens, _ = TextTower.from_config(self.config)(side["text_ids"], text_mask, train)
+      text_tokens, text_pooled = TextTower.from_config(self.config)(
+          side["text_ids"], text_mask, train)
     head = FusedHead.from_config(self.config)
     out = {}
-    if "i" in wanted:
+    if self.config.fused.dual:
+      fused = head(image_tokens, text_tokens, text_mask, train) if "m" in wanted else None
+      views = DualViews.from_config(self.config)(
+          image_pooled if "i" in wanted or "m" in wanted else None,
+          text_pooled if "t" in wanted or "m" in wanted else None, fused)
+      out = {m: views[m] for m in wanted}
+    if "i" in wanted and "i" not in out:
       out["i"] = head(image_tokens, None, None, train)
-    if "t" in wanted:
+    if "t" in wanted and "t" not in out:
       out["t"] = head(None, text_tokens, text_mask, train)
-    if "m" in wanted:
+    if "m" in wanted and "m" not in out:
       out["m"] = head(image_tokens, text_tokens, text_mask, train)
     self.param("logit_scale", _scalar(self.config.logit_scale_init), (), jnp.float32)
     self.param("logit_bias", _scalar(self.config.logit_bias_init), (), jnp.float32)

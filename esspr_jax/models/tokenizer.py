@@ -166,7 +166,8 @@ def tokenizer_from_config(tokenizer_config, titles: Optional[Iterable] = None) -
   """Builds the tokenizer `config.model.tokenizer` describes.
 
   kind 'train' learns one from `titles`; 'vocab_txt' reads a BERT vocab.txt at
-  `path`; 'file' loads a tokenizer.json at `path`.
+  `path`; 'file' loads a tokenizer.json at `path`; 'clip' / 'siglip' load a CLIP /
+  SigLIP checkpoint's tokenizer.json (models/dual_tokenizer.py).
   """
   kind = tokenizer_config.kind
   if kind == "train":
@@ -181,8 +182,11 @@ def tokenizer_from_config(tokenizer_config, titles: Optional[Iterable] = None) -
                                     tokenizer_config.strip_accents)
   if kind == "file":
     return Tokenizer.load(tokenizer_config.path)
+  if kind in ("clip", "siglip"):  # a CLIP / SigLIP checkpoint's tokenizer.json
+    from esspr_jax.models.dual_tokenizer import dual_tokenizer_from_config  # noqa: PLC0415
+    return dual_tokenizer_from_config(tokenizer_config)
   raise ConfigError("model.tokenizer.kind",
-                    f"unknown kind {kind!r}; use 'train', 'vocab_txt' or 'file'")
+                    f"unknown kind {kind!r}; use 'train', 'vocab_txt', 'file', 'clip' or 'siglip'")
 
 
 _MAX_CONTINUATION = 8  # longest '##' piece considered, in characters

@@ -24,6 +24,16 @@ Mapping from the usual checkpoints (done in models/pretrained.py):
     pos_embed [1,N',D]; blocks.i.attn.qkv [3D, D] -> split into query/key/value.
 With scan=True the blocks live under `encoder/layers/` with a leading [depth] axis.
 
+`kind` (config `model.image.kind`) picks the layout of a dual encoder's image tower:
+  'vit'         as above; pooled = CLS token (or the token mean without one).
+  'clip_vit'    OpenAI CLIP / HF CLIPVisionModel: patch_embed has no bias, a LayerNorm
+                `pre_norm/{scale,bias}` follows the position embedding, pooled = the CLS
+                token after final_norm (HF post_layernorm); needs cls_token=True.
+  'siglip_vit'  SigLIP / HF SiglipVisionModel: no CLS token, pooled by a MAP head
+                `map/{probe [1,1,D], attn/..., norm/..., mlp/...}` (models/fused.py MapPool)
+                over the final_norm'ed tokens; needs cls_token=False.
+`act` is the MLP activation ('gelu' exact, 'gelu_tanh' SigLIP, 'quick_gelu' OpenAI CLIP).
+
 Images are normalised inside the model: x = (pixel / 255 - mean) / std per channel;
 mean = std = 0.5 maps to [-1, 1] (the AugReg / big_vision convention).
 """
@@ -36,7 +46,10 @@ import jax
 import jax.numpy as jnp
 
 from esspr_jax.models.encoder import Encoder
+from esspr_jax.models.fused import MapPool
 from esspr_jax.models.layers import compute_dtype, constrain, dense, layer_norm, normal_init
+
+VIT_KINDS = ("vit", "clip_vit", "siglip_vit")
 
 
 def patchify(images: jax.Array, patch: int) -> jax.Array:
@@ -63,13 +76,15 @@ class VisionTower(nn.Module):
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
   scan: bool = False
+  kind: str = "vit"
+  act: str = "gelu"
 
   @classmethod
   def from_config(cls, model_config, name: str = "image") -> "VisionTower":
     v = model_config.image
     return cls(image_size=v.size, patch=v.patch, width=v.width, depth=v.depth, heads=v.heads,
                mlp_dim=v.mlp_dim, cls_token=v.cls_token, mean=tuple(v.mean), std=tuple(v.std),
-               ln_eps=v.ln_eps, dropout=model_config.dropout,
+               ln_eps=v.ln_eps, kind=v.kind, act=v.act, dropout=model_config.dropout,
                dtype=compute_dtype(model_config.dtype), remat=model_config.remat,
                scan=model_config.scan, name=name)
 
@@ -86,8 +101,11 @@ class VisionTower(nn.Module):
     if images.shape[1:] != (self.image_size, self.image_size, 3):
       raise ValueError(f"images have shape {images.shape[1:]}, the model expects "
                        f"({self.image_size}, {self.image_size}, 3) (model.image.size)")
+    if self.kind not in VIT_KINDS:
+      raise ValueError(f"kind must be one of {VIT_KINDS}, got {self.kind!r}")
     x = patchify(self.normalize(images), self.patch).astype(self.dtype)
-    x = dense(self.width, ("patch_in", "embed"), self.dtype, "patch_embed")(x)
+    x = dense(self.width, ("patch_in", "embed"), self.dtype, "patch_embed",
+              use_bias=self.kind != "clip_vit")(x)
     if self.cls_token:
       cls = self.param("cls", nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                            (None, None, "embed")),
@@ -97,11 +115,17 @@ class VisionTower(nn.Module):
     pos = self.param("pos_embed", normal_init(("pos", "embed")), (self.num_tokens, self.width),
                      jnp.float32)
     x = (x + pos[None].astype(x.dtype))
+    if self.kind == "clip_vit":
+      x = layer_norm(self.ln_eps, self.dtype, "pre_norm")(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = constrain(x, ("batch", "seq", "act_embed"))
     x = Encoder(self.depth, self.heads, self.mlp_dim, norm="pre", ln_eps=self.ln_eps,
                 dropout=self.dropout, dtype=self.dtype, remat=self.remat, scan=self.scan,
-                name="encoder")(x, None, train)
+                act=self.act, name="encoder")(x, None, train)
     x = layer_norm(self.ln_eps, self.dtype, "final_norm")(x)
-    pooled = x[:, 0] if self.cls_token else jnp.mean(x, axis=1)
+    if self.kind == "siglip_vit":
+      pooled = MapPool(self.heads, self.mlp_dim, self.ln_eps, self.dtype, self.act,
+                       name="map")(x, None)
+    else:
+      pooled = x[:, 0] if self.cls_token else jnp.mean(x, axis=1)
     return x, pooled
