@@ -160,7 +160,8 @@ def loss_unit(sides: Mapping[str, Embeddings], config, *,
   Traced under a mesh (`jax.set_mesh`) with the batch split over several devices,
   the pair, PDC and PLC terms run on each device's own query rows (placement.py);
   the split's mesh axes are those of logical 'batch' under the flax rules in effect,
-  or `batch_axes` when given. The values equal the one-device loss either way.
+  or `batch_axes` when given (`batch_axes=()` forces the whole-batch formulation,
+  the benchmarks' baseline). The values equal the one-device loss either way.
   """
   plan = plan_terms(config)
   emb = _gather_inputs(plan, sides)
