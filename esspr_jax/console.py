@@ -1,7 +1,8 @@
 """A quiet console: the job's own lines on the console, library logs in a file.
 
 absl, TFDS, Beam, Orbax, Grain and JAX log through Python logging (absl's handler,
-warnings.warn); all of it goes to <workdir>/logs/<name>.log at INFO. The console
+warnings.warn); all of it goes to <workdir>/logs/<name>.log at INFO, and so does what
+native code writes to stderr (XLA, Gloo, gRPC: file descriptor 2). The console
 gets only what the job prints itself (stage lines, progress, tables) plus esspr_jax's
 own warnings and errors as `warning: ...` / `error: ...` lines. `--verbosity=1` also
 shows every library record on stderr (2: DEBUG too).
@@ -78,7 +79,7 @@ def session(log_dir: pathlib.Path | None, verbosity: int = 0):
     file_handler = _LogFile(path, encoding="utf-8")
     file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
     handlers.append(file_handler)
-  stderr = logging.StreamHandler(sys.stderr)
+  stderr = logging.StreamHandler()  # whatever sys.stderr is when a record comes
   if verbosity >= 1:
     stderr.setFormatter(logging.Formatter(LOG_FORMAT))
   else:
@@ -98,11 +99,14 @@ def session(log_dir: pathlib.Path | None, verbosity: int = 0):
   logging.captureWarnings(True)
   if verbosity < 1:
     _quiet_progress_bars()
+  native = _native_stderr_to(path) if path is not None and verbosity < 1 else None
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("default")  # each warning once per place, into the log
       yield path
   finally:
+    if native is not None:
+      native.restore()
     logging.captureWarnings(False)
     for handler in handlers:
       root.removeHandler(handler)
@@ -111,6 +115,46 @@ def session(log_dir: pathlib.Path | None, verbosity: int = 0):
       root.addHandler(handler)
     root.setLevel(saved[1])
     absl_logging.set_verbosity(saved[2])
+
+
+class _NativeStderr:
+  """File descriptor 2 pointed at the log file, so what C++ (XLA's slow-compile alarm,
+  Gloo, gRPC) and worker processes write to stderr lands there; sys.stderr keeps the
+  console on a copy of the original descriptor. restore() puts both back."""
+
+  def __init__(self, path: pathlib.Path):
+    sys.stderr.flush()
+    self._saved_fd = os.dup(2)
+    log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    self._saved_stream = sys.stderr
+    if _is_fd2(sys.stderr):  # a real console (not a test's capture): keep writing there
+      sys.stderr = os.fdopen(os.dup(self._saved_fd), "w", buffering=1,
+                             encoding=getattr(sys.stderr, "encoding", None) or "utf-8",
+                             errors="backslashreplace")
+
+  def restore(self) -> None:
+    if sys.stderr is not self._saved_stream:
+      sys.stderr.flush()
+      sys.stderr.close()
+      sys.stderr = self._saved_stream
+    os.dup2(self._saved_fd, 2)
+    os.close(self._saved_fd)
+
+
+def _is_fd2(stream) -> bool:
+  try:
+    return stream.fileno() == 2
+  except (AttributeError, OSError, ValueError):
+    return False
+
+
+def _native_stderr_to(path: pathlib.Path) -> _NativeStderr | None:
+  try:
+    return _NativeStderr(path)
+  except OSError:  # no descriptor 2 to redirect (an embedded interpreter): leave it be
+    return None
 
 
 def _quiet_progress_bars() -> None:
