@@ -248,6 +248,8 @@ def test_duplicate_ids_across_shards_of_different_widths_are_found(tmp_path):
     export._check_unique_ids(tmp_path, 2)
   export.save_npy(tmp_path / export.shard_name("ids", 1, 2), np.array(["M1", "L77x"]))
   export._check_unique_ids(tmp_path, 2)
+  shard = tmp_path / export.shard_name("ids", 0, 2)
+  np.testing.assert_array_equal(np.concatenate(list(export.iter_npy(shard, 333))), np.load(shard))
 
 
 def test_vectors_through_the_export_path_round_trip(tiny, tmp_path):
