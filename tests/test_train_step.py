@@ -50,14 +50,14 @@ def every_term_config(preset: str, **model_overrides):
 class Setup:
   """The model, loss, initial params and one batch of a config."""
 
-  def __init__(self, config):
+  def __init__(self, config, rows=ROWS, composed_rows=COMPOSED_ROWS):
     self.config = config
     self.model = build_model(config.model)
     self.loss_fn = functools.partial(loss_unit, config=config.loss)
     self.views = plan_terms(config.loss).views()
     self.rules = sharding.rules(config.train)
     self.batch = jax.tree_util.tree_map(
-        jnp.asarray, model_batches.make_batch(config.model, 0, ROWS, COMPOSED_ROWS))
+        jnp.asarray, model_batches.make_batch(config.model, 0, rows, composed_rows))
     variables = jax.jit(self.model.init)(jax.random.key(0), self.batch["trigger"])
     self.logical = sharding.logical_specs(variables["params"])
     self.params = nn.unbox(variables["params"])
@@ -131,8 +131,7 @@ def test_tiny_accumulation_on_one_device_equals_the_full_batch(tiny, micro_steps
   assert_same(setup.run(micro_steps), reference)
 
 
-@pytest.mark.parametrize("micro_steps,mesh_axes", [(2, (8, 1, 1)), (4, (8, 1, 1)),
-                                                   (4, (2, 4, 1))])
+@pytest.mark.parametrize("micro_steps,mesh_axes", [(2, (8, 1, 1)), (4, (2, 4, 1))])
 def test_tiny_accumulation_on_a_mesh_equals_the_full_batch(tiny, micro_steps, mesh_axes):
   setup, reference = tiny
   assert_same(setup.run(micro_steps, mesh_axes), reference)
@@ -147,8 +146,11 @@ def test_demo_accumulation_equals_the_full_batch(demo, micro_steps, mesh_axes):
 
 def test_with_dropout_both_passes_share_each_micro_batch_masks():
   """Cached gradients = plain autodiff through the same per-micro-batch dropout masks
-  (an independent reference: no scan, no vjp, no caching)."""
-  setup = Setup(every_term_config("tiny", dropout=0.2))
+  (an independent reference: no scan, no vjp, no caching). The tiny preset's own
+  (paper) terms, to keep the compile short."""
+  config = compose("tiny")
+  config.model.dropout = 0.2
+  setup = Setup(config, rows=16, composed_rows=0)
   k = 2
 
   def reference(params, batch, rng):
