@@ -19,6 +19,8 @@ LossFn = Callable[..., tuple[jax.Array, Mapping[str, jax.Array]]]
 # side name -> the modalities to embed it in (LossPlan.views() for the loss unit).
 Views = Mapping[str, tuple[str, ...]]
 ALL_VIEWS: Views = {"trigger": MODALITIES, "recall": MODALITIES}
+# Params the loss reads itself (passed as loss_fn keywords), not through the model.
+LOSS_PARAMS = ("logit_scale", "logit_bias")
 
 
 @flax.struct.dataclass
@@ -67,34 +69,96 @@ def loss_and_grads(params, batch, rng, *, model, loss_fn: LossFn, views: Views):
   return loss, dict(terms), grads
 
 
-def accumulated_loss_and_grads(params, batch, rng, *, micro_steps, **kw):
-  """Mean loss/grads over `micro_steps` micro-batches, one at a time (less memory).
+def _constrain_rows(tree, *, leading: int):
+  """Keeps the example dim on the batch axes (after `leading` unsharded dims), so the
+  micro-batch split and join stay local to each device."""
+  def one(x):
+    names = (None,) * leading + ("batch",) + (None,) * (x.ndim - leading - 1)
+    return nn.with_logical_constraint(x, names)
+  return jax.tree_util.tree_map(one, tree)
 
-  Micro-batch j takes rows j, j+k, j+2k, ... so every device keeps its own rows."""
-  if micro_steps == 1:
-    return loss_and_grads(params, batch, rng, **kw)
+
+def split_micro_batches(tree, micro_steps: int):
+  """[rows, ...] -> [k, rows/k, ...]; micro-batch j holds rows j, j+k, j+2k, ...
+
+  With the rows split evenly over the devices (and rows/k divisible by their number),
+  every device keeps its own rows: no data moves."""
+  for path, x in jax.tree_util.tree_leaves_with_path(tree):
+    if x.shape[0] % micro_steps:
+      raise ValueError(f"batch leaf {jax.tree_util.keystr(path)} has {x.shape[0]} rows, not "
+                       f"divisible by train.grad_accum_steps={micro_steps}")
 
   def split(x):
     x = x.reshape((x.shape[0] // micro_steps, micro_steps) + x.shape[1:])
     return jnp.swapaxes(x, 0, 1)
+  return _constrain_rows(jax.tree_util.tree_map(split, _constrain_rows(tree, leading=0)),
+                         leading=1)
 
-  micro = jax.tree_util.tree_map(split, batch)
 
-  def body(carry, inputs):
-    loss_sum, terms_sum, grads_sum = carry
-    index, micro_batch = inputs
-    loss, terms, grads = loss_and_grads(params, micro_batch, jax.random.fold_in(rng, index),
-                                        **kw)
-    add = lambda a, b: jax.tree_util.tree_map(jnp.add, a, b)
-    return (loss_sum + loss, add(terms_sum, terms), add(grads_sum, grads)), None
+def join_micro_batches(tree):
+  """The inverse of `split_micro_batches`: [k, rows/k, ...] -> [rows, ...] in the
+  original row order (so trigger row r still pairs with recall row r)."""
+  def join(x):
+    x = jnp.swapaxes(x, 0, 1)
+    return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+  return _constrain_rows(jax.tree_util.tree_map(join, _constrain_rows(tree, leading=1)),
+                         leading=0)
 
-  first_loss, first_terms, first_grads = loss_and_grads(
-      params, jax.tree_util.tree_map(lambda x: x[0], micro), jax.random.fold_in(rng, 0), **kw)
-  rest = jax.tree_util.tree_map(lambda x: x[1:], micro)
-  (loss, terms, grads), _ = jax.lax.scan(
-      body, (first_loss, first_terms, first_grads), (jnp.arange(1, micro_steps), rest))
-  scale = lambda t: jax.tree_util.tree_map(lambda x: x / micro_steps, t)
-  return loss / micro_steps, scale(terms), scale(grads)
+
+def _loss_params(params) -> dict:
+  """The params the loss reads itself (not through the model): its temperature/bias."""
+  return {name: params[name] for name in LOSS_PARAMS if name in params}
+
+
+def _loss_of(sides, loss_params, loss_fn: LossFn):
+  return loss_fn(sides, logit_scale=loss_params.get("logit_scale"),
+                 logit_bias=loss_params.get("logit_bias"))
+
+
+def accumulated_loss_and_grads(params, batch, rng, *, micro_steps, model, loss_fn: LossFn,
+                               views: Views):
+  """The full-batch loss and its exact gradients, with activations held for one
+  micro-batch at a time (gradient caching).
+
+  (a) embed the k micro-batches one after the other, forward only (no activations
+      kept); (b) the loss once on the whole global batch of embeddings, with its gradient
+      w.r.t. every embedding and w.r.t. the params it reads directly; (c) each micro-batch
+      forward again under `jax.vjp`, with the same dropout rng as in (a), pulling its
+      rows' cached embedding gradients back into param gradients, summed. Every row of
+      the global batch stays every other row's negative, so loss and gradients do not
+      depend on k (with dropout, micro-batch j draws its masks from fold_in(rng, j)).
+      Micro-batch j takes rows j, j+k, ... (see `split_micro_batches`); the composed
+      sub-batch is split the same way, by its own row count. k=1 is the plain path."""
+  kw = dict(model=model, loss_fn=loss_fn, views=views)
+  if micro_steps == 1:
+    return loss_and_grads(params, batch, rng, **kw)
+  micro_batches = split_micro_batches(batch, micro_steps)
+  micro_rngs = jax.vmap(lambda j: jax.random.fold_in(rng, j))(jnp.arange(micro_steps))
+  embed = lambda p, micro_batch, micro_rng: embed_sides(p, micro_batch, micro_rng,
+                                                        model=model, views=views)
+
+  # (a) forward only: keeps [k, rows/k, E] embeddings, nothing else.
+  def embed_one(_, inputs):
+    micro_batch, micro_rng = inputs
+    return None, embed(jax.lax.stop_gradient(params), micro_batch, micro_rng)
+  _, stacked = jax.lax.scan(embed_one, None, (micro_batches, micro_rngs))
+  sides = join_micro_batches(stacked)
+
+  # (b) the loss on the whole global batch, differentiated w.r.t. its inputs only.
+  (loss, terms), (side_grads, loss_param_grads) = jax.value_and_grad(
+      _loss_of, argnums=(0, 1), has_aux=True)(sides, _loss_params(params), loss_fn)
+  cached = split_micro_batches(side_grads, micro_steps)
+
+  # (c) forward again per micro-batch, pulling the cached gradients back into params.
+  def backward_one(grads_sum, inputs):
+    micro_batch, micro_rng, micro_cotangent = inputs
+    _, pullback = jax.vjp(lambda p: embed(p, micro_batch, micro_rng), params)
+    (grads,) = pullback(micro_cotangent)
+    return jax.tree_util.tree_map(jnp.add, grads_sum, grads), None
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+  grads, _ = jax.lax.scan(backward_one, zeros, (micro_batches, micro_rngs, cached))
+  grads = flax.core.copy(grads, {name: grads[name] + g for name, g in loss_param_grads.items()})
+  return loss, dict(terms), grads
 
 
 def train_step(state: TrainState, batch, *, model, loss_fn, views, tx, schedule, base_rng,

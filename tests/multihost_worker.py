@@ -7,8 +7,11 @@ if asked:
    (state only, replicated on this run's mesh; any process count) -> --restore_dump;
 2. --resumed_dump: runs the trainer up to the newest checkpoint of --workdir, i.e.
    only restores (onto this run's mesh, through `train.train`), and dumps that state;
-3. trains the `tiny` config with the stand-in model (tests/standin.py) through
-   `esspr_jax.train.train` up to --steps -> --dump.
+3. trains the `tiny` config through `esspr_jax.train.train` up to --steps -> --dump:
+   with the stand-in model and loss (tests/standin.py), or with --model=tiny the real
+   model and the default loss unit (the paper's terms) on random in-memory batches
+   in the model's input format (tests/model_batches.py); --grad_accum_steps sets
+   train.grad_accum_steps.
 Dumps are .npz files of params + optimizer state, gathered, written by process 0,
 keyed by tree path. Every process feeds only the rows of each global batch that its
 devices hold, exactly as a per-process Grain shard would. --stall_process/
@@ -26,11 +29,13 @@ from esspr_jax import distributed  # noqa: E402
 
 distributed.initialize()  # before anything touches a device
 
+import grain  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
+import model_batches  # noqa: E402
 import standin  # noqa: E402
 from esspr_jax import sharding, train  # noqa: E402
 from esspr_jax.config import compose  # noqa: E402
@@ -48,6 +53,9 @@ def parse_args():
   parser.add_argument("--resumed_dump", default=None)
   parser.add_argument("--stall_process", type=int, default=-1)
   parser.add_argument("--stall_at_batch", type=int, default=-1)
+  parser.add_argument("--model", choices=("standin", "tiny"), default="standin",
+                      help="the stand-in model and loss, or the real tiny model + loss unit")
+  parser.add_argument("--grad_accum_steps", type=int, default=1)
   return parser.parse_args()
 
 
@@ -58,6 +66,7 @@ def build_config(args):
   config.train.checkpoint.every = args.checkpoint_every
   config.train.schedule.warmup_steps = min(config.train.schedule.warmup_steps, args.steps)
   config.train.eval_at_end = False
+  config.train.grad_accum_steps = args.grad_accum_steps
   data, fsdp, tensor = (int(x) for x in args.mesh.split(","))
   config.train.mesh.data, config.train.mesh.fsdp, config.train.mesh.tensor = data, fsdp, tensor
   return config
@@ -127,11 +136,20 @@ def state_of(result) -> dict:
   return {"params": result.state.params, "opt_state": result.state.opt_state}
 
 
+def global_batches(config, args) -> grain.MapDataset:
+  if args.model == "standin":
+    return standin.dataset(config.train.batch_size)
+  return grain.MapDataset.range(1_000_000).map(
+      lambda i: model_batches.make_batch(config.model, int(i), config.train.batch_size))
+
+
 def run_trainer(config, args):
   rows = local_rows(config)
-  dataset = (standin.dataset(config.train.batch_size)
+  dataset = (global_batches(config, args)
              .map(lambda batch: jax.tree_util.tree_map(lambda x: x[rows], batch))
              .map_with_index(lambda i, b: stalling(i, b, args)))
+  if args.model == "tiny":  # train's defaults: build_model(config.model), loss_unit
+    return train.train(config, args.workdir, train_dataset=dataset)
   return train.train(config, args.workdir, model=standin.StandInModel(),
                      loss_fn=standin.standin_loss, train_dataset=dataset)
 

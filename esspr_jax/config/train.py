@@ -59,7 +59,7 @@ def default_config(preset: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.steps = p["steps"]
   c.batch_size = p["batch_size"]  # global, over all processes and devices
-  c.grad_accum_steps = 1  # >1 splits each batch into micro-batches (negatives shrink)
+  c.grad_accum_steps = 1  # >1: micro-batches by gradient caching (same loss, less memory)
   # Global composed-query triplets per step (read only while loss.composed.weight > 0).
   c.composed_batch_size = {"tiny": 8, "demo": 32}.get(preset, 256)
 
