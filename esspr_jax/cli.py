@@ -18,6 +18,7 @@ import os
 import pathlib
 import signal
 import sys
+import threading
 
 from absl import flags
 from ml_collections import config_flags
@@ -253,7 +254,9 @@ def usage(fv: flags.FlagValues, full: bool = False) -> str:
 def execute(argv: list[str], *, beam_args=()) -> int:
   """Parses `argv` (argv[0]: the program), runs the mode and returns the exit code;
   every known stop reason is one `error:` line on stderr, never a traceback."""
-  previous = signal.signal(signal.SIGTERM, _on_startup_sigterm)
+  in_main_thread = threading.current_thread() is threading.main_thread()
+  previous = signal.signal(signal.SIGTERM, _on_startup_sigterm) if in_main_thread else None
+  fv = None
   try:
     fv = flags.FlagValues()
     define_flags(fv, sys_argv=argv)
@@ -293,13 +296,14 @@ def execute(argv: list[str], *, beam_args=()) -> int:
     if isinstance(e, NonFiniteLossError):
       _error(str(e))
       return 3
-    fault = disk_fault(e, fv.workdir)
+    fault = disk_fault(e, fv["workdir"].value if fv is not None else None)
     if fault is None:
       raise
     _error(fault)
     return 2
   finally:
-    signal.signal(signal.SIGTERM, previous)
+    if in_main_thread:
+      signal.signal(signal.SIGTERM, previous)
   return 0
 
 

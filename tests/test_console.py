@@ -46,7 +46,7 @@ def test_the_tiny_main_job_prints_only_its_own_lines(tmp_path):
       [sys.executable, "-m", "esspr_jax.main", f"--config={REPO}/configs/tiny.py",
        f"--workdir={workdir}", "--config.train.steps=2", "--config.train.checkpoint.every=1",
        "--config.eval.batch_size=24"],
-      cwd=tmp_path, capture_output=True, text=True, timeout=900,
+      cwd=tmp_path, capture_output=True, text=True, timeout=1800,
       env={**os.environ, "PYTHONPATH": str(REPO)})
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   out = result.stdout.splitlines()
