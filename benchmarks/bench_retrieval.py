@@ -107,7 +107,6 @@ def _bare_matmul_chunked(gallery, queries, query_chunk, gallery_chunk):
 
 def _previous_exact(gallery, queries, query_chunk, k, chunk=16384):
   """The exact search before the block-max top-k: top-k over each 16,384-score chunk."""
-  import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
   padded = np.zeros((-(-len(gallery) // chunk) * chunk, gallery.shape[1]), np.float32)
   padded[:len(gallery)] = gallery

@@ -119,6 +119,9 @@ class Searcher:
                       f"index at {self.dir} holds {self.dim}-dimensional vectors")
     if self.tokenizer is None:
       from esspr_jax.models.tokenizer import Tokenizer  # noqa: PLC0415
+      if not self.manifest.get("tokenizer"):
+        raise DataError(f"the export at {self.dir} has no tokenizer; pass tokenizer=")
+      integrity.verify(self.dir, self.assets, [self.manifest["tokenizer"]])
       self.tokenizer = Tokenizer.load(self.dir / self.manifest["tokenizer"])
 
   def _modality(self, m: str) -> str:

@@ -241,7 +241,6 @@ def _fold(out_dir, manifest, config, base_ids, new, modalities, start, summary) 
       checkpoint_info={"checkpoint": manifest.get("checkpoint"), "step": manifest.get("step")},
       tokenizer=_CopyOf(out_dir / tokenizer) if tokenizer else None,
       extra={"update": dict(summary, folded=True)})
-  del base_emb, base_hash, base_meta
   old = out_dir.with_name(out_dir.name + f".old-{os.getpid()}")
   os.replace(out_dir, old)
   os.replace(staging, out_dir)
