@@ -49,7 +49,12 @@ def test_every_shipped_config_validates():
   for path in configs:
     namespace: dict = {}
     exec(compile(path.read_text(), str(path), "exec"), namespace)  # noqa: S102
-    config_lib.validate_config(namespace["get_config"]())
+    try:
+      config_lib.validate_config(namespace["get_config"]())
+    except ConfigError as err:
+      # Configs that start from a downloaded checkpoint (docs/pretrained.md) validate
+      # everything else first; only the absent download may be reported.
+      assert err.key.endswith("init_from.path") and "does not exist" in str(err), (path, err)
 
 
 def test_world_category_sizes_match_the_demo_world():
