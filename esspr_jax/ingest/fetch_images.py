@@ -183,8 +183,12 @@ class Fetcher:
 
   def __init__(self, cfg):
     self.cfg = cfg
+    # urllib3 retries nothing itself (the loop in fetch() does, body included) but
+    # follows up to 5 redirects (CDNs redirect http -> https or to a mirror).
+    no_retries_but_redirects = urllib3.Retry(total=None, connect=0, read=0, status=0,
+                                             other=0, redirect=5)
     self._http = urllib3.PoolManager(
-        maxsize=int(cfg.per_host), retries=False,
+        maxsize=int(cfg.per_host), retries=no_retries_but_redirects,
         timeout=urllib3.Timeout(connect=float(cfg.connect_timeout_s),
                                 read=float(cfg.read_timeout_s)),
         headers={"User-Agent": cfg.user_agent, "Accept": "image/*"})
@@ -200,6 +204,14 @@ class Fetcher:
         resp = self._http.request("GET", url, preload_content=False, redirect=True)
       except urllib3.exceptions.TimeoutError as e:
         raise FetchFailure("timeout", str(e)) from None
+      except urllib3.exceptions.MaxRetryError as e:  # what a failed connect arrives as
+        # NewConnectionError (refused, unresolvable) subclasses ConnectTimeoutError.
+        if isinstance(e.reason, urllib3.exceptions.TimeoutError) and not isinstance(
+            e.reason, urllib3.exceptions.NewConnectionError):
+          raise FetchFailure("timeout", str(e.reason)) from None
+        if "redirect" in str(e).lower():
+          raise FetchFailure("http_error", "too many redirects") from None
+        raise FetchFailure("connection_error", str(e.reason)) from None
       except urllib3.exceptions.HTTPError as e:
         raise FetchFailure("connection_error", str(e)) from None
       whole = False

@@ -107,6 +107,8 @@ class _Server:
       return None
     if path == "/cut.jpg":  # a consistent response holding half a JPEG
       return self._send(h, 200, "image/jpeg", JPEG[:len(JPEG) // 2])
+    if path == "/moved.jpg":
+      return self._send(h, 302, "text/plain", b"", {"Location": "/ok/moved.jpg"})
     if path == "/flaky.jpg" and self.hits[h.path] == 1:
       return self._send(h, 503, "text/plain", b"busy", {"Retry-After": "0"})
     if path == "/flaky.jpg":
@@ -133,6 +135,14 @@ def server():
   s = _Server()
   yield s
   s.close()
+
+
+def _closed_port() -> int:
+  """A local port nothing listens on (bound, then released)."""
+  import socket  # pylint: disable=import-outside-toplevel
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
 
 
 def _cfg(**overrides):
@@ -164,9 +174,11 @@ def test_fetch_counts_every_failure_kind_and_rewrites_rows(server, tmp_path):
   bad = {"timeout": u("/slow.jpg"), "http_error": u("/missing.jpg"),
          "bad_content_type": u("/page.jpg"), "bad_magic": u("/disguised.jpg"),
          "truncated": u("/truncated.jpg"), "undecodable": u("/cut.jpg"),
-         "unsupported_url": "javascript:alert(1)"}
-  good = [u("/ok/1.jpg"), u("/ok/2.jpg"), u("/big.png"), u("/flaky.jpg")]
-  pairs = [(good[0], good[1]), (good[2], good[3]), (good[0], "local/photo.jpg")]
+         "unsupported_url": "javascript:alert(1)",
+         "connection_error": f"http://127.0.0.1:{_closed_port()}/x.jpg"}
+  good = [u("/ok/1.jpg"), u("/ok/2.jpg"), u("/big.png"), u("/flaky.jpg"), u("/moved.jpg")]
+  pairs = [(good[0], good[1]), (good[2], good[3]), (good[0], "local/photo.jpg"),
+           (good[1], good[4])]
   pairs += [(good[0], url) for url in bad.values()]
   src = _write_pairs(tmp_path / "release.csv", pairs)
   out, images = tmp_path / "pairs.csv", tmp_path / "images"
@@ -174,7 +186,8 @@ def test_fetch_counts_every_failure_kind_and_rewrites_rows(server, tmp_path):
   assert report.urls == len(good) + len(bad)
   assert report.fetched == len(good) and report.already_fetched == 0
   assert report.failed == {reason: 1 for reason in bad}
-  assert (report.rows_read, report.rows_written, report.rows_dropped) == (10, 3, 7)
+  assert (report.rows_read, report.rows_written, report.rows_dropped) == (12, 4, 8)
+  assert server.hits["/ok/moved.jpg"] == 1  # the redirect was followed
   manifest = _manifest(report)
   for reason, url in bad.items():
     assert manifest[url]["status"] == "failed" and manifest[url]["reason"] == reason
