@@ -162,6 +162,8 @@ def test_preemption_watch_turns_sigterm_into_a_flag():
     while not watch.requested and time.time() < deadline:
       time.sleep(0.01)
     assert watch.requested
+    assert not watch.uses_service  # one process: the Python flag decides
+    assert watch.reached(7, sync_point=False)  # on an ordinary step too
   assert signal.getsignal(signal.SIGTERM) is not watch._on_signal
 
 
