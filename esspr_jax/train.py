@@ -288,6 +288,20 @@ def _nonfinite_error(totals: dict, last_good: str) -> NonFiniteLossError:
       f"updates instead, or lower the learning rate.")
 
 
+def _start_line(setup: Setup, tc, start_step: int | None) -> str:
+  return (f"training {tc.steps} steps on mesh {dict(setup.mesh.shape)} "
+          f"({setup.mesh.devices.size} {metrics_lib.device_kind()} devices), global batch "
+          f"{tc.batch_size}; step compiled in {setup.compile_seconds:.1f}s"
+          + (f"; resumed at step {start_step}" if start_step is not None else ""))
+
+
+def _interval_meter(setup: Setup, tc) -> metrics_lib.IntervalMeter:
+  peak = metrics_lib.peak_flops_per_device(tc.peak_flops, metrics_lib.device_kind())
+  return metrics_lib.IntervalMeter(batch_size=tc.batch_size,
+                                   flops_per_step=setup.flops_per_step,
+                                   num_devices=setup.mesh.devices.size, peak_per_device=peak)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
           model: nn.Module | None = None, loss_fn: LossFn | None = None,
           train_dataset=None, eval_fn: EvalFn | None = None,
@@ -317,16 +331,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   with jax.set_mesh(setup.mesh):
     state, start_step = restore_or_init(setup, ckpt, data_iterator, config, model)
     step = saved_step = start_step or 0
-    devices_used = setup.mesh.devices.size
-    writer.say(f"training {tc.steps} steps on mesh {dict(setup.mesh.shape)} ({devices_used} "
-               f"{metrics_lib.device_kind()} devices), global batch {tc.batch_size}; step "
-               f"compiled in {setup.compile_seconds:.1f}s"
-               + (f"; resumed at step {step}" if start_step is not None else ""))
-    meter = metrics_lib.IntervalMeter(
-        batch_size=tc.batch_size, flops_per_step=setup.flops_per_step, num_devices=devices_used,
-        peak_per_device=metrics_lib.peak_flops_per_device(tc.peak_flops,
-                                                          metrics_lib.device_kind()))
-    sums = setup.zero_sums()
+    writer.say(_start_line(setup, tc, start_step))
+    meter, sums = _interval_meter(setup, tc), setup.zero_sums()
     eval_metrics, last_metrics, skipped, stopped = None, {}, 0, "done"
 
     def read(sums) -> dict:
