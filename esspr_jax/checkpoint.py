@@ -64,6 +64,10 @@ class Checkpointer:
     step = self._manager.latest_step()
     return str(self.path(step)) if step is not None else "none (no checkpoint saved yet)"
 
+  def due(self, step: int) -> bool:
+    """Whether `save(step, ...)` would save (interval, first save, preemption step)."""
+    return self._manager.should_save(step)
+
   def save(self, step: int, state: Any, data_iterator: Any, force: bool = False) -> bool:
     """Saves if `step` is due (or `force`); returns whether a save started."""
     return self._manager.save(
@@ -237,15 +241,27 @@ def set_iterator_state(iterator: Any, text: str) -> None:
 
 
 class PreemptionWatch:
-  """Turns SIGTERM into a flag the loop reads after each step: finish, save, exit 0."""
+  """A SIGTERM (preemption notice) to any process -> every process finishes the same
+  step, saves it and exits 0; nothing is exchanged on ordinary steps.
+
+  Multi-process runs use JAX's preemption service (started by
+  `jax.distributed.initialize`): its own SIGTERM handler tells the coordination
+  service, which agrees on a step (the largest step any process has reached, plus one)
+  in the background; `reached(step)` is a local check of that answer. A Python handler
+  would replace JAX's, so none is installed then. One process needs no agreement: the
+  signal sets a flag. Multi-process without the service (disabled by
+  `jax_enable_preemption_service`) falls back to agreeing by a collective at sync
+  points only (log steps, checkpoints, evals: the same steps on every process).
+  """
 
   def __init__(self, signals=(signal.SIGTERM,)):
     self._event = threading.Event()
     self._signals = signals
     self._previous = {}
+    self.uses_service = distributed.preemption_service_running()
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    if not self.uses_service and threading.current_thread() is threading.main_thread():
       for sig in self._signals:
         self._previous[sig] = signal.signal(sig, self._on_signal)
     return self
@@ -262,10 +278,16 @@ class PreemptionWatch:
 
   @property
   def requested(self) -> bool:
-    """A signal reached this process."""
+    """A signal reached this process (through the Python handler)."""
     return self._event.is_set()
 
-  def agreed(self) -> bool:
-    """True on every process once a signal reached any of them. A collective: all
-    processes call it after the same step, so they all stop after that step."""
-    return distributed.any_process(self.requested)
+  def reached(self, step: int, sync_point: bool) -> bool:
+    """True when the run should save `step` and stop; the same answer on every process.
+    Call it after every step with that step's number (the service counts calls);
+    `sync_point`: this step already waits for the devices on every process."""
+    if self.uses_service:
+      from jax.experimental import multihost_utils  # noqa: PLC0415
+      return multihost_utils.reached_preemption_sync_point(step)
+    if jax.process_count() == 1:
+      return self.requested
+    return sync_point and distributed.any_process(self.requested)

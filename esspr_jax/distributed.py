@@ -340,6 +340,17 @@ def any_process(flag: bool) -> bool:
   return bool(np.asarray(flags_of_all).any())
 
 
+def preemption_service_running() -> bool:
+  """True in a multi-process run whose JAX preemption service is up (the default after
+  `jax.distributed.initialize`): JAX then catches SIGTERM itself and agrees on a stop
+  step in the background (`multihost_utils.reached_preemption_sync_point`)."""
+  if not jax.distributed.is_initialized() or jax.process_count() == 1:
+    return False
+  from jax._src import distributed as jax_distributed  # noqa: PLC0415  (no public probe)
+  state = getattr(jax_distributed, "global_state", None)
+  return getattr(state, "preemption_sync_manager", None) is not None
+
+
 def barrier(name: str) -> None:
   """Waits until every process reaches `name` (no-op for one process), e.g. until
   process 0 has prepared the files the others are about to open."""

@@ -86,6 +86,40 @@ def compiled_flops(lowered) -> float | None:
   return float(cost["flops"])
 
 
+def interval_metrics(sums: Mapping[str, float], steps: int, seconds: float, *,
+                     batch_size: int, flops_per_step: float | None, num_devices: int,
+                     peak_per_device: float | None) -> dict[str, float]:
+  """What a log row says about `steps` steps that took `seconds` in all: each metric's
+  mean (from its sum), the step time and throughput, and FLOP rates where known."""
+  step_seconds = seconds / steps
+  out = {k: v / steps for k, v in sums.items()}
+  out["step_seconds"] = step_seconds
+  out["examples_per_sec"] = batch_size / step_seconds
+  if flops_per_step:
+    out["flops_per_step"] = flops_per_step
+    out["tflops_per_device"] = flops_per_step / step_seconds / num_devices / 1e12
+    out["mfu"] = mfu(flops_per_step, step_seconds, num_devices, peak_per_device)
+  return out
+
+
+class IntervalMeter:
+  """Times log intervals and averages them (`interval_metrics`): `read(sums, steps)`
+  at a log step returns the row for the steps since the previous one."""
+
+  def __init__(self, *, batch_size: int, flops_per_step: float | None, num_devices: int,
+               peak_per_device: float | None, clock=time.perf_counter):
+    self._rates = dict(batch_size=batch_size, flops_per_step=flops_per_step,
+                       num_devices=num_devices, peak_per_device=peak_per_device)
+    self._clock = clock
+    self._start = clock()
+
+  def read(self, sums: Mapping[str, float], steps: int) -> dict[str, float]:
+    now = self._clock()
+    row = interval_metrics(sums, steps, now - self._start, **self._rates)
+    self._start = now
+    return row
+
+
 def format_duration(seconds: float) -> str:
   seconds = max(0, int(round(seconds)))
   h, rem = divmod(seconds, 3600)

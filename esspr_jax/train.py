@@ -1,21 +1,24 @@
-"""The training loop, top to bottom: mesh -> data -> model -> shard -> step ->
-checkpoint -> evals -> loop.
+"""The training loop: set up (mesh, shardings, compile) -> restore or init -> loop.
 
 One jitted step updates the sharded train state from one global batch; the loss sees
 every example of the global batch as a negative (it runs on global arrays, XLA
 inserts the collectives). The state is donated, so params and optimizer state are
 never held twice. Nothing here knows mesh axis names: they live in the config's rules.
+
+The loop never waits for the devices on ordinary steps: the next global batches are
+built and sent ahead in a background thread (prefetch.py), metrics are summed on the
+devices and read only on log steps, checkpoints, evals and at the end
+(step_metrics.py), and a preemption costs nothing until it happens
+(checkpoint.PreemptionWatch). docs/training.md, "The step loop", tells the whole story.
 """
 import dataclasses
 import functools
-import json
 import logging
 import os
 import pathlib
 import time
 from typing import Any, Callable, Mapping
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -24,13 +27,14 @@ import numpy as np
 import optax
 from etils import epath
 
-from esspr_jax import atomic_io
 from esspr_jax import checkpoint as checkpoint_lib
 from esspr_jax import distributed
 from esspr_jax import metrics_writer as metrics_lib
 from esspr_jax import optim
+from esspr_jax import prefetch
 from esspr_jax import run_record
 from esspr_jax import sharding
+from esspr_jax import step_metrics
 from esspr_jax import workdir as workdir_lib
 from esspr_jax.config import validate_config
 from esspr_jax.config.loss import composed_enabled, composed_rows_per_process
@@ -145,13 +149,160 @@ def _init_variables(model: nn.Module, rng: jax.Array, side: Any) -> Any:
   return model.init({"params": params_rng, "dropout": dropout_rng}, side)
 
 
+# ----------------------------------------------------------------------------- set-up
+@dataclasses.dataclass
+class Setup:
+  """What the loop needs from the mesh: shardings, the abstract state, compiled code."""
+  mesh: jax.sharding.Mesh
+  batch_sharding: jax.sharding.NamedSharding
+  param_shardings: Any
+  state_shardings: TrainState
+  abstract_state: TrainState  # ShapeDtypeStructs carrying the target shardings
+  init: Callable[[], TrainState]  # a fresh, sharded state
+  step: Callable  # compiled (state, sums, global batch) -> (state, sums); both donated
+  zero_sums: Callable[[], step_metrics.MetricSums]
+  restart_interval: Callable  # sums -> sums with the interval part zeroed (donated)
+  compile_seconds: float
+  flops_per_step: float | None
+
+
+def check_mesh(config, mesh) -> None:
+  """The (micro-)batch and the composed sub-batch split evenly over the batch shards."""
+  tc = config.train
+  shards = sharding.batch_shards(mesh, sharding.rules(tc))
+  micro_composed = (tc.composed_batch_size // tc.grad_accum_steps
+                    if composed_enabled(config) else 0)
+  for key, rows, what in (("train.batch_size", tc.batch_size // tc.grad_accum_steps, ""),
+                          ("train.composed_batch_size", micro_composed, "composed ")):
+    if rows % shards:
+      raise ConfigError(key, f"the {what}(micro-)batch of {rows} rows cannot be split over "
+                        f"the {shards} batch shards of mesh {dict(mesh.shape)}")
+
+
+def set_up(config, model: nn.Module, loss_fn: LossFn, views: Views, sample: Any,
+           devices=None) -> Setup:
+  """Mesh, shardings and the compiled step for batches shaped like `sample` (this
+  process's share of one batch); raises ConfigError before compiling on a bad layout."""
+  tc = config.train
+  mesh = sharding.make_mesh(tc, devices)
+  check_mesh(config, mesh)
+  logical_rules = sharding.rules(tc)
+  batch_sharding = sharding.batch_sharding(mesh, logical_rules)
+  init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+  init_side = jax.tree_util.tree_map(lambda x: x[:1], sample["trigger"])
+  abstract_vars = jax.eval_shape(functools.partial(_init_variables, model), init_rng,
+                                 init_side)
+  param_logical = sharding.logical_specs(abstract_vars["params"])
+  abstract_params = nn.unbox(abstract_vars["params"])
+  tx, schedule = optim.make_optimizer(tc, abstract_params, param_logical)
+
+  param_shardings = sharding.mesh_shardings(param_logical, mesh, logical_rules)
+  sharding.check_divisible(abstract_params, param_shardings, param_logical)
+  repl = sharding.replicated(mesh)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
+                                        transform_non_params=lambda _: repl)
+  state_shardings = TrainState(step=repl, params=param_shardings, opt_state=opt_shardings)
+
+  def init_state(rng, side):
+    params = nn.unbox(_init_variables(model, rng, side)["params"])
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  one_step = functools.partial(train_step, model=model, loss_fn=loss_fn, views=views, tx=tx,
+                               schedule=schedule, base_rng=train_rng,
+                               logical_rules=logical_rules, micro_steps=tc.grad_accum_steps)
+
+  def step_and_sum(state, sums, batch):
+    new_state, metrics = one_step(state, batch)
+    return new_state, step_metrics.add(sums, metrics, new_state.step)
+
+  with jax.set_mesh(mesh):
+    abstract_state = checkpoint_lib.abstract_like(
+        jax.eval_shape(init_state, init_rng, init_side), state_shardings)
+    global_shape = lambda x: jax.ShapeDtypeStruct(
+        (x.shape[0] * jax.process_count(),) + x.shape[1:], x.dtype, sharding=batch_sharding)
+    abstract_batch = jax.tree_util.tree_map(global_shape, sample)
+    metric_shapes = jax.eval_shape(one_step, abstract_state, abstract_batch)[1]
+    zero_sums = jax.jit(lambda: step_metrics.zeros(metric_shapes), out_shardings=repl)
+    compile_start = time.time()
+    lowered = jax.jit(step_and_sum, in_shardings=(state_shardings, repl, batch_sharding),
+                      out_shardings=(state_shardings, repl), donate_argnums=(0, 1)).lower(
+                          abstract_state, jax.eval_shape(zero_sums), abstract_batch)
+    compiled = lowered.compile()
+    compile_seconds = time.time() - compile_start
+  init = lambda: jax.jit(init_state, out_shardings=state_shardings)(init_rng, init_side)
+  return Setup(mesh=mesh, batch_sharding=batch_sharding, param_shardings=param_shardings,
+               state_shardings=state_shardings, abstract_state=abstract_state, init=init,
+               step=compiled, zero_sums=zero_sums,
+               restart_interval=jax.jit(step_metrics.restart_interval, out_shardings=repl,
+                                        donate_argnums=0),
+               compile_seconds=compile_seconds,
+               flops_per_step=metrics_lib.compiled_flops(lowered))
+
+
+def open_workdir(config, workdir: epath.Path) -> metrics_lib.MetricsWriter:
+  """Takes the workdir for this run (one workdir, one run), checks the config against
+  the one it was started with (run_record.py: config.json is written once, later
+  allowed changes go to config_history.jsonl) and opens its metrics (process 0 writes).
+  Returns the writer and the lock to release when the run ends."""
+  primary = distributed.is_primary()
+  lock = workdir_lib.lock_run(workdir, primary)
+  try:
+    run_record.reconcile_config(workdir, config, write=primary,
+                                **checkpoint_lib.resume_point(workdir / "checkpoints"))
+  except BaseException:
+    if lock:
+      lock.release()
+    raise
+  return metrics_lib.MetricsWriter(workdir, config.train.steps, enabled=primary), lock
+
+
+def restore_or_init(setup: Setup, ckpt: checkpoint_lib.Checkpointer, data_iterator, config,
+                    model) -> tuple[TrainState, int | None]:
+  """The newest checkpoint's state (and data position, set on `data_iterator`) laid
+  out on this mesh, or a fresh state with any pretrained towers; and the step resumed
+  from (None when fresh). Call inside `jax.set_mesh(setup.mesh)`."""
+  start_step, state = ckpt.restore_latest(setup.abstract_state, data_iterator)
+  if start_step is not None:  # the newest that restores; damaged ones are set aside
+    log.info("resumed from %s", ckpt.path(start_step))
+    return state, start_step
+  state = _with_pretrained_towers(setup.init(), config, model, setup.param_shardings)
+  return state, None
+
+
+def _model_loss_views(config, model, loss_fn, views) -> tuple[nn.Module, LossFn, Views]:
+  """The project's model/loss/views for whatever the caller did not give."""
+  if model is None or loss_fn is None:
+    default_model, default_loss, default_views = default_model_and_loss(config)
+    if loss_fn is None:
+      views = views or default_views
+    model, loss_fn = model or default_model, loss_fn or default_loss
+  return model, loss_fn, views or ALL_VIEWS
+
+
 # ----------------------------------------------------------------------------- loop
-def _write_json_atomic(path, payload: Any) -> None:
-  atomic_io.atomic_write(path, json.dumps(payload, indent=2, sort_keys=True, default=str))
+def _nonfinite_error(totals: dict, last_good: str) -> NonFiniteLossError:
+  values = totals["first_bad"]
+  terms = {k: v for k, v in values.items() if k.startswith("loss")}
+  return NonFiniteLossError(
+      f"non-finite loss or gradient at step {totals['first_bad_step']} (loss terms {terms}, "
+      f"grad_norm {values.get('grad_norm')}); the update was not applied. Last good "
+      f"checkpoint: {last_good}. Set config.train.skip_nonfinite=True to skip such "
+      f"updates instead, or lower the learning rate.")
 
 
-def _host_scalars(metrics: Mapping[str, jax.Array]) -> dict[str, float]:
-  return {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
+def _start_line(setup: Setup, tc, start_step: int | None) -> str:
+  return (f"training {tc.steps} steps on mesh {dict(setup.mesh.shape)} "
+          f"({setup.mesh.devices.size} {metrics_lib.device_kind()} devices), global batch "
+          f"{tc.batch_size}; step compiled in {setup.compile_seconds:.1f}s"
+          + (f"; resumed at step {start_step}" if start_step is not None else ""))
+
+
+def _interval_meter(setup: Setup, tc) -> metrics_lib.IntervalMeter:
+  peak = metrics_lib.peak_flops_per_device(tc.peak_flops, metrics_lib.device_kind())
+  return metrics_lib.IntervalMeter(batch_size=tc.batch_size,
+                                   flops_per_step=setup.flops_per_step,
+                                   num_devices=setup.mesh.devices.size, peak_per_device=peak)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
@@ -167,194 +318,100 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   `eval_fn(params, step)` runs every `eval.every_steps` steps and at the end.
   """
   validate_config(config)
+  workdir = workdir_lib.workdir_path(workdir)
+  writer, lock = open_workdir(config, workdir)
+  try:
+    return _run(config, workdir, writer, model=model, loss_fn=loss_fn,
+                train_dataset=train_dataset, eval_fn=eval_fn, devices=devices, views=views)
+  finally:
+    if lock:
+      lock.release()
+
+
+def _run(config, workdir, writer, *, model, loss_fn, train_dataset, eval_fn, devices,
+         views) -> TrainResult:
+  """train() once the workdir is this run's: data -> set-up -> restore-or-init -> loop."""
   tc = config.train
   eval_every = int(config.eval.get("every_steps", 0) or 0)
-  workdir = workdir_lib.workdir_path(workdir)
-  primary = distributed.is_primary()
-  run_lock = workdir_lib.lock_run(workdir, primary)  # one workdir, one run
-  run_record.reconcile_config(workdir, config, write=primary,
-                              **checkpoint_lib.resume_point(workdir / "checkpoints"))
-
-  # --- mesh
-  mesh = sharding.make_mesh(tc, devices)
-  logical_rules = sharding.rules(tc)
-  batch_sharding = sharding.batch_sharding(mesh, logical_rules)
-  shards = sharding.batch_shards(mesh, logical_rules)
-  micro_batch = tc.batch_size // tc.grad_accum_steps
-  if micro_batch % shards:
-    raise ConfigError("train.batch_size", f"the (micro-)batch of {micro_batch} rows cannot be "
-                      f"split over the {shards} batch shards of mesh {dict(mesh.shape)}")
-  micro_composed = (tc.composed_batch_size // tc.grad_accum_steps
-                    if composed_enabled(config) else 0)
-  if micro_composed % shards:
-    raise ConfigError("train.composed_batch_size", f"the composed (micro-)batch of "
-                      f"{micro_composed} rows cannot be split over the {shards} batch shards "
-                      f"of mesh {dict(mesh.shape)}")
-
-  # --- data
-  local_rows = per_process_batch_size(config)
-  if train_dataset is None:
-    train_dataset = default_train_dataset(config, workdir)
-  data_iterator = iter(train_dataset)
+  data_iterator = iter(train_dataset if train_dataset is not None
+                       else default_train_dataset(config, workdir))
   sample = _strip_host_only(_peek(data_iterator))
-  _check_batch(sample, local_rows, per_process_composed_batch_size(config))
+  _check_batch(sample, per_process_batch_size(config), per_process_composed_batch_size(config))
+  model, loss_fn, views = _model_loss_views(config, model, loss_fn, views)
+  setup = set_up(config, model, loss_fn, views, sample, devices)
+  ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", every=tc.checkpoint.every,
+                                     keep=tc.checkpoint.keep,
+                                     async_save=tc.checkpoint.async_save)
+  with jax.set_mesh(setup.mesh):
+    state, start_step = restore_or_init(setup, ckpt, data_iterator, config, model)
+    step = saved_step = start_step or 0
+    writer.say(_start_line(setup, tc, start_step))
+    meter, sums = _interval_meter(setup, tc), setup.zero_sums()
+    eval_metrics, last_metrics, skipped, stopped = None, {}, 0, "done"
 
-  # --- model
-  if model is None or loss_fn is None:
-    default_model, default_loss, default_views = default_model_and_loss(config)
-    if loss_fn is None:
-      views = views or default_views
-    model, loss_fn = model or default_model, loss_fn or default_loss
-  views = views or ALL_VIEWS
-  init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
-  init_side = jax.tree_util.tree_map(lambda x: x[:1], sample["trigger"])
-  abstract_vars = jax.eval_shape(functools.partial(_init_variables, model), init_rng,
-                                 init_side)
-  param_logical = sharding.logical_specs(abstract_vars["params"])
-  abstract_params = nn.unbox(abstract_vars["params"])
-  tx, schedule = optim.make_optimizer(tc, abstract_params, param_logical)
-
-  # --- shard
-  param_shardings = sharding.mesh_shardings(param_logical, mesh, logical_rules)
-  sharding.check_divisible(abstract_params, param_shardings, param_logical)
-  repl = sharding.replicated(mesh)
-  abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
-                                        transform_non_params=lambda _: repl)
-  state_shardings = TrainState(step=repl, params=param_shardings, opt_state=opt_shardings)
-
-  def init_state(rng, side):
-    params = nn.unbox(_init_variables(model, rng, side)["params"])
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-  with jax.set_mesh(mesh):
-    abstract_state = jax.eval_shape(init_state, init_rng, init_side)
-    abstract_state = checkpoint_lib.abstract_like(abstract_state, state_shardings)
-
-    # --- step
-    step_fn = jax.jit(
-        functools.partial(train_step, model=model, loss_fn=loss_fn, views=views, tx=tx,
-                          schedule=schedule,
-                          base_rng=train_rng, logical_rules=logical_rules,
-                          micro_steps=tc.grad_accum_steps),
-        in_shardings=(state_shardings, batch_sharding),
-        out_shardings=(state_shardings, repl), donate_argnums=(0,))
-    global_shape = lambda x: jax.ShapeDtypeStruct(
-        (x.shape[0] * jax.process_count(),) + x.shape[1:], x.dtype, sharding=batch_sharding)
-    abstract_batch = jax.tree_util.tree_map(global_shape, sample)
-    compile_start = time.time()
-    lowered = step_fn.lower(abstract_state, abstract_batch)
-    compiled_step = lowered.compile()
-    compile_seconds = time.time() - compile_start
-    flops_per_step = metrics_lib.compiled_flops(lowered)
-
-    # --- checkpoint
-    ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", every=tc.checkpoint.every,
-                                       keep=tc.checkpoint.keep,
-                                       async_save=tc.checkpoint.async_save)
-    start_step, state = ckpt.restore_latest(abstract_state, data_iterator)
-    if start_step is None:
-      state = jax.jit(init_state, out_shardings=state_shardings)(init_rng, init_side)
-      state = _with_pretrained_towers(state, config, model, param_shardings)
-    step = int(jax.device_get(state.step))
-    saved_step = start_step
-
-    writer = metrics_lib.MetricsWriter(workdir, tc.steps, enabled=primary)
-    peak = metrics_lib.peak_flops_per_device(tc.peak_flops, metrics_lib.device_kind())
-    writer.say(f"training {tc.steps} steps on mesh {dict(mesh.shape)} "
-               f"({mesh.devices.size} {metrics_lib.device_kind()} devices), global batch "
-               f"{tc.batch_size}; step compiled in {compile_seconds:.1f}s"
-               + (f"; resumed at step {step}" if start_step is not None else ""))
-
-    # --- evals
-    eval_metrics = None
+    def read(sums) -> dict:
+      """Waits for the steps so far; applies the non-finite policy to them."""
+      nonlocal skipped
+      totals = step_metrics.read(sums)
+      if totals["first_bad_step"] >= 0 and not tc.skip_nonfinite:
+        raise _nonfinite_error(totals, ckpt.last_good())
+      if totals["skipped"] > skipped:
+        log.warning("by step %d: %d non-finite update(s) skipped in this run (the first at "
+                    "step %d)", step, totals["skipped"], totals["first_bad_step"])
+      skipped = totals["skipped"]
+      return totals
 
     def run_eval(at_step):
       nonlocal eval_metrics
-      if eval_fn is None:
-        return
       start = time.time()
-      result = eval_fn(state.params, at_step)
+      result = eval_fn(state.params, at_step) if eval_fn is not None else None
       if result:
         eval_metrics = dict(result)
         writer.write(at_step, {**eval_metrics, "eval_seconds": time.time() - start}, kind="eval")
 
-    # --- loop
-    skipped = 0
-    last_metrics: dict = {}
-    interval_sums: dict = {}
-    interval_steps = 0
-    interval_start = time.time()
-    seconds_per_step = 0.0
-    stopped = "done"
-    with checkpoint_lib.PreemptionWatch() as preemption:
+    build = lambda host: sharding.global_batch(_strip_host_only(host), setup.batch_sharding)
+    depth = 0 if tc.sync_loop else tc.prefetch
+    with checkpoint_lib.PreemptionWatch() as preemption, \
+        prefetch.Prefetcher(data_iterator, build, depth) as batches:
       while step < tc.steps:
-        host_batch = _strip_host_only(next(data_iterator))
-        batch = sharding.global_batch(host_batch, batch_sharding)
+        batch, position = next(batches)
         with jax.transfer_guard(tc.transfer_guard):
-          state, device_metrics = compiled_step(state, batch)
-        metrics = _host_scalars(device_metrics)
+          state, sums = setup.step(state, sums, batch)
         step += 1
-        if not metrics.pop("finite"):
-          terms = {k: v for k, v in metrics.items() if k.startswith("loss")}
-          if not tc.skip_nonfinite:
-            ckpt.wait()
-            raise NonFiniteLossError(
-                f"non-finite loss or gradient at step {step} (loss terms {terms}, grad_norm "
-                f"{metrics['grad_norm']}); the update was not applied. Last good checkpoint: "
-                f"{ckpt.last_good()}. Set config.train.skip_nonfinite=True to skip such "
-                f"updates instead, or lower the learning rate.")
-          skipped += 1
-          log.warning("step %d: non-finite loss %s; update skipped (%d so far)", step, terms,
-                      skipped)
-        for k, v in metrics.items():
-          interval_sums[k] = interval_sums.get(k, 0.0) + v
-        interval_steps += 1
-
-        if step % tc.log_every == 0 or step == tc.steps:
-          elapsed = time.time() - interval_start
-          seconds_per_step = elapsed / interval_steps
-          last_metrics = {k: v / interval_steps for k, v in interval_sums.items()}
-          last_metrics.update({
-              "step_seconds": seconds_per_step,
-              "examples_per_sec": tc.batch_size / seconds_per_step,
-              "skipped_steps": skipped,
-          })
-          if flops_per_step:
-            last_metrics["flops_per_step"] = flops_per_step
-            last_metrics["tflops_per_device"] = (
-                flops_per_step / seconds_per_step / mesh.devices.size / 1e12)
-            last_metrics["mfu"] = metrics_lib.mfu(flops_per_step, seconds_per_step,
-                                                  mesh.devices.size, peak)
+        log_due = step % tc.log_every == 0 or step == tc.steps
+        save_due = ckpt.due(step)
+        eval_due = bool(eval_every) and step % eval_every == 0 and step < tc.steps
+        synced = tc.sync_loop or log_due or save_due or eval_due
+        preempted = preemption.reached(step, sync_point=synced)
+        if synced or preempted:
+          totals = read(sums)
+        if log_due:
+          last_metrics = {**meter.read(totals["sums"], totals["steps"]),
+                          "skipped_steps": skipped}
           writer.write(step, last_metrics)
-          writer.progress(step, last_metrics, seconds_per_step)
-          interval_sums, interval_steps, interval_start = {}, 0, time.time()
-
-        if ckpt.save(step, state, data_iterator):
+          writer.progress(step, last_metrics, last_metrics["step_seconds"])
+          sums = setup.restart_interval(sums)
+        if save_due and ckpt.save(step, state, position):
           saved_step = step
           writer.flush()  # a remote workdir's metrics are uploaded at least this often
-        if eval_every and step % eval_every == 0 and step < tc.steps:
+        if eval_due:
           run_eval(step)
-        # Every process checks (a tiny collective) after every step, so a SIGTERM seen
-        # by some processes only still stops all of them after this same step.
-        if preemption.agreed():
+        if preempted:
           if saved_step != step:
-            ckpt.save(step, state, data_iterator, force=True)
+            ckpt.save(step, state, position, force=True)
           stopped = "preempted"
           writer.say(f"preemption signal: saved step {step} to {ckpt.path(step)}; exiting")
           break
 
     if stopped == "done":
+      read(sums)
       if saved_step != step:
-        ckpt.save(step, state, data_iterator, force=True)
+        ckpt.save(step, state, batches.consumed, force=True)
       if tc.eval_at_end or (eval_every and step % eval_every == 0):
         run_eval(step)
     ckpt.close()
     writer.close()
-  if run_lock:
-    run_lock.release()
   return TrainResult(step=step, state=state, stopped=stopped, resumed_from=start_step,
-                     workdir=workdir,
-                     checkpoint_dir=ckpt.directory, metrics_path=writer.jsonl_path,
-                     last_metrics=last_metrics, eval_metrics=eval_metrics,
-                     skipped_steps=skipped)
+                     workdir=workdir, checkpoint_dir=ckpt.directory,
+                     metrics_path=writer.jsonl_path, last_metrics=last_metrics,
+                     eval_metrics=eval_metrics, skipped_steps=skipped)

@@ -27,25 +27,36 @@ def _config():
   return config
 
 
-def _train(workdir, delay=0.0):
+def _train(workdir, delay=0.0, stall_at=-1):
   import standin
   from esspr_jax import train
+  dataset = standin.dataset(ROWS, delay=delay)
+  if stall_at >= 0:  # the prefetch thread hangs loading this batch (marker file first)
+    dataset = dataset.map_with_index(lambda i, b: _stall(workdir, i, b, stall_at))
   return train.train(_config(), workdir, model=standin.StandInModel(),
-                     loss_fn=standin.standin_loss,
-                     train_dataset=standin.dataset(ROWS, delay=delay))
+                     loss_fn=standin.standin_loss, train_dataset=dataset)
 
 
-def _worker(workdir: str, delay: float) -> int:
+def _stall(workdir, index, batch, stall_at):
+  if index == stall_at:
+    (pathlib.Path(workdir) / f"loading_{index}").write_text("")
+    time.sleep(600)
+  return batch
+
+
+def _worker(workdir: str, delay: float, stall_at: int) -> int:
   """Subprocess entry: trains; exit 0 when done or preempted (what main.py does)."""
-  result = _train(workdir, delay)
+  result = _train(workdir, delay, stall_at)
   print(f"WORKER stopped={result.stopped} step={result.step}", flush=True)
   return 0
 
 
 if __name__ == "__main__":
   os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-  sys.exit(_worker(sys.argv[1], float(sys.argv[2])))
+  sys.exit(_worker(sys.argv[1], float(sys.argv[2]), int(sys.argv[3])))
 
+
+import json  # noqa: E402
 
 import grain  # noqa: E402
 import jax  # noqa: E402
@@ -56,11 +67,11 @@ from esspr_jax import checkpoint  # noqa: E402
 from esspr_jax.errors import ConfigError  # noqa: E402
 
 
-def _start_worker(workdir, delay):
+def _start_worker(workdir, delay, stall_at=-1):
   env = dict(os.environ)
   env["PYTHONPATH"] = str(TESTS.parent) + os.pathsep + env.get("PYTHONPATH", "")
   return subprocess.Popen([sys.executable, str(TESTS / "test_checkpoint.py"), str(workdir),
-                           str(delay)], env=env, stdout=subprocess.PIPE,
+                           str(delay), str(stall_at)], env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
 
 
@@ -107,6 +118,31 @@ def test_sigkill_then_restart_reaches_the_same_params(tmp_path, uninterrupted):
   # uninterrupted run's own losses for those steps.
   assert resumed.last_metrics["loss"] == pytest.approx(uninterrupted.last_metrics["loss"],
                                                        rel=1e-6)
+
+
+def _saved_position(step_dir) -> dict:
+  return json.loads((step_dir / checkpoint.DATA / "process_0-of-1.json").read_text())
+
+
+def test_sigkill_during_prefetch_resumes_from_the_consumed_position(tmp_path, uninterrupted):
+  # Batch 3 hangs in the prefetch thread: by then the thread has taken batches 0-2 from
+  # the iterator (and is inside the 4th) while the step that saved checkpoint 2 had
+  # consumed only 2. The checkpoint must hold position 2, or the resumed run skips
+  # batches and its params differ.
+  process = _start_worker(tmp_path, delay=0.0, stall_at=3)
+  committed = tmp_path / "checkpoints" / "2"
+  _wait_for(lambda: committed.is_dir() and (tmp_path / "loading_3").exists(), process)
+  process.send_signal(signal.SIGKILL)
+  process.wait(timeout=60)
+  assert _saved_position(committed) == {"next_index": 2}
+
+  resumed = _train(tmp_path)
+  assert resumed.resumed_from == 2 and resumed.step == STEPS
+  for name, value in resumed.state.params.items():
+    np.testing.assert_array_equal(np.asarray(value),
+                                  np.asarray(uninterrupted.state.params[name]), err_msg=name)
+  for step in (4, 6):  # the resumed run's own saves: consumed positions too
+    assert _saved_position(tmp_path / "checkpoints" / str(step)) == {"next_index": step}
 
 
 def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path):
@@ -162,6 +198,8 @@ def test_preemption_watch_turns_sigterm_into_a_flag():
     while not watch.requested and time.time() < deadline:
       time.sleep(0.01)
     assert watch.requested
+    assert not watch.uses_service  # one process: the Python flag decides
+    assert watch.reached(7, sync_point=False)  # on an ordinary step too
   assert signal.getsignal(signal.SIGTERM) is not watch._on_signal
 
 

@@ -65,6 +65,18 @@ def test_nonfinite_loss_skips_update_when_configured(tmp_path):
   assert records[1]["loss"] == "nan"
 
 
+def test_nonfinite_loss_stops_at_the_next_log_step_naming_its_step(tmp_path):
+  # The loop reads metrics only at log steps and checkpoints: the bad update (step 2)
+  # is not applied, the run stops at log step 3, before checkpoint 4 can be saved.
+  config = _config(8, checkpoint_every=4, log_every=3)
+  with pytest.raises(train.NonFiniteLossError, match="at step 2 ") as info:
+    _train(config, tmp_path, nan_at={1})
+  assert "loss terms {'loss': nan" in str(info.value)
+  assert f"Last good checkpoint: {tmp_path / 'checkpoints' / '1'}" in str(info.value)
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]
+  assert _records(tmp_path) == []
+
+
 def _saved_params(step_dir):
   import orbax.checkpoint as ocp
   restored = ocp.StandardCheckpointer().restore(step_dir / "state")
@@ -104,6 +116,26 @@ def test_metrics_name_every_loss_term_and_rates(logged_run):
   schedule = optim.learning_rate_schedule(_config(4).train)
   assert last["lr"] == pytest.approx((float(schedule(2)) + float(schedule(3))) / 2, rel=1e-5)
   assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_sync_loop_trains_the_same_steps(logged_run, tmp_path):
+  # The synchronous loop (train.sync_loop, kept for benchmarks/bench_loop.py) and the
+  # asynchronous one are the same computation on the same batches.
+  workdir, result, _ = logged_run
+  config = _config(4, log_every=2, peak_flops=1e12, sync_loop=True)
+  config.eval.every_steps = 2
+  sync = _train(config, tmp_path)
+  for name, value in sync.state.params.items():
+    np.testing.assert_array_equal(np.asarray(value), np.asarray(result.state.params[name]))
+  assert [r["loss"] for r in _records(tmp_path)] == [r["loss"] for r in _records(workdir)]
+
+
+def test_checkpoints_hold_the_data_position_of_the_consumed_batches(logged_run):
+  # The prefetch thread runs ahead of the step; the saved position must not.
+  workdir, _, _ = logged_run
+  for step in (2, 4):
+    text = (workdir / "checkpoints" / str(step) / "data" / "process_0-of-1.json").read_text()
+    assert json.loads(text) == {"next_index": step}
 
 
 def test_eval_hook_runs_periodically_and_at_the_end(logged_run):
@@ -173,6 +205,42 @@ def test_mfu_and_peak_lookup():
   assert metrics_writer.peak_flops_per_device(0, "TPU v4") == 275e12
   assert metrics_writer.peak_flops_per_device(5.0, "TPU v4") == 5.0
   assert metrics_writer.peak_flops_per_device(0, "cpu") is None
+
+
+def test_interval_meter_averages_sums_and_times_the_interval():
+  clock = iter([10.0, 14.0, 15.0]).__next__
+  meter = metrics_writer.IntervalMeter(batch_size=8, flops_per_step=2e12, num_devices=4,
+                                       peak_per_device=1e12, clock=clock)
+  row = meter.read({"loss": 6.0, "lr": 0.4}, steps=4)  # 4 steps in 4 s
+  assert row == pytest.approx({"loss": 1.5, "lr": 0.1, "step_seconds": 1.0,
+                               "examples_per_sec": 8.0, "flops_per_step": 2e12,
+                               "tflops_per_device": 0.5, "mfu": 0.5})
+  row = meter.read({"loss": 1.0}, steps=2)  # the next interval: 2 steps in 1 s
+  assert row["step_seconds"] == 0.5 and row["loss"] == 0.5 and row["mfu"] == 1.0
+  assert "mfu" not in metrics_writer.interval_metrics(
+      {}, 1, 1.0, batch_size=1, flops_per_step=None, num_devices=1, peak_per_device=None)
+
+
+def test_step_metrics_sum_on_device_and_keep_the_first_bad_step():
+  from esspr_jax import step_metrics
+  steps = [{"loss": 1.0, "grad_norm": 2.0, "finite": 1.0},
+           {"loss": float("nan"), "grad_norm": 5.0, "finite": 0.0},
+           {"loss": 3.0, "grad_norm": 4.0, "finite": 1.0},
+           {"loss": float("inf"), "grad_norm": 1.0, "finite": 0.0}]
+  as_device = lambda m: {k: jnp.float32(v) for k, v in m.items()}
+  add = jax.jit(step_metrics.add)
+  acc = step_metrics.zeros(as_device(steps[0]))
+  for number, metrics in enumerate(steps[:3], start=1):
+    acc = add(acc, as_device(metrics), number)
+  totals = step_metrics.read(acc)
+  assert totals["steps"] == 3 and totals["skipped"] == 1 and totals["first_bad_step"] == 2
+  assert totals["sums"]["grad_norm"] == 11.0 and np.isnan(totals["sums"]["loss"])
+  assert np.isnan(totals["first_bad"]["loss"]) and totals["first_bad"]["grad_norm"] == 5.0
+  acc = add(step_metrics.restart_interval(acc), as_device(steps[3]), 4)
+  totals = step_metrics.read(acc)
+  assert totals["steps"] == 1 and totals["sums"]["grad_norm"] == 1.0
+  assert totals["skipped"] == 2 and totals["first_bad_step"] == 2  # the run's record stays
+  assert set(totals["sums"]) == {"loss", "grad_norm"}
 
 
 def test_progress_line_has_eta():

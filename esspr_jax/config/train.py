@@ -104,6 +104,12 @@ def default_config(preset: str) -> ml_collections.ConfigDict:
   c.platform = "any"
   # Guards the jitted step against implicit host<->device copies.
   c.transfer_guard = "disallow"
+  # Global batches built and sent to the devices ahead of the running step (a
+  # background thread); 0 builds each batch inline.
+  c.prefetch = 2
+  # True: the loop before it was asynchronous (metrics read and preemption agreed every
+  # step, batches built inline); kept for benchmarks/bench_loop.py's comparison.
+  c.sync_loop = False
   return c
 
 
@@ -160,3 +166,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f"must be one of {PLATFORMS}, got {t.platform!r}")
   _check(t.transfer_guard in ("allow", "log", "disallow"), "train.transfer_guard",
          f"must be 'allow', 'log' or 'disallow', got {t.transfer_guard!r}")
+  _check(_is_int(t.prefetch) and t.prefetch >= 0, "train.prefetch",
+         f"must be an int >= 0 (0: build each batch inline), got {t.prefetch!r}")
+  _check(isinstance(t.sync_loop, bool), "train.sync_loop",
+         f"must be True or False, got {t.sync_loop!r}")
