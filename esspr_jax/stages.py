@@ -20,6 +20,7 @@ from etils import epath
 from esspr_jax import atomic_io
 from esspr_jax import console
 from esspr_jax import distributed
+from esspr_jax import workdir as workdir_lib
 from esspr_jax.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -43,14 +44,12 @@ class Paths:
   @property
   def data_per_host(self) -> bool:
     """Each host prepares its own local copy of the data: the workdir is remote."""
-    from esspr_jax import workdir as workdir_lib  # noqa: PLC0415
     return workdir_lib.is_remote(self.workdir) and not workdir_lib.is_remote(self.data_dir)
 
   @classmethod
   def of(cls, config, fv=None, *, workdir=None, world_dir=None) -> "Paths":
     """From the flags `fv` (--workdir, --world_dir) or the same two values given."""
     from esspr_jax import train  # noqa: PLC0415
-    from esspr_jax import workdir as workdir_lib  # noqa: PLC0415
     if fv is not None:
       workdir, world_dir = fv.workdir, fv.world_dir
     workdir = workdir_lib.workdir_path(workdir)
@@ -254,7 +253,6 @@ def prepare_data_on_every_host(config, paths: Paths) -> None:
   every host gets the same files); processes sharing a host take turns (a lock in the
   data dir; later ones reuse what the first wrote). Then all processes check that they
   hold the same pairs, since each trains on its shard of one global order."""
-  from esspr_jax import workdir as workdir_lib  # noqa: PLC0415
   with workdir_lib.host_lock(paths.data_dir):
     prepare_data(config, paths)
   workdir_lib.check_same_everywhere(
@@ -266,12 +264,19 @@ def run_all(config, paths: Paths):
   """The main job: from nothing to a results table. Process 0 prepares the data while
   the others wait at a barrier, then every process opens it and trains."""
   start = time.time()
-  if paths.data_per_host:
-    prepare_data_on_every_host(config, paths)
-  elif distributed.is_primary():
-    prepare_data(config, paths)
-  distributed.barrier("esspr_jax.stages: data prepared")
-  result = train(config, paths, shared_tokenizer(config, paths))
+  # The whole job holds the workdir (train() takes the same lock again: it nests), so a
+  # second job on it stops before it prepares anything.
+  lock = workdir_lib.lock_run(paths.workdir, distributed.is_primary())
+  try:
+    if paths.data_per_host:
+      prepare_data_on_every_host(config, paths)
+    elif distributed.is_primary():
+      prepare_data(config, paths)
+    distributed.barrier("esspr_jax.stages: data prepared")
+    result = train(config, paths, shared_tokenizer(config, paths))
+  finally:
+    if lock:
+      lock.release()
   say(summary(paths, result, time.time() - start))
   return result
 
