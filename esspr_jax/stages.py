@@ -49,7 +49,6 @@ class Paths:
   @classmethod
   def of(cls, config, fv=None, *, workdir=None, world_dir=None) -> "Paths":
     """From the flags `fv` (--workdir, --world_dir) or the same two values given."""
-    from esspr_jax import train  # noqa: PLC0415
     if fv is not None:
       workdir, world_dir = fv.workdir, fv.world_dir
     workdir = workdir_lib.workdir_path(workdir)
@@ -60,7 +59,7 @@ class Paths:
     else:
       world = pathlib.Path(workdir) / "world"
     logs = console.default_log_dir(workdir, world.parent)
-    return cls(workdir, world, train.data_dir(config, workdir).absolute(), logs)
+    return cls(workdir, world, workdir_lib.default_data_dir(config, workdir).absolute(), logs)
 
 
 def say(message: str) -> None:
@@ -161,7 +160,7 @@ def tokenizer(config, paths: Paths):
   """The run's tokenizer (trained once on the train titles, cached in the data dir)."""
   from esspr_jax.input import pipeline  # noqa: PLC0415
   start = time.time()
-  tok = pipeline.tokenizer_from_config(config, paths.data_dir)
+  tok = pipeline.run_tokenizer(config, paths.data_dir)
   say(f"[tokenizer] {config.model.tokenizer.kind} in {time.time() - start:.1f}s")
   return tok
 
@@ -171,10 +170,10 @@ def shared_tokenizer(config, paths: Paths):
   process 0 trains/writes it first, the others load it after a barrier."""
   from esspr_jax.input import pipeline  # noqa: PLC0415
   if distributed.is_primary():
-    tok = pipeline.tokenizer_from_config(config, paths.data_dir)
+    tok = pipeline.run_tokenizer(config, paths.data_dir)
   distributed.barrier("esspr_jax.stages: tokenizer cached")
   if not distributed.is_primary():
-    tok = pipeline.tokenizer_from_config(config, paths.data_dir)
+    tok = pipeline.run_tokenizer(config, paths.data_dir)
   return tok
 
 

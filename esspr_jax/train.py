@@ -66,17 +66,11 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------- data
-def data_dir(config: ml_collections.ConfigDict, workdir) -> pathlib.Path:
-  """The TFDS data dir: config.data.pipeline.data_dir, or <workdir>/tfds when empty (a
-  local cache dir when the workdir is a gs:// URL: see esspr_jax/workdir.py)."""
-  return workdir_lib.default_data_dir(config, workdir)
-
-
 def default_train_dataset(config: ml_collections.ConfigDict, workdir: pathlib.Path):
   """This process's slice of the training data, as a Grain dataset of host batches."""
   from esspr_jax.input import pipeline  # noqa: PLC0415  (heavy, and only the default)
   return pipeline.train_dataset(config, per_process_batch_size(config),
-                                data_dir=data_dir(config, workdir))
+                                data_dir=workdir_lib.default_data_dir(config, workdir))
 
 
 def per_process_batch_size(config) -> int:

@@ -279,10 +279,3 @@ def write_csv_atomic(path: str | os.PathLike, header: Sequence[str],
       writer.writerow(row)
       n += 1
   return n
-
-
-def click_to_row(click: Click) -> list:
-  """A Click as CSV values in COLUMNS order."""
-  return [click.session_id, click.timestamp, click.query, click.position, click.listing_id,
-          click.supplier_id, click.cate_lv1_name, click.cate_name, f"{click.relevance:.3f}",
-          int(click.clicked)]

@@ -433,9 +433,11 @@ def iter_titles(source: Sequence) -> Iterator[str]:
       yield _text(example[s]["title"])
 
 
-def tokenizer_from_config(config, data_dir=None):
+def run_tokenizer(config, data_dir=None):
   """The run's tokenizer. kind 'train' learns one on the train dataset's titles once
-  and caches it next to that dataset, so training, eval and export share it."""
+  and caches it next to that dataset, so training, eval and export share it (the
+  tokenizer stage, esspr_jax/stages.py, calls this first). Other kinds are built from
+  their files by models/tokenizer.py's `tokenizer_from_config`."""
   from esspr_jax.models import tokenizer as tokenizer_lib  # noqa: PLC0415
   tok = config.model.tokenizer
   if tok.kind != "train":
@@ -459,7 +461,7 @@ def train_dataset(config, batch_size: int, *, data_dir=None, tokenizer=None,
                   process_count: int | None = None) -> grain.IterDataset:
   """The run's training batches (this process's `batch_size` share of each)."""
   from esspr_jax.config.loss import composed_rows_per_process  # noqa: PLC0415
-  tokenizer = tokenizer or tokenizer_from_config(config, data_dir)
+  tokenizer = tokenizer or run_tokenizer(config, data_dir)
   composed = {}
   rows = composed_rows_per_process(config, _processes(process_index, process_count)[1])
   if rows:
@@ -475,7 +477,7 @@ def eval_dataset(config, batch_size: int, *, data_dir=None, tokenizer=None,
                  process_index: int | None = None,
                  process_count: int | None = None) -> grain.IterDataset:
   """The run's eval pairs: every pair once, padded, with ids."""
-  tokenizer = tokenizer or tokenizer_from_config(config, data_dir)
+  tokenizer = tokenizer or run_tokenizer(config, data_dir)
   return make_eval_dataset(open_source(config, "eval", data_dir), tokenizer,
                            spec_from_config(config), batch_size,
                            process_index=process_index, process_count=process_count)

@@ -275,14 +275,13 @@ def _filled(config, model, values) -> dict:
 
 def run_row(config, workdir: pathlib.Path, split: GrocerySplit, train: bool) -> tuple:
   """(metrics, info) of one row: evaluate the initial model, or train then evaluate."""
-  import flax.linen as nn  # noqa: PLC0415
   import jax  # noqa: PLC0415
   from esspr_jax import train as train_lib  # noqa: PLC0415
   from esspr_jax.config import validate_config  # noqa: PLC0415
   from esspr_jax.input import pipeline  # noqa: PLC0415
   from esspr_jax.losses import loss_unit, plan_terms  # noqa: PLC0415
   from esspr_jax.models import pretrained  # noqa: PLC0415
-  from esspr_jax.models.model import build_model, example_side  # noqa: PLC0415
+  from esspr_jax.models.model import build_model  # noqa: PLC0415
   from esspr_jax.models.tokenizer import tokenizer_from_config  # noqa: PLC0415
   validate_config(config)
   tokenizer = tokenizer_from_config(config.model.tokenizer)

@@ -521,9 +521,10 @@ def export_catalog(config, workdir, catalog_csv, image_dir, out_dir, *, checkpoi
   """main.py --mode=export [--update]: restore the model, export (or update) the catalog."""
   from esspr_jax.input import pipeline  # noqa: PLC0415
   model, params, info = restore.load_model_and_params(config, checkpoint or workdir, step=step)
-  if data_dir is None and not config.data.pipeline.data_dir:
-    data_dir = pathlib.Path(workdir) / "tfds"
-  tokenizer = pipeline.tokenizer_from_config(config, data_dir)
+  if data_dir is None:
+    from esspr_jax import workdir as workdir_lib  # noqa: PLC0415
+    data_dir = workdir_lib.default_data_dir(config, workdir)
+  tokenizer = pipeline.run_tokenizer(config, data_dir)
   items, listings = read_catalog(config, catalog_csv, image_dir)
   if update:
     from esspr_jax.retrieval import update as update_lib  # noqa: PLC0415

@@ -212,10 +212,10 @@ def test_run_config_wiring_and_validation(built):
   with config.unlocked():
     config.data.pipeline.train_dataset = "train_pairs"
     config.data.pipeline.data_dir = str(built["root"] / "tfds")
-  tokenizer = pipeline.tokenizer_from_config(config)
+  tokenizer = pipeline.run_tokenizer(config)
   cached = list((built["root"] / "tfds").rglob("tokenizer-*.json"))
   assert len(cached) == 1
-  assert pipeline.tokenizer_from_config(config).vocab_size == tokenizer.vocab_size
+  assert pipeline.run_tokenizer(config).vocab_size == tokenizer.vocab_size
   batch = next(iter(pipeline.train_dataset(config, 4, process_index=0, process_count=1)))
   assert batch["trigger"]["image"].shape == (4, spec.image_size, spec.image_size, 3)
   config.data.pipeline.worker_count = -1
