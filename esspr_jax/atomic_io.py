@@ -71,6 +71,13 @@ def download(url: str) -> bytes | None:
     return None
 
 
+def write_json(path, obj, *, indent: int | None = 2, sort_keys: bool = True):
+  """`obj` as JSON (non-JSON values via str), written atomically: the one writer of
+  whole JSON files (configs, manifests, reports, progress records)."""
+  import json  # noqa: PLC0415
+  return atomic_write(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, default=str))
+
+
 def atomic_write(path, data: bytes | str):
   """Writes bytes, or str as UTF-8, to `path` atomically; returns the path (an
   epath.Path for a URL, else a pathlib.Path)."""

@@ -5,6 +5,7 @@
 
 Modes (--mode): all (default: demo world -> mine -> build -> tokenizer -> train ->
 eval table), demo-world, mine (--clicklog/--catalog/--out; Beam options after `--`),
+fetch-images (--pairs with image URLs -> --out with local paths under --image_dir),
 build, train, eval, export, search. `python -m esspr_jax.main` is the same command.
 The config is validated before anything runs; library logs go to <workdir>/logs/
 (--verbosity=1: also on the console). Exit codes: 0 done, 2 bad input or a disk
@@ -30,10 +31,11 @@ from esspr_jax.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-MODES = ("all", "demo-world", "mine", "build", "train", "eval", "export", "search")
+MODES = ("all", "demo-world", "mine", "fetch-images", "build", "train", "eval", "export",
+         "search")
 HELP_ARGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull")
 # Modes that read or write the workdir (mine writes next to --out instead).
-_WORKDIR_MODES = tuple(m for m in MODES if m != "mine")
+_WORKDIR_MODES = tuple(m for m in MODES if m not in ("mine", "fetch-images"))
 # Write faults shown as one line instead of a traceback (or Orbax's pages of them).
 _DISK_FAULTS = (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM,
                 errno.EFBIG)
@@ -73,6 +75,8 @@ def define_flags(fv: flags.FlagValues, sys_argv: list[str] | None = None) -> Non
                     "catalog's hidden style_id (demo world only)", flag_values=fv)
   flags.DEFINE_integer("num_shards", None, "mine: output shards (0 = the runner decides; "
                        "default: config.data.mining.num_shards)", flag_values=fv)
+  flags.DEFINE_string("pairs", None, "fetch-images: release-format pairs CSV with image URLs",
+                      flag_values=fv)
   flags.DEFINE_string("train_pairs", None, "build: train pairs CSV", flag_values=fv)
   flags.DEFINE_string("eval_pairs", None, "build: eval pairs CSV", flag_values=fv)
   flags.DEFINE_string("image_dir", None, "dir the CSVs' image paths resolve against",
@@ -174,6 +178,12 @@ def _local_export_dir(fv, paths: stages.Paths) -> pathlib.Path:
 def run(config, fv, beam_args=()):
   """Runs `fv.mode` for a parsed, validated config."""
   mode = fv.mode
+  if mode == "fetch-images":
+    from esspr_jax.ingest import fetch_images  # noqa: PLC0415
+    report = fetch_images.fetch_from_config(config, fv.pairs or fv.train_pairs, fv.out,
+                                            fv.image_dir)
+    stages.say(report.table())
+    return report
   if mode == "mine":
     _require(fv, "clicklog", "catalog", "out")
     if fv.num_shards is not None:

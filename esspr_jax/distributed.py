@@ -252,7 +252,7 @@ _FLAG_FOR_ENV = {
 def running_on_tpu_vm() -> bool:
   """True on a Cloud TPU VM (JAX checks for TPU chips on the PCI bus at import)."""
   try:
-    from jax._src import cloud_tpu_init  # pylint: disable=g-import-not-at-top
+    from jax._src import cloud_tpu_init  # noqa: PLC0415
     return bool(cloud_tpu_init.running_in_cloud_tpu_vm)
   except (ImportError, AttributeError):
     return "TPU_WORKER_HOSTNAMES" in os.environ or "TPU_ACCELERATOR_TYPE" in os.environ
@@ -288,7 +288,7 @@ def initialize(coordinator_address: str | None = None,
 def define_flags(flag_values=None) -> None:
   """Adds --coordinator_address, --num_processes, --process_id, --local_device_ids
   to an absl command (each defaults to its ESSPR_* env var; see `initialize`)."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import flags  # noqa: PLC0415
   flag_values = flags.FLAGS if flag_values is None else flag_values
   flags.DEFINE_string("coordinator_address", None,
                       f"HOST:PORT of process 0 (default: ${ENV_COORDINATOR}, or the cluster's)",
@@ -306,7 +306,7 @@ def define_flags(flag_values=None) -> None:
 
 def initialize_from_flags(flag_values=None) -> ProcessInfo:
   """`initialize` with the values of the flags `define_flags` added."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import flags  # noqa: PLC0415
   f = flags.FLAGS if flag_values is None else flag_values
   return initialize(coordinator_address=f.coordinator_address, num_processes=f.num_processes,
                     process_id=f.process_id, local_device_ids=f.local_device_ids)
@@ -334,8 +334,8 @@ def any_process(flag: bool) -> bool:
   all of them after the same step, or the collective save would hang."""
   if jax.process_count() == 1:
     return bool(flag)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
   flags_of_all = multihost_utils.process_allgather(np.array([int(bool(flag))], np.int32))
   return bool(np.asarray(flags_of_all).any())
 
@@ -355,5 +355,5 @@ def barrier(name: str) -> None:
   """Waits until every process reaches `name` (no-op for one process), e.g. until
   process 0 has prepared the files the others are about to open."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    from jax.experimental import multihost_utils  # noqa: PLC0415
     multihost_utils.sync_global_devices(name)

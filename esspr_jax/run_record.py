@@ -122,7 +122,7 @@ def reconcile_config(workdir, config, *, resuming: bool, step: int | None = None
   saved = saved_config(workdir) if resuming else None
   if saved is None:
     if write:
-      atomic_io.atomic_write(root / CONFIG, json.dumps(current, indent=2, sort_keys=True))
+      atomic_io.write_json(root / CONFIG, current)
     return {}
   diff = changes(saved, current)
   fixed = {k: v for k, v in diff.items() if is_fixed(k) or _switches_composed(k, *v)}

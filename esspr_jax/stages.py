@@ -10,7 +10,6 @@ job to a fixed set of line formats); library logs go to <workdir>/logs/
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import pathlib
 import time
@@ -121,8 +120,7 @@ def mine(config, clicklog, catalog, out, *, beam_args=None, precision: bool = Fa
   report = mining.mine_pairs(clicklog, catalog, out, config.data.mining, beam_args or (),
                              verbose=False)
   if "://" not in str(out):
-    atomic_io.atomic_write(mining_report_path(out),
-                           json.dumps(report.to_dict(), indent=2, sort_keys=True))
+    atomic_io.write_json(mining_report_path(out), report.to_dict())
   say(f"[mine] {report.pairs_written} pairs -> {out} in {time.time() - start:.1f}s")
   if precision:
     from esspr_jax.demo_world.pair_precision import pair_precision  # noqa: PLC0415

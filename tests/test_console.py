@@ -18,7 +18,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 _NUM = r"\d+(\.\d+)?"
 JOB_LINE_FORMATS = [re.compile(p) for p in (
     r"",
-    rf"\[jax\] backend \w+: \d+ x .+ \(\d+ process(es)?\)",
+    r"\[jax\] backend \w+: \d+ x .+ \(\d+ process(es)?\)",
     rf"\[world\] generated \S+ in {_NUM}s",
     rf"\[mine\] \d+ pairs -> \S+ in {_NUM}s",
     rf"\[build\] \w+ from \S+ in {_NUM}s",

@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import standin  # noqa: E402
 
-from esspr_jax import metrics_writer, optim, train, train_step  # noqa: E402
+from esspr_jax import metrics_writer, optim, train  # noqa: E402
 from esspr_jax.config import compose  # noqa: E402
 
 

@@ -290,7 +290,7 @@ def _write_json_atomic(path: pathlib.Path, obj) -> None:
 def generate_world(cfg, out_dir) -> WorldPaths:
   """Writes the demo world under out_dir (see module doc) and returns its paths."""
   # Imported here: the config package pulls in JAX, which render workers do not need.
-  from esspr_jax.config.data import validate_world  # pylint: disable=import-outside-toplevel
+  from esspr_jax.config.data import validate_world  # noqa: PLC0415
   validate_world(cfg)
   paths = WorldPaths.under(out_dir)
   paths.images.mkdir(parents=True, exist_ok=True)
@@ -339,10 +339,10 @@ def generate_world(cfg, out_dir) -> WorldPaths:
 
 def main(argv=None) -> None:
   """`python -m esspr_jax.demo_world.synthetic OUT_DIR [--preset demo] [--seed N]`"""
-  import argparse  # pylint: disable=import-outside-toplevel
-  import time  # pylint: disable=import-outside-toplevel
+  import argparse  # noqa: PLC0415
+  import time  # noqa: PLC0415
 
-  from esspr_jax.config.data import world_config  # pylint: disable=import-outside-toplevel
+  from esspr_jax.config.data import world_config  # noqa: PLC0415
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("out_dir")
   parser.add_argument("--preset", default="demo", choices=("tiny", "demo", "base", "large"))

@@ -67,9 +67,9 @@ class _LoopbackGrpc:
 def _server_modules() -> tuple:
   """The Beam modules that create the FnApiRunner's servers (GrpcServer, and
   SubprocessSdkWorker's per-worker logging server)."""
-  # pylint: disable=import-outside-toplevel
-  from apache_beam.runners.portability import local_job_service
-  from apache_beam.runners.portability.fn_api_runner import worker_handlers
+  # noqa: PLC0415
+  from apache_beam.runners.portability import local_job_service  # noqa: PLC0415
+  from apache_beam.runners.portability.fn_api_runner import worker_handlers  # noqa: PLC0415
   return worker_handlers, local_job_service
 
 
@@ -93,10 +93,10 @@ class LocalRunner(PipelineRunner):
   """The FnApiRunner with loopback-only servers (module doc). Batch pipelines only."""
 
   def run_pipeline(self, pipeline, options):
-    # pylint: disable=import-outside-toplevel
-    from apache_beam.portability.api import beam_provision_api_pb2
-    from apache_beam.runners.portability.fn_api_runner import fn_runner
-    from apache_beam.runners.portability.portable_runner import JobServiceHandle
+    # noqa: PLC0415
+    from apache_beam.portability.api import beam_provision_api_pb2  # noqa: PLC0415
+    from apache_beam.runners.portability.fn_api_runner import fn_runner  # noqa: PLC0415
+    from apache_beam.runners.portability.portable_runner import JobServiceHandle  # noqa: PLC0415
     encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
     provision = fn_runner.ExtendedProvisionInfo(
         beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))

@@ -135,7 +135,7 @@ def parse_click(values: Sequence, index: dict, num_columns: int,
 
 def _open_binary(path: str):
   if "://" in str(path):
-    from apache_beam.io.filesystems import FileSystems  # pylint: disable=import-outside-toplevel
+    from apache_beam.io.filesystems import FileSystems  # noqa: PLC0415
     return FileSystems.open(str(path))
   return open(path, "rb")
 
@@ -177,7 +177,7 @@ def read_raw_rows(path: str, input_format: str = "auto") -> tuple[list, Iterator
 def has_rows(path: str, input_format: str = "auto") -> bool:
   """Whether the click log holds at least one row after its header."""
   if detect_format(path, input_format) == "parquet":
-    import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+    import pyarrow.parquet as pq  # noqa: PLC0415
     with _open_binary(path) as handle:
       try:
         return pq.ParquetFile(handle).metadata.num_rows > 0
@@ -201,7 +201,7 @@ def require_some_rows(paths: Sequence[str], input_format: str = "auto") -> None:
 def read_header(path: str, input_format: str = "auto") -> list:
   """The column names of a click-log file, without reading its rows."""
   if detect_format(path, input_format) == "parquet":
-    import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+    import pyarrow.parquet as pq  # noqa: PLC0415
     with _open_binary(path) as handle:
       try:
         return list(pq.ParquetFile(handle).schema_arrow.names)
@@ -219,7 +219,7 @@ def read_header(path: str, input_format: str = "auto") -> list:
 
 
 def _parquet_rows(path: str):
-  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # noqa: PLC0415
   handle = _open_binary(path)
   try:
     pfile = pq.ParquetFile(handle)

@@ -71,7 +71,7 @@ class ParquetRows(FileBasedSource):
                      validate=False)
 
   def read_records(self, file_name, offset_range_tracker):
-    import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+    import pyarrow.parquet as pq  # noqa: PLC0415
     start = offset_range_tracker.start_position()
     with self.open_file(file_name) as f:
       pfile = pq.ParquetFile(f)

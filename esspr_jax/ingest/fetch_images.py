@@ -122,7 +122,7 @@ def sniff(data: bytes) -> str | None:
 def to_jpeg(data: bytes, max_side: int, min_side: int, quality: int) -> bytes:
   """Decodes every pixel, shrinks the long side to max_side (0 = keep), re-encodes RGB
   JPEG. Raises FetchFailure(undecodable | too_small | too_large)."""
-  from esspr_jax.input.images import to_rgb  # pylint: disable=import-outside-toplevel
+  from esspr_jax.input.images import to_rgb  # noqa: PLC0415
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -290,7 +290,7 @@ def _retry_after(value: str | None) -> float | None:
 def fetch_images(pairs, out, image_dir, cfg, verbose: bool = True) -> FetchReport:
   """Fetches every image URL of `pairs` (a file, glob or mining shards) into image_dir,
   writes OUT (pairs with local image paths) and OUT.fetch_manifest.csv (module doc)."""
-  from esspr_jax.config.data import validate_fetch  # pylint: disable=import-outside-toplevel
+  from esspr_jax.config.data import validate_fetch  # noqa: PLC0415
   validate_fetch(cfg)
   start = time.perf_counter()
   image_dir, out = pathlib.Path(image_dir), pathlib.Path(out)
@@ -354,8 +354,8 @@ def fetch_from_config(config, pairs, out, image_dir) -> FetchReport:
 
 
 def main(argv=None) -> None:
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  from absl import flags  # noqa: PLC0415
+  from ml_collections import config_flags  # noqa: PLC0415
   argv = list(sys.argv if argv is None else argv)
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file("config", "configs/demo.py", "run config file",

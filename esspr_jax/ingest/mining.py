@@ -206,7 +206,7 @@ def mine_pairs(clicklog_path, catalog_path, out_csv, cfg,
   and when more than cfg.max_bad_fraction of the rows read were bad.
   """
   # Imported here: the config package pulls in JAX, which Beam workers do not need.
-  from esspr_jax.config.data import validate_mining  # pylint: disable=import-outside-toplevel
+  from esspr_jax.config.data import validate_mining  # noqa: PLC0415
   validate_mining(cfg)
   sources, paths = click_sources(clicklog_path, cfg.input_format)
   catalog_path, out = str(catalog_path), str(out_csv)
@@ -263,7 +263,7 @@ def mine_pairs(clicklog_path, catalog_path, out_csv, cfg,
 def main(argv=None) -> int:
   """`python -m esspr_jax.ingest.mining` is `esspr-jax --mode=mine` (one entry point and
   one error handling, esspr_jax/cli.py); flags that command does not know go to Beam."""
-  from esspr_jax import cli  # pylint: disable=import-outside-toplevel
+  from esspr_jax import cli  # noqa: PLC0415
   return cli.mine_entry(list(sys.argv if argv is None else argv))
 
 

@@ -373,7 +373,7 @@ def dataset_path(data_dir: str | pathlib.Path, name: str) -> pathlib.Path:
 
 
 def _validate_name(name: str) -> None:
-  from esspr_jax.config.pipeline import DATASET_NAME  # config imports data.images only
+  from esspr_jax.config.pipeline import DATASET_NAME  # config imports data.images only  # noqa: PLC0415
   if not isinstance(name, str) or not DATASET_NAME.fullmatch(name):
     raise ConfigError("data.pipeline.*_dataset",
                       f"dataset name must be lower_snake_case, got {name!r}")

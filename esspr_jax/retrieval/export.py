@@ -353,8 +353,8 @@ def _embed_share(model, params, share, writer: ShareWriter, config, *, tokenizer
                                modalities=writer.modalities, batch_sharding=batch_sharding)
     writer.write_chunk(c, ids, hashes, vectors, meta_rows(items, listings, image_dir))
     done = done[:c] + [chunk_hash]
-    atomic_io.atomic_write(progress, json.dumps({"fingerprint": fingerprint, "chunks": chunks,
-                                                 "chunk_hashes": done}))
+    atomic_io.write_json(progress, {"fingerprint": fingerprint, "chunks": chunks,
+                                    "chunk_hashes": done}, indent=None)
     log.info("export: chunk %d/%d (%d rows)", c + 1, chunks, len(items))
   return chunks
 
@@ -367,8 +367,7 @@ def asset_names(out_dir) -> list[str]:
 def write_manifest(out_dir, manifest: dict) -> dict:
   """Adds the sha256 of every file in out_dir, then writes manifest.json (atomically)."""
   manifest = dict(manifest, assets=integrity.hash_assets(out_dir, asset_names(out_dir)))
-  atomic_io.atomic_write(pathlib.Path(out_dir) / MANIFEST,
-                         json.dumps(manifest, indent=2, default=str))
+  atomic_io.write_json(pathlib.Path(out_dir) / MANIFEST, manifest, sort_keys=False)
   return manifest
 
 

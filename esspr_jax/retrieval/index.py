@@ -299,7 +299,7 @@ class ScannIndex:
 
   @classmethod
   def build(cls, vectors, scann_config, threads: int = 0) -> "ScannIndex":
-    import scann  # Deferred: a C++ extension that only search/export need.
+    import scann  # Deferred: a C++ extension that only search/export need.  # noqa: PLC0415
     vectors = _as_matrix(vectors, "ScaNN index vectors")
     n, dim = vectors.shape
     if n < 2:

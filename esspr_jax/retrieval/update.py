@@ -196,9 +196,7 @@ def _write_generation(out_dir, manifest, new, modalities, start, summary, live) 
                         if not (old and k.startswith(old + "/"))}
   files = [f for f in integrity.list_files(out_dir) if f.startswith(rel + "/")]
   manifest["assets"].update(integrity.hash_assets(out_dir, files))
-  import json  # noqa: PLC0415
-  export_lib.atomic_io.atomic_write(out_dir / export_lib.MANIFEST,
-                                    json.dumps(manifest, indent=2, default=str))
+  export_lib.atomic_io.write_json(out_dir / export_lib.MANIFEST, manifest, sort_keys=False)
   if old:
     shutil.rmtree(out_dir / old, ignore_errors=True)
   return manifest

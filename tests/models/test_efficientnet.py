@@ -10,7 +10,6 @@ import math
 import os
 import pathlib
 import pickle
-import struct
 import zipfile
 
 import flax.linen as nn
