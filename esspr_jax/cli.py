@@ -47,11 +47,6 @@ class CommandLineError(ValueError):
   """A flag is missing, malformed or names a file that is not there."""
 
 
-class StartupSigterm(BaseException):  # noqa: N818  (raised from a signal handler)
-  """SIGTERM arrived before training took over the signal (nothing to resume yet).
-  A BaseException, like KeyboardInterrupt, so no library's `except Exception` eats it."""
-
-
 def define_flags(fv: flags.FlagValues, sys_argv: list[str] | None = None) -> None:
   """All flags on `fv`. `--config.KEY=VALUE` overrides are discovered in `sys_argv`
   (default: sys.argv); tests pass their own FlagValues and argv."""
@@ -251,8 +246,21 @@ def _error(message: str) -> None:
   print(f"error: {message}", file=sys.stderr, flush=True)
 
 
-def _on_startup_sigterm(signum, frame):
-  raise StartupSigterm()
+_STOP_MESSAGES = {
+    signal.SIGTERM: "stopped by SIGTERM during start-up, before training began",
+    signal.SIGINT: "interrupted (Ctrl-C); a started training run resumes from its last "
+                   "checkpoint",
+}
+
+
+def _on_stop_signal(signum, frame):
+  """SIGTERM before training took it over (training saves, then stops), or Ctrl-C:
+  one line and exit 128+signal at once. Exiting here, not raising into whatever runs
+  (a process pool starting, Beam, a gc callback that swallows KeyboardInterrupt), is
+  what never hangs or carries on; every file write is atomic."""
+  del frame
+  _error(_STOP_MESSAGES[signum])
+  os._exit(128 + signum)  # noqa: SLF001
 
 
 def usage(fv: flags.FlagValues, full: bool = False) -> str:
@@ -265,7 +273,8 @@ def execute(argv: list[str], *, beam_args=()) -> int:
   """Parses `argv` (argv[0]: the program), runs the mode and returns the exit code;
   every known stop reason is one `error:` line on stderr, never a traceback."""
   in_main_thread = threading.current_thread() is threading.main_thread()
-  previous = signal.signal(signal.SIGTERM, _on_startup_sigterm) if in_main_thread else None
+  previous = ({sig: signal.signal(sig, _on_stop_signal) for sig in _STOP_MESSAGES}
+              if in_main_thread else {})
   fv = None
   try:
     fv = flags.FlagValues()
@@ -298,9 +307,6 @@ def execute(argv: list[str], *, beam_args=()) -> int:
   except KeyboardInterrupt:
     _error("interrupted (Ctrl-C); a started training run resumes from its last checkpoint")
     return 130
-  except StartupSigterm:
-    _error("stopped by SIGTERM during start-up, before training began")
-    return 143
   except Exception as e:  # noqa: BLE001  (one clean line for the known stop reasons)
     from esspr_jax.train import NonFiniteLossError  # noqa: PLC0415
     if isinstance(e, NonFiniteLossError):
@@ -312,8 +318,8 @@ def execute(argv: list[str], *, beam_args=()) -> int:
     _error(fault)
     return 2
   finally:
-    if in_main_thread:
-      signal.signal(signal.SIGTERM, previous)
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
   return 0
 
 
