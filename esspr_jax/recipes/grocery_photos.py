@@ -366,5 +366,5 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-  from absl import app
-  app.run(_define_flags())
+  from esspr_jax.cli import run_app  # (absl's app.run; --help exits 0)
+  run_app(_define_flags())
