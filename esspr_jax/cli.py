@@ -216,7 +216,7 @@ def run(config, fv, beam_args=()):
 
 
 def _log_dir(config, fv) -> pathlib.Path | None:
-  if fv.mode == "mine" and not fv.workdir:
+  if fv.mode in ("mine", "fetch-images") and not fv.workdir:
     out = fv.out or ""
     return pathlib.Path(out).absolute().parent / "logs" if out and "://" not in out else None
   return stages.Paths.of(config, fv).logs

@@ -109,6 +109,12 @@ def test_missing_config_file_is_one_line_and_exit_2(tmp_path, capsys):
   assert "nope.py" in line and "no such file" in line
 
 
+def test_fetch_images_without_its_flags_is_one_line_and_exit_2(capsys):
+  code = cli.execute(["esspr-jax", f"--config={REPO}/configs/tiny.py", "--mode=fetch-images"])
+  assert code == 2
+  assert "--pairs" in _only_error_line(capsys.readouterr().err)
+
+
 def test_config_argument_to_a_config_without_parameters(tmp_path, capsys):
   code = cli.execute(["esspr-jax", f"--config={TINY}:foo", f"--workdir={tmp_path}"])
   assert code == 2
