@@ -234,7 +234,7 @@ def set_up(config, model: nn.Module, loss_fn: LossFn, views: Views, sample: Any,
                flops_per_step=metrics_lib.compiled_flops(lowered))
 
 
-def open_workdir(config, workdir: epath.Path) -> metrics_lib.MetricsWriter:
+def open_workdir(config, workdir: epath.Path) -> tuple[metrics_lib.MetricsWriter, Any]:
   """Takes the workdir for this run (one workdir, one run), checks the config against
   the one it was started with (run_record.py: config.json is written once, later
   allowed changes go to config_history.jsonl) and opens its metrics (process 0 writes).
