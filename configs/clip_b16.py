@@ -12,7 +12,7 @@ download command is in docs/pretrained.md); every path is also a plain config va
 e.g. --config.model.tokenizer.path=... Images: resize to 224 px (CLIP centre-crops);
 normalised in the model with CLIP's mean / std.
 """
-from esspr_jax.config import compose
+from esspr_jax.config.dual_towers import compose_dual
 
 DEFAULT_DIR = "/models/clip-vit-base-patch16"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -21,22 +21,15 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def get_config(folder: str = DEFAULT_DIR):
   folder = folder or DEFAULT_DIR
-  config = compose("base")
-  with config.unlocked():
-    m = config.model
-    m.embed_dim = 512  # CLIP's projection_dim
-    m.image.update(kind="clip_vit", size=224, patch=16, width=768, depth=12, heads=12,
-                   mlp_dim=3072, cls_token=True, mean=CLIP_MEAN, std=CLIP_STD, ln_eps=1e-5,
-                   act="quick_gelu")
-    m.text.update(kind="clip", vocab_size=49408, max_positions=77, width=512, depth=12,
-                  heads=8, mlp_dim=2048, norm="pre", ln_eps=1e-5, act="quick_gelu",
-                  pooler=False)
-    m.fused.update(dual=True, num_layers=2, width=768, heads=12, mlp_dim=3072, pool="cls")
-    m.tokenizer.update(kind="clip", path=f"{folder}/tokenizer.json", max_len=77,
-                       vocab_size=49408, lowercase=True)
-    for tower in ("image", "text"):
-      m[tower].init_from.update(path=folder, format="hf_clip")
-    for pair in config.loss.pairs.keys():  # CLIP was trained with InfoNCE
-      if config.loss.pairs[pair].weight:
-        config.loss.pairs[pair].kind = "infonce"
-  return config
+  return compose_dual(
+      folder, init_format="hf_clip",
+      pair_kind="infonce",  # CLIP was trained with InfoNCE
+      embed_dim=512,  # CLIP's projection_dim
+      image=dict(kind="clip_vit", size=224, patch=16, width=768, depth=12, heads=12,
+                 mlp_dim=3072, cls_token=True, mean=CLIP_MEAN, std=CLIP_STD,
+                 ln_eps=1e-5, act="quick_gelu"),
+      text=dict(kind="clip", vocab_size=49408, max_positions=77, width=512, depth=12,
+                heads=8, mlp_dim=2048, norm="pre", ln_eps=1e-5, act="quick_gelu",
+                pooler=False),
+      tokenizer=dict(kind="clip", path=f"{folder}/tokenizer.json", max_len=77,
+                     vocab_size=49408, lowercase=True))

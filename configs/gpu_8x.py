@@ -12,8 +12,6 @@ from esspr_jax.config import compose
 
 def get_config():
   config = compose("base")
-  config.train.mesh.data = -1
-  config.train.mesh.fsdp = 1
-  config.train.mesh.tensor = 1
+  config.train.mesh.update(data=-1, fsdp=1, tensor=1)
   config.train.platform = "gpu"  # a CPU-only JAX is refused (unless --allow_cpu)
   return config

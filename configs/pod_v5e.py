@@ -11,8 +11,6 @@ from esspr_jax.config import compose
 
 def get_config():
   config = compose("base")
-  config.train.mesh.data = -1
-  config.train.mesh.fsdp = 4
-  config.train.mesh.tensor = 1
+  config.train.mesh.update(data=-1, fsdp=4, tensor=1)
   config.train.platform = "tpu"  # a CPU-only JAX is refused (unless --allow_cpu)
   return config

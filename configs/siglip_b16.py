@@ -14,29 +14,22 @@ from spiece.model; commands in docs/pretrained.md). For the big_vision checkpoin
     --config.model.image.init_from.path=/models/webli_en_b16_224_63724782.npz \
     (and the same two for model.text.init_from)
 """
-from esspr_jax.config import compose
+from esspr_jax.config.dual_towers import compose_dual
 
 DEFAULT_DIR = "/models/siglip-base-patch16-224"
 
 
 def get_config(folder: str = DEFAULT_DIR):
   folder = folder or DEFAULT_DIR
-  config = compose("base")
-  with config.unlocked():
-    m = config.model
-    m.embed_dim = 768  # SigLIP B/16 has no image projection: the MAP head's 768 outputs
-    m.image.update(kind="siglip_vit", size=224, patch=16, width=768, depth=12, heads=12,
-                   mlp_dim=3072, cls_token=False, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-                   ln_eps=1e-6, act="gelu_tanh")
-    m.text.update(kind="siglip", vocab_size=32000, max_positions=64, width=768, depth=12,
-                  heads=12, mlp_dim=3072, norm="pre", ln_eps=1e-6, act="gelu_tanh",
-                  pooler=False)
-    m.fused.update(dual=True, num_layers=2, width=768, heads=12, mlp_dim=3072, pool="cls")
-    m.tokenizer.update(kind="siglip", path=f"{folder}/tokenizer.json", max_len=64,
-                       vocab_size=32000, lowercase=True)
-    for tower in ("image", "text"):
-      m[tower].init_from.update(path=folder, format="hf_siglip")
-    for pair in config.loss.pairs.keys():  # SigLIP was trained with the sigmoid loss
-      if config.loss.pairs[pair].weight:
-        config.loss.pairs[pair].kind = "sigmoid"
-  return config
+  # SigLIP B/16 has no image projection: embed_dim is the MAP head's 768 outputs; it
+  # was trained with the sigmoid loss.
+  return compose_dual(
+      folder, init_format="hf_siglip", pair_kind="sigmoid", embed_dim=768,
+      image=dict(kind="siglip_vit", size=224, patch=16, width=768, depth=12, heads=12,
+                 mlp_dim=3072, cls_token=False, mean=(0.5, 0.5, 0.5),
+                 std=(0.5, 0.5, 0.5), ln_eps=1e-6, act="gelu_tanh"),
+      text=dict(kind="siglip", vocab_size=32000, max_positions=64, width=768,
+                depth=12, heads=12, mlp_dim=3072, norm="pre", ln_eps=1e-6,
+                act="gelu_tanh", pooler=False),
+      tokenizer=dict(kind="siglip", path=f"{folder}/tokenizer.json", max_len=64,
+                     vocab_size=32000, lowercase=True))

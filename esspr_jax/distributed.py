@@ -290,18 +290,16 @@ def define_flags(flag_values=None) -> None:
   to an absl command (each defaults to its ESSPR_* env var; see `initialize`)."""
   from absl import flags  # noqa: PLC0415
   flag_values = flags.FLAGS if flag_values is None else flag_values
-  flags.DEFINE_string("coordinator_address", None,
-                      f"HOST:PORT of process 0 (default: ${ENV_COORDINATOR}, or the cluster's)",
-                      flag_values=flag_values)
-  flags.DEFINE_integer("num_processes", None,
-                       f"processes in the run (default: ${ENV_NUM_PROCESSES}, or the cluster's)",
-                       flag_values=flag_values)
-  flags.DEFINE_integer("process_id", None,
-                       f"this process's rank (default: ${ENV_PROCESS_ID}, or the cluster's)",
-                       flag_values=flag_values)
-  flags.DEFINE_string("local_device_ids", None,
-                      f"GPUs of this process, e.g. 0,1 or all (default: ${ENV_LOCAL_DEVICE_IDS})",
-                      flag_values=flag_values)
+  for define, name, help_text in (
+      (flags.DEFINE_string, "coordinator_address",
+       f"HOST:PORT of process 0 (default: ${ENV_COORDINATOR}, or the cluster's)"),
+      (flags.DEFINE_integer, "num_processes",
+       f"processes in the run (default: ${ENV_NUM_PROCESSES}, or the cluster's)"),
+      (flags.DEFINE_integer, "process_id",
+       f"this process's rank (default: ${ENV_PROCESS_ID}, or the cluster's)"),
+      (flags.DEFINE_string, "local_device_ids",
+       f"GPUs of this process, e.g. 0,1 or all (default: ${ENV_LOCAL_DEVICE_IDS})")):
+    define(name, None, help_text, flag_values=flag_values)
 
 
 def initialize_from_flags(flag_values=None) -> ProcessInfo:

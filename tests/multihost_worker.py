@@ -37,14 +37,13 @@ from jax.experimental import multihost_utils  # noqa: E402
 
 import model_batches  # noqa: E402
 import standin  # noqa: E402
+import support  # noqa: E402
 from esspr_jax import sharding, train  # noqa: E402
 from esspr_jax.config import compose  # noqa: E402
 
 
 def parse_args():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--steps", type=int, default=5)
+  parser = support.worker_parser(default_steps=5)
   parser.add_argument("--checkpoint_every", type=int, default=5)
   parser.add_argument("--mesh", default="8,1,1", help="data,fsdp,tensor")
   parser.add_argument("--dump", default=None, help=".npz of the final state (process 0)")

@@ -6,7 +6,6 @@ with it JAX's preemption service), then trains the tiny config with the stand-in
 waits for, each process feeding the rows of each global batch its devices hold. The
 last line says how it stopped: `WORKER process=P stopped=S step=N`.
 """
-import argparse
 import pathlib
 import sys
 
@@ -20,14 +19,13 @@ distributed.initialize()  # before anything touches a device
 import jax  # noqa: E402
 
 import standin  # noqa: E402
+import support  # noqa: E402
 from esspr_jax import sharding, train  # noqa: E402
 from esspr_jax.config import compose  # noqa: E402
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--steps", type=int, default=2000)
+  parser = support.worker_parser(default_steps=2000)
   parser.add_argument("--delay", type=float, default=0.02, help="seconds per batch load")
   args = parser.parse_args()
 

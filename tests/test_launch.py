@@ -78,20 +78,15 @@ def test_local_install_puts_the_platforms_package_first(platform, target, capsys
 
 LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
 _LISTENERS = """
-import os
+import os, sys
+sys.path.insert(0, "tests")
 from esspr_jax import distributed
 distributed.initialize()
 import numpy as np
 from jax.experimental import multihost_utils
+from support import socket_inodes
 multihost_utils.process_allgather(np.ones(2))  # the collectives' sockets are up too
-mine = set()
-for fd in os.listdir("/proc/self/fd"):
-  try:
-    link = os.readlink(f"/proc/self/fd/{fd}")
-  except OSError:
-    continue
-  if link.startswith("socket:["):
-    mine.add(link[8:-1])
+mine = socket_inodes(os.getpid())
 for table in ("tcp", "tcp6"):
   for line in open(f"/proc/net/{table}").read().splitlines()[1:]:
     f = line.split()
@@ -139,11 +134,16 @@ def _python(code: str):
   return [sys.executable, "-c", code]
 
 
+def _started_group(code: str, num_processes: int, **group_args):
+  """`code` in `num_processes` local processes (one CPU device each), started."""
+  specs = local_multiprocess.build_specs(_python(code), num_processes=num_processes,
+                                         devices_per_process=1, port=1)
+  return local_multiprocess.ProcessGroup(specs, echo=False, **group_args).start()
+
+
 def test_group_succeeds_and_writes_per_process_logs(tmp_path):
-  specs = local_multiprocess.build_specs(
-      _python("import os; print('hello from', os.environ['ESSPR_PROCESS_ID'])"),
-      num_processes=2, devices_per_process=1, port=1)
-  group = local_multiprocess.ProcessGroup(specs, log_dir=str(tmp_path), echo=False).start()
+  group = _started_group("import os; print('hello from', os.environ['ESSPR_PROCESS_ID'])", 2,
+                         log_dir=str(tmp_path))
   assert group.wait(timeout_s=60) == 0
   for pid in range(2):
     assert (tmp_path / f"process_{pid}.log").read_text() == f"hello from {pid}\n"
@@ -154,9 +154,7 @@ def test_group_stops_the_others_when_one_fails():
                "if os.environ['ESSPR_PROCESS_ID'] == '1':\n"
                "  time.sleep(0.3); sys.exit(3)\n"
                "time.sleep(120)\n")
-  specs = local_multiprocess.build_specs(_python(fail_fast), num_processes=3,
-                                         devices_per_process=1, port=1)
-  group = local_multiprocess.ProcessGroup(specs, echo=False, grace_s=5).start()
+  group = _started_group(fail_fast, 3, grace_s=5)
   started = time.monotonic()
   assert group.wait(timeout_s=60) == 3
   assert time.monotonic() - started < 30
@@ -170,10 +168,7 @@ def test_group_escalates_to_sigkill_and_reports_timeouts(tmp_path):
                   "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
                   "print('ready', flush=True)\n"
                   "time.sleep(120)\n")
-  specs = local_multiprocess.build_specs(_python(ignores_term), num_processes=2,
-                                         devices_per_process=1, port=1)
-  group = local_multiprocess.ProcessGroup(specs, log_dir=str(tmp_path), echo=False,
-                                         grace_s=0.5).start()
+  group = _started_group(ignores_term, 2, log_dir=str(tmp_path), grace_s=0.5)
   logs = [tmp_path / f"process_{pid}.log" for pid in range(2)]
   deadline = time.monotonic() + 60
   while not all(l.exists() and "ready" in l.read_text() for l in logs):  # SIGTERM now ignored

@@ -95,31 +95,21 @@ def test_main_module_is_the_same_command():
   assert main.prepare_data is stages.prepare_data and main.define_flags is cli.define_flags
 
 
-def test_config_error_is_one_line_and_exit_2(tmp_path, capsys):
-  code = cli.execute(["esspr-jax", f"--config={TINY}", f"--workdir={tmp_path}",
-                      "--config.train.batch_size=-1"])
-  assert code == 2
-  assert "config.train.batch_size" in _only_error_line(capsys.readouterr().err)
-
-
-def test_missing_config_file_is_one_line_and_exit_2(tmp_path, capsys):
-  code = cli.execute(["esspr-jax", f"--config={tmp_path}/nope.py", f"--workdir={tmp_path}"])
-  assert code == 2
-  line = _only_error_line(capsys.readouterr().err)
-  assert "nope.py" in line and "no such file" in line
-
-
-def test_fetch_images_without_its_flags_is_one_line_and_exit_2(capsys):
-  code = cli.execute(["esspr-jax", f"--config={REPO}/configs/tiny.py", "--mode=fetch-images"])
-  assert code == 2
-  assert "--pairs" in _only_error_line(capsys.readouterr().err)
-
-
-def test_config_argument_to_a_config_without_parameters(tmp_path, capsys):
-  code = cli.execute(["esspr-jax", f"--config={TINY}:foo", f"--workdir={tmp_path}"])
+@pytest.mark.parametrize("args, fragments", [
+    # a bad value: the key it names
+    ([f"--config={TINY}", "--workdir={tmp}", "--config.train.batch_size=-1"],
+     ["config.train.batch_size"]),
+    (["--config={tmp}/nope.py", "--workdir={tmp}"], ["nope.py", "no such file"]),
+    # fetch-images needs no workdir, but its own flags
+    ([f"--config={REPO}/configs/tiny.py", "--mode=fetch-images"], ["--pairs"]),
+    ([f"--config={TINY}:foo", "--workdir={tmp}"], ["takes no argument", "':foo'"]),
+], ids=["bad-value", "missing-config-file", "fetch-images-without-flags",
+        "argument-to-a-config-without-parameters"])
+def test_command_line_errors_are_one_line_and_exit_2(args, fragments, tmp_path, capsys):
+  code = cli.execute(["esspr-jax"] + [a.replace("{tmp}", str(tmp_path)) for a in args])
   assert code == 2
   line = _only_error_line(capsys.readouterr().err)
-  assert "takes no argument" in line and "':foo'" in line
+  assert all(f in line for f in fragments), line
 
 
 def test_help_exits_0_with_the_short_usage(capsys):

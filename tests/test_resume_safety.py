@@ -11,6 +11,7 @@ import pytest
 TESTS = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 import standin  # noqa: E402
+from support import set_dotted  # noqa: E402
 
 from esspr_jax import jsonl, run_record, train  # noqa: E402
 from esspr_jax.config import compose  # noqa: E402
@@ -24,13 +25,7 @@ def _config(steps, **changes):
   config.train.schedule.warmup_steps = 1
   config.train.log_every = 1
   config.train.checkpoint.every = 2
-  for dotted, value in changes.items():
-    node = config
-    *parents, leaf = dotted.split("__")
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
-  return config
+  return set_dotted(config, changes)
 
 
 def _train(config, workdir):

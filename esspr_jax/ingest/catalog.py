@@ -12,7 +12,7 @@ import dataclasses
 from typing import Iterator
 
 from esspr_jax.ingest.clicklog import _open_binary, write_csv_atomic
-from esspr_jax.ingest.csv_records import MAX_TITLE_CHARS, read_records
+from esspr_jax.ingest.csv_records import MAX_TITLE_CHARS, read_records, rows_by_header
 from esspr_jax.ingest.skips import SkipCounter
 from esspr_jax.errors import DataError
 
@@ -60,16 +60,7 @@ def iter_catalog(path: str, skips: SkipCounter | None = None) -> Iterator[Listin
     header, records = read_records(handle, f"{path}", skipinitialspace=True)
     header = _canonical_header(header, path)
     seen = set()
-    for line, values in records:
-      where = f"{path}:{line}"
-      if values is None:
-        skips.skip("bad_encoding", where, "record is not UTF-8")
-        continue
-      if len(values) != len(header):
-        skips.skip("wrong_column_count", where,
-                   f"{len(values)} columns, header has {len(header)}")
-        continue
-      row = dict(zip(header, (v.strip() for v in values)))
+    for line, where, row in rows_by_header(records, header, f"{path}", skips):
       if not row["listing_id"]:
         skips.skip("empty_id", where)
         continue

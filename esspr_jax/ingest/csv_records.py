@@ -71,3 +71,24 @@ def read_records(handle: BinaryIO, where: str, *, skipinitialspace: bool = False
         continue
       yield reader.line_num, values
   return [h.strip() for h in header], records()
+
+
+def rows_by_header(records: Iterator[tuple[int, list[str] | None]], header: list[str],
+                   path: str, skips, *, skip_blank: bool = False
+                   ) -> Iterator[tuple[int, str, dict[str, str]]]:
+  """(line number, 'path:line', {column: stripped value}) for each record of `records`
+  that is UTF-8 and has the header's column count; the others are counted in `skips`
+  (bad_encoding, wrong_column_count). With `skip_blank`, records whose every field is
+  blank are dropped without a count (a spreadsheet's trailing ',,,' rows)."""
+  for line, values in records:
+    where = f"{path}:{line}"
+    if values is None:
+      skips.skip("bad_encoding", where, "record is not UTF-8")
+      continue
+    if skip_blank and all(not v.strip() for v in values):
+      continue
+    if len(values) != len(header):
+      skips.skip("wrong_column_count", where,
+                 f"{len(values)} columns, header has {len(header)}")
+      continue
+    yield line, where, dict(zip(header, (v.strip() for v in values)))

@@ -15,7 +15,7 @@ import pathlib
 from typing import Iterable, Iterator
 
 from esspr_jax.atomic_io import atomic_open
-from esspr_jax.ingest.csv_records import MAX_TITLE_CHARS, read_records
+from esspr_jax.ingest.csv_records import MAX_TITLE_CHARS, read_records, rows_by_header
 from esspr_jax.ingest.skips import SkipCounter
 from esspr_jax.errors import DataError
 
@@ -68,18 +68,8 @@ def read_pairs(path: str | os.PathLike, skips: SkipCounter | None = None) -> Ite
         raise DataError(f"{path}: empty pair file (no header)") from None
       raise
     header = canonical_header(raw_header)
-    for rowno, values in records:
-      where = f"{path}:{rowno}"
-      if values is None:
-        skips.skip("bad_encoding", where, "record is not UTF-8")
-        continue
-      if all(not v.strip() for v in values):
-        continue
-      if len(values) != len(header):
-        skips.skip("wrong_column_count", where,
-                   f"{len(values)} columns, header has {len(header)}")
-        continue
-      row = dict(zip(header, (v.strip() for v in values)))
+    for rowno, where, row in rows_by_header(records, header, f"{path}", skips,
+                                            skip_blank=True):
       if not row["trigger_id"] or not row["recall_id"]:
         skips.skip("empty_id", where)
         continue

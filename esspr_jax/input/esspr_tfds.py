@@ -184,6 +184,28 @@ def _check_fraction(read: SkipCounter, build: SkipCounter, max_bad_fraction: flo
   combined.check_fraction()
 
 
+def _new_rows(config: PairsBuildConfig, read_skips: SkipCounter, build_skips: SkipCounter,
+              taken: set, dropped: collections.Counter) -> Iterator[tuple[int, Any]]:
+  """(pair key, row) for each readable row of the CSV that is not a label-0 row under
+  positives_only (counted in dropped['negative_label']) and whose id pair is not in
+  `taken` (a duplicate_pair skip); the caller decides when a key is taken. Checks the
+  bad-row fraction as it goes."""
+  csv_path = pathlib.Path(config.csv_path)
+  for row in pair_files.read_pairs(csv_path, read_skips):
+    if read_skips.seen % _CHECK_EVERY == 0:
+      _check_fraction(read_skips, build_skips, config.max_bad_fraction)
+    if config.positives_only and row.label != 1:
+      dropped["negative_label"] += 1
+      build_skips.ok()
+      continue
+    key = _pair_key(row)
+    if key in taken:
+      build_skips.skip("duplicate_pair", f"{csv_path}:{row.source_row}",
+                       f"{row.trigger_id} / {row.recall_id}")
+      continue
+    yield key, row
+
+
 def generate_examples(config: PairsBuildConfig, report: dict) -> Iterator[tuple[int, dict]]:
   """(key, example) for every good row of `config.csv_path`; fills `report` at the end."""
   csv_path = pathlib.Path(config.csv_path)
@@ -196,19 +218,9 @@ def generate_examples(config: PairsBuildConfig, report: dict) -> Iterator[tuple[
   prepared = _PreparedImages(config)
   written: set[int] = set()
   empty_titles = collections.Counter()
-  negatives = 0
-  for row in pair_files.read_pairs(csv_path, read_skips):
+  dropped = collections.Counter()
+  for key, row in _new_rows(config, read_skips, build_skips, written, dropped):
     where = f"{csv_path}:{row.source_row}"
-    if read_skips.seen % _CHECK_EVERY == 0:
-      _check_fraction(read_skips, build_skips, config.max_bad_fraction)
-    if config.positives_only and row.label != 1:
-      negatives += 1
-      build_skips.ok()
-      continue
-    key = _pair_key(row)
-    if key in written:
-      build_skips.skip("duplicate_pair", where, f"{row.trigger_id} / {row.recall_id}")
-      continue
     try:
       side_images = {side: prepared.get(getattr(row, f"{side}_img")) for side in _SIDES}
     except images.BadImage as e:
@@ -221,6 +233,7 @@ def generate_examples(config: PairsBuildConfig, report: dict) -> Iterator[tuple[
     build_skips.ok()
     yield row.source_row, _example(row, side_images)
   _check_fraction(read_skips, build_skips, config.max_bad_fraction)
+  negatives = dropped["negative_label"]
   if not written:
     raise DataError(nothing_to_build(csv_path, read_skips, build_skips, negatives))
   report.update({
@@ -273,18 +286,10 @@ def stage_rows_for_beam(config: PairsBuildConfig, report: dict) -> list[str]:
   stage = epath.Path(config.beam_stage_dir)
   stage.mkdir(parents=True, exist_ok=True)
   seen: set[int] = set()
-  negatives, staged, files, out = 0, 0, [], None
+  dropped = collections.Counter()
+  staged, files, out = 0, [], None
   try:
-    for row in pair_files.read_pairs(csv_path, read_skips):
-      if config.positives_only and row.label != 1:
-        negatives += 1
-        build_skips.ok()
-        continue
-      key = _pair_key(row)
-      if key in seen:
-        build_skips.skip("duplicate_pair", f"{csv_path}:{row.source_row}",
-                         f"{row.trigger_id} / {row.recall_id}")
-        continue
+    for key, row in _new_rows(config, read_skips, build_skips, seen, dropped):
       seen.add(key)
       build_skips.ok()
       if staged % _STAGE_ROWS_PER_FILE == 0:
@@ -298,6 +303,7 @@ def stage_rows_for_beam(config: PairsBuildConfig, report: dict) -> list[str]:
     if out:
       out.close()
   _check_fraction(read_skips, build_skips, config.max_bad_fraction)
+  negatives = dropped["negative_label"]
   report.update({
       "csv_path": str(csv_path), "image_dir": str(config.image_dir),
       "rows_read": read_skips.seen, "rows_staged": staged,

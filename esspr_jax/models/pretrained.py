@@ -50,6 +50,7 @@ import pathlib
 import re
 from typing import Any, Mapping
 
+from flax import traverse_util
 import ml_collections
 import numpy as np
 
@@ -394,15 +395,8 @@ def _stack_scanned(converted: Flat, target_keys) -> Flat:
 
 # ----------------------------------------------------------------------------- applying
 
-def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    path = f"{prefix}{k}"
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, path + "/"))
-    else:
-      out[path] = v
-  return out
+def _flatten(tree: Mapping) -> dict[str, Any]:
+  return traverse_util.flatten_dict(tree, sep="/")
 
 
 def _unboxed(leaf):

@@ -13,6 +13,7 @@ import json
 import os
 
 import jax
+from flax import traverse_util
 from etils import epath
 
 from esspr_jax.errors import ConfigError, DataError
@@ -24,15 +25,9 @@ def config_hash(section) -> str:
   return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _flat(d, prefix=""):
-  out = {}
-  for k, v in d.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, dict):
-      out.update(_flat(v, key + "."))
-    else:
-      out[key] = list(v) if isinstance(v, tuple) else v
-  return out
+def _flat(d) -> dict:
+  """{'a.b': leaf} of a JSON-like nested dict."""
+  return traverse_util.flatten_dict(d, sep=".")
 
 
 # Keys that do not change what trained params compute at inference: how to run

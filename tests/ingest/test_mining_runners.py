@@ -22,6 +22,7 @@ from esspr_jax.demo_world import synthetic
 from esspr_jax.errors import DataError
 from esspr_jax.ingest import clicklog_source, mining, mining_graph, pair_files
 from esspr_jax.ingest.release_format import read_pairs as read_one_file
+from support import socket_inodes
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 linux_proc = pytest.mark.skipif(not os.path.exists("/proc/net/tcp6"),
@@ -64,20 +65,6 @@ def _tree(root: int) -> list[int]:
   return tree
 
 
-def _socket_inodes(pid: int) -> set:
-  inodes = set()
-  try:
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-      try:
-        target = os.readlink(f"/proc/{pid}/fd/{fd}")
-      except OSError:
-        continue
-      if target.startswith("socket:["):
-        inodes.add(target[8:-1])
-  except OSError:
-    pass
-  return inodes
-
 
 def _hex_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
   raw = bytes.fromhex(text)  # 32-bit words in host (little-endian) order
@@ -99,7 +86,7 @@ def _listen_sockets() -> dict:
 
 def _sample(pids: list[int], listening: set) -> None:
   """Adds the listen addresses of the sockets `pids` hold to `listening`."""
-  inodes = set().union(*(_socket_inodes(p) for p in pids))
+  inodes = set().union(*(socket_inodes(p) for p in pids))
   listening.update(ip for inode, ip in _listen_sockets().items() if inode in inodes)
 
 

@@ -1,25 +1,18 @@
 """Grain pipeline (esspr_jax/input/pipeline.py): batch contract, exact resume, per-process
 sharding, shuffling, eval padding, catalogs, config wiring."""
-import io
 import json
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from esspr_jax.input import esspr_tfds, images, pipeline
 from esspr_jax.errors import ConfigError, DataError
 from esspr_jax.models.tokenizer import Tokenizer
+from support import write_jpeg
 
 N = 24  # pairs in the test dataset
 SIZE = 16  # model image size in these tests
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-
-def _jpeg(path, color):
-  buf = io.BytesIO()
-  Image.new("RGB", (20, 14), color).save(buf, format="JPEG", quality=95)
-  path.write_bytes(buf.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +22,8 @@ def built(tmp_path_factory):
   (root / "img").mkdir()
   rows = ["trigger_id,trigger_title,trigger_img,recall_id,recall_title,recall_img"]
   for i in range(N):
-    _jpeg(root / "img" / f"t{i}.jpg", (10 * i, 255 - 10 * i, 0))
-    _jpeg(root / "img" / f"r{i}.jpg", (0, 10 * i, 255 - 10 * i))
+    write_jpeg(root / "img" / f"t{i}.jpg", (10 * i, 255 - 10 * i, 0))
+    write_jpeg(root / "img" / f"r{i}.jpg", (0, 10 * i, 255 - 10 * i))
     rows.append(f"t{i},w{i},t{i}.jpg,r{i},v{i},r{i}.jpg")
   (root / "pairs.csv").write_text("\n".join(rows) + "\n")
   ds = esspr_tfds.build_pairs_dataset(root / "pairs.csv", root / "img", root / "tfds",

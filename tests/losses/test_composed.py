@@ -1,14 +1,12 @@
 """The composed-query path behind interactive search: the demo world's modification
 triplets, the Grain sub-batch that carries them, the loss term and its config checks."""
 import csv
-import io
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image
 
 from esspr_jax.config import compose, validate_config
 from esspr_jax.config.data import world_config
@@ -17,18 +15,21 @@ from esspr_jax.input import esspr_tfds, images, pipeline
 from esspr_jax.errors import ConfigError, DataError
 from esspr_jax.losses import loss_unit
 from esspr_jax.models.tokenizer import Tokenizer
+from support import write_jpeg
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 # ----------------------------------------------------------------------------- world
+def _world_config(**sizes):
+  cfg = world_config("tiny")
+  cfg.update(sizes)
+  return cfg
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-  cfg = world_config("tiny")
-  cfg.num_styles = 48
-  cfg.num_sessions = 40
-  cfg.image_size = 24
-  cfg.composed_per_style = 3
+  cfg = _world_config(num_styles=48, num_sessions=40, image_size=24, composed_per_style=3)
   return cfg, synthetic.generate_world(cfg, tmp_path_factory.mktemp("composed_world"))
 
 
@@ -75,30 +76,20 @@ def test_triplets_change_one_visible_attribute_and_keep_the_others(world):
 
 
 def test_no_triplets_file_when_switched_off(tmp_path):
-  cfg = world_config("tiny")
-  cfg.num_styles = 16
-  cfg.num_sessions = 10
-  cfg.image_size = 16
-  cfg.composed_per_style = 0
+  cfg = _world_config(num_styles=16, num_sessions=10, image_size=16, composed_per_style=0)
   paths = synthetic.generate_world(cfg, tmp_path)
   assert not paths.composed_pairs.exists()
   assert json.loads(paths.manifest.read_text())["counts"]["composed_pairs"] == 0
 
 
 # ----------------------------------------------------------------------------- pipeline
-def _jpeg(path, color):
-  buf = io.BytesIO()
-  Image.new("RGB", (20, 14), color).save(buf, format="JPEG", quality=95)
-  path.write_bytes(buf.getvalue())
-
-
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
   """12 pairs 'p{i}' and 8 triplets 'c{i}' (trigger title 'w{i}' / 'x{i}')."""
   root = tmp_path_factory.mktemp("composed_pipe")
   (root / "img").mkdir()
   for i in range(12):
-    _jpeg(root / "img" / f"{i}.jpg", (20 * i, 255 - 20 * i, 0))
+    write_jpeg(root / "img" / f"{i}.jpg", (20 * i, 255 - 20 * i, 0))
   pairs = ["trigger_id,trigger_title,trigger_img,recall_id,recall_title,recall_img"]
   pairs += [f"p{i},w{i},{i}.jpg,q{i},w{i},{(i + 1) % 12}.jpg" for i in range(12)]
   triplets = ["trigger_id,trigger_title,trigger_img,recall_id,recall_title,recall_img"]

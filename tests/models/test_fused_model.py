@@ -9,20 +9,14 @@ from esspr_jax.errors import DataError
 from esspr_jax.models import build_model
 from esspr_jax.models.encoder import stack_layers, unstack_layers
 from esspr_jax.models.text import TextTower
+from support import set_dotted
 
 BATCH, LENGTHS = 4, (5, 16, 2, 9)
 
 
 def tiny_model_config(**changes):
   """The tiny preset's model section with `section__key=value` changes."""
-  config = compose("tiny").model
-  for dotted, value in changes.items():
-    section = config
-    *path, key = dotted.split("__")
-    for name in path:
-      section = section[name]
-    section[key] = value
-  return config
+  return set_dotted(compose("tiny").model, changes)
 
 
 def make_side(config, seed=0):
