@@ -165,13 +165,15 @@ def tokenizer(config, paths: Paths):
 
 def shared_tokenizer(config, paths: Paths):
   """The run's tokenizer on every process. A trained one is cached in the data dir:
-  process 0 trains/writes it first, the others load it after a barrier."""
+  process 0 trains/writes it first, the others load it after a barrier (or, where each
+  host prepared its own copy of the data, run the same deterministic stage locally)."""
   from esspr_jax.input import pipeline  # noqa: PLC0415
   if distributed.is_primary():
     tok = pipeline.run_tokenizer(config, paths.data_dir)
   distributed.barrier("esspr_jax.stages: tokenizer cached")
   if not distributed.is_primary():
-    tok = pipeline.run_tokenizer(config, paths.data_dir)
+    stage = pipeline.run_tokenizer if paths.data_per_host else pipeline.load_tokenizer
+    tok = stage(config, paths.data_dir)
   return tok
 
 

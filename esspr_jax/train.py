@@ -317,6 +317,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   try:
     return _run(config, workdir, writer, model=model, loss_fn=loss_fn,
                 train_dataset=train_dataset, eval_fn=eval_fn, devices=devices, views=views)
+  except BaseException:
+    try:  # the rows written so far reach the workdir; the original error is what counts
+      writer.close()
+    except Exception:  # noqa: BLE001
+      log.exception("closing the metrics writer after a failed run")
+    raise
   finally:
     if lock:
       lock.release()

@@ -203,6 +203,7 @@ def test_only_process_0_prepares_data_and_the_others_wait(tmp_path, monkeypatch)
   monkeypatch.setattr(stages, "prepare_data", lambda *a: calls.append("prepare"))
   monkeypatch.setattr(stages.distributed, "barrier", lambda name: calls.append("barrier"))
   monkeypatch.setattr(pipeline, "run_tokenizer", lambda *a: calls.append("open") or "tok")
+  monkeypatch.setattr(pipeline, "load_tokenizer", lambda *a: calls.append("open") or "tok")
   trained = types.SimpleNamespace(stopped="done", step=0, checkpoint_dir=tmp_path,
                                   metrics_path=tmp_path / "metrics.jsonl")
   monkeypatch.setattr(stages, "train",

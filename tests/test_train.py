@@ -247,3 +247,16 @@ def test_progress_line_has_eta():
   line = metrics_writer.progress_line(25, 100, {"loss": 1.5, "lr": 1e-3}, 2.0)
   assert line.startswith("step 25/100 (25%) | eta 2:30")
   assert "loss 1.5" in line
+
+
+def test_a_run_that_fails_in_set_up_closes_its_metrics_writer_and_lock(tmp_path, monkeypatch):
+  closed = []
+  real_close = metrics_writer.MetricsWriter.close
+  monkeypatch.setattr(metrics_writer.MetricsWriter, "close",
+                      lambda self: closed.append(True) or real_close(self))
+  config = _config(steps=2)
+  with pytest.raises(Exception, match="batch"):  # 4-row batches for a batch of 8
+    train.train(config, tmp_path, model=standin.StandInModel(), loss_fn=standin.standin_loss,
+                train_dataset=standin.dataset(4))
+  assert closed == [True]
+  assert _train(config, tmp_path).step == 2  # the workdir lock was released too

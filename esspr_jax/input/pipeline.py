@@ -433,23 +433,44 @@ def iter_titles(source: Sequence) -> Iterator[str]:
       yield _text(example[s]["title"])
 
 
-def run_tokenizer(config, data_dir=None):
-  """The run's tokenizer. kind 'train' learns one on the train dataset's titles once
-  and caches it next to that dataset, so training, eval and export share it (the
-  tokenizer stage, esspr_jax/stages.py, calls this first). Other kinds are built from
-  their files by models/tokenizer.py's `tokenizer_from_config`."""
+def _trained_tokenizer_path(config, data_dir) -> pathlib.Path:
+  """Where a kind-'train' tokenizer lives: next to the train dataset, named by its
+  settings (so a changed vocab size is a different file)."""
+  tok = config.model.tokenizer
+  path = esspr_tfds.dataset_path(data_dir_from_config(config, data_dir),
+                                 config.data.pipeline.train_dataset)
+  settings = json.dumps({"vocab_size": tok.vocab_size, "lowercase": tok.lowercase,
+                         "strip_accents": tok.strip_accents}, sort_keys=True)
+  return path / f"tokenizer-{hashlib.sha256(settings.encode()).hexdigest()[:12]}.json"
+
+
+def load_tokenizer(config, data_dir=None):
+  """The run's tokenizer for those who read data (train, eval, export): a kind-'train'
+  one must have been trained by the tokenizer stage (`run_tokenizer`); other kinds are
+  built from their files by models/tokenizer.py's `tokenizer_from_config`."""
   from esspr_jax.models import tokenizer as tokenizer_lib  # noqa: PLC0415
   tok = config.model.tokenizer
   if tok.kind != "train":
     return tokenizer_lib.tokenizer_from_config(tok)
-  name = config.data.pipeline.train_dataset
-  path = esspr_tfds.dataset_path(data_dir_from_config(config, data_dir), name)
-  settings = json.dumps({"vocab_size": tok.vocab_size, "lowercase": tok.lowercase,
-                         "strip_accents": tok.strip_accents}, sort_keys=True)
-  cache = path / f"tokenizer-{hashlib.sha256(settings.encode()).hexdigest()[:12]}.json"
-  if cache.is_file():
-    return tokenizer_lib.Tokenizer.load(cache)
-  source = esspr_tfds.open_pairs_source(path)
+  cache = _trained_tokenizer_path(config, data_dir)
+  if not cache.is_file():
+    raise DataError(f"{cache}: no tokenizer trained on dataset "
+                    f"{config.data.pipeline.train_dataset!r} with these settings; the "
+                    "tokenizer stage trains it (esspr-jax --mode=all, or --mode=train, "
+                    "which runs it first)")
+  return tokenizer_lib.Tokenizer.load(cache)
+
+
+def run_tokenizer(config, data_dir=None):
+  """The tokenizer stage (esspr_jax/stages.py): kind 'train' learns one on the train
+  dataset's titles once and caches it next to that dataset, so training, eval and
+  export load the same one (`load_tokenizer`); other kinds are built from their files."""
+  from esspr_jax.models import tokenizer as tokenizer_lib  # noqa: PLC0415
+  tok = config.model.tokenizer
+  if tok.kind != "train" or _trained_tokenizer_path(config, data_dir).is_file():
+    return load_tokenizer(config, data_dir)
+  cache = _trained_tokenizer_path(config, data_dir)
+  source = esspr_tfds.open_pairs_source(cache.parent)
   tokenizer = tokenizer_lib.Tokenizer.train(iter_titles(source), tok.vocab_size, tok.lowercase,
                                             tok.strip_accents)
   tokenizer.save(cache)
@@ -461,7 +482,7 @@ def train_dataset(config, batch_size: int, *, data_dir=None, tokenizer=None,
                   process_count: int | None = None) -> grain.IterDataset:
   """The run's training batches (this process's `batch_size` share of each)."""
   from esspr_jax.config.loss import composed_rows_per_process  # noqa: PLC0415
-  tokenizer = tokenizer or run_tokenizer(config, data_dir)
+  tokenizer = tokenizer or load_tokenizer(config, data_dir)
   composed = {}
   rows = composed_rows_per_process(config, _processes(process_index, process_count)[1])
   if rows:
@@ -477,7 +498,7 @@ def eval_dataset(config, batch_size: int, *, data_dir=None, tokenizer=None,
                  process_index: int | None = None,
                  process_count: int | None = None) -> grain.IterDataset:
   """The run's eval pairs: every pair once, padded, with ids."""
-  tokenizer = tokenizer or run_tokenizer(config, data_dir)
+  tokenizer = tokenizer or load_tokenizer(config, data_dir)
   return make_eval_dataset(open_source(config, "eval", data_dir), tokenizer,
                            spec_from_config(config), batch_size,
                            process_index=process_index, process_count=process_count)

@@ -106,7 +106,7 @@ def load_tokenizer(config, checkpoint=None, tokenizer_data_dir=None, titles=()):
       raise ConfigError("tokenizer_data_dir", f"the model's tokenizer was learnt on its train "
                         f"dataset, expected at {train_path}; pass --tokenizer_data_dir=<the "
                         f"run's TFDS dir>")
-    return pipeline.run_tokenizer(config, data_dir)
+    return pipeline.load_tokenizer(config, data_dir)
   return tokenizer_lib.Tokenizer.train(list(titles), tok.vocab_size, tok.lowercase,
                                        tok.strip_accents)
 

@@ -131,7 +131,7 @@ def main(argv) -> None:
   workdir = pathlib.Path(fv.workdir).absolute()  # Orbax restores absolute paths only
   world = pathlib.Path(fv.world_dir) if fv.world_dir else workdir / "world"
   model, params, info = restore.load_model_and_params(config, workdir)
-  tokenizer = pipeline.run_tokenizer(config, workdir_lib.default_data_dir(config, workdir))
+  tokenizer = pipeline.load_tokenizer(config, workdir_lib.default_data_dir(config, workdir))
   demo = DemoCategory(model, params, tokenizer, config, world, fv.category)
   changes = [tuple(c.split(":")) for c in fv.changes.split(",")] if fv.changes else DEFAULT_CHANGES
   results = [demo.rates(s, t) for s, t in changes]

@@ -523,7 +523,7 @@ def export_catalog(config, workdir, catalog_csv, image_dir, out_dir, *, checkpoi
   if data_dir is None:
     from esspr_jax import workdir as workdir_lib  # noqa: PLC0415
     data_dir = workdir_lib.default_data_dir(config, workdir)
-  tokenizer = pipeline.run_tokenizer(config, data_dir)
+  tokenizer = pipeline.load_tokenizer(config, data_dir)
   items, listings = read_catalog(config, catalog_csv, image_dir)
   if update:
     from esspr_jax.retrieval import update as update_lib  # noqa: PLC0415

@@ -226,3 +226,22 @@ def test_text_only_models_get_batches_without_images(built):
   for batch in (train, evals[-1]):
     assert set(batch["trigger"]) == {"text_ids", "text_mask", "text_empty"}
   assert sum(int(b["valid"].sum()) for b in evals) == N
+
+
+def test_data_readers_load_the_stage_s_tokenizer_and_never_train_one(built):
+  from esspr_jax import config as config_lib
+  """The tokenizer stage (run_tokenizer) trains a kind-'train' tokenizer; the datasets
+  only load it, and say which stage to run when it is missing."""
+  config = config_lib.compose("tiny")
+  with config.unlocked():
+    config.data.pipeline.train_dataset = "train_pairs"
+    config.data.pipeline.data_dir = str(built["root"] / "tfds")
+    config.model.tokenizer.vocab_size = config.model.tokenizer.vocab_size + 7  # a new cache
+  with pytest.raises(DataError, match="the tokenizer stage trains it"):
+    pipeline.train_dataset(config, 4, process_index=0, process_count=1)
+  with pytest.raises(DataError, match="no tokenizer trained"):
+    pipeline.eval_dataset(config, 4, process_index=0, process_count=1)
+  assert not list((built["root"] / "tfds").rglob(
+      pipeline._trained_tokenizer_path(config, None).name))
+  trained = pipeline.run_tokenizer(config)
+  assert pipeline.load_tokenizer(config).vocab_size == trained.vocab_size
