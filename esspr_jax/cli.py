@@ -6,7 +6,8 @@
 Modes (--mode): all (default: demo world -> mine -> build -> tokenizer -> train ->
 eval table), demo-world, mine (--clicklog/--catalog/--out; Beam options after `--`),
 fetch-images (--pairs with image URLs -> --out with local paths under --image_dir),
-build, train, eval, export, search. `python -m esspr_jax.main` is the same command.
+build, train, eval, export, search, duplicates (calibrated duplicate threshold + clusters;
+--pairs: labelled pairs, default the demo world's truth). `python -m esspr_jax.main` is the same command.
 The config is validated before anything runs; library logs go to <workdir>/logs/
 (--verbosity=1: also on the console). Exit codes: 0 done, 2 bad input or a disk
 fault (one `error:` line), 3 non-finite loss, 130 Ctrl-C, 143 SIGTERM before training.
@@ -32,7 +33,7 @@ from esspr_jax.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 MODES = ("all", "demo-world", "mine", "fetch-images", "build", "train", "eval", "export",
-         "search")
+         "search", "duplicates")
 HELP_ARGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull")
 # Modes that read or write the workdir (mine writes next to --out instead).
 _WORKDIR_MODES = tuple(m for m in MODES if m not in ("mine", "fetch-images"))
@@ -70,7 +71,8 @@ def define_flags(fv: flags.FlagValues, sys_argv: list[str] | None = None) -> Non
                     "catalog's hidden style_id (demo world only)", flag_values=fv)
   flags.DEFINE_integer("num_shards", None, "mine: output shards (0 = the runner decides; "
                        "default: config.data.mining.num_shards)", flag_values=fv)
-  flags.DEFINE_string("pairs", None, "fetch-images: release-format pairs CSV with image URLs",
+  flags.DEFINE_string("pairs", None, "fetch-images: release-format pairs CSV with image URLs; "
+                      "duplicates: labelled pairs (release format, label 1/0)",
                       flag_values=fv)
   flags.DEFINE_string("train_pairs", None, "build: train pairs CSV", flag_values=fv)
   flags.DEFINE_string("eval_pairs", None, "build: eval pairs CSV", flag_values=fv)
@@ -212,6 +214,9 @@ def run(config, fv, beam_args=()):
         listing_id=fv.listing_id, image=fv.image, text=fv.text, supplier=fv.supplier,
         more_suppliers=fv.more_suppliers, category=fv.category, gallery=fv.gallery, k=fv.k,
         html_out=fv.html_out, image_dir=fv.image_dir or "", checkpoint=fv.checkpoint)
+  if mode == "duplicates":
+    return stages.duplicates(config, paths, fv.catalog, fv.image_dir, pairs=fv.pairs,
+                             checkpoint=fv.checkpoint, step=fv.step)
   raise ConfigError("flags", f"unknown --mode={mode}")
 
 

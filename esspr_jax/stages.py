@@ -234,6 +234,20 @@ def search(config, paths: Paths, export_dir, **query):
   return search_lib.search_from_config(config, paths.workdir, export_dir, **query)
 
 
+def duplicates(config, paths: Paths, catalog=None, image_dir=None, *, pairs=None,
+               checkpoint=None, step=None):
+  """--mode=duplicates (retrieval/duplicates_stage.py); the catalog defaults to the world's."""
+  from esspr_jax.retrieval import duplicates_stage  # noqa: PLC0415
+  catalog = catalog or paths.world / "catalog.csv"
+  report = duplicates_stage.run_duplicates(
+      config, paths.workdir, catalog, image_dir or pathlib.Path(catalog).parent,
+      f"{paths.workdir}/duplicates", pairs=pairs, checkpoint=checkpoint, step=step,
+      data_dir=paths.data_dir)
+  for line in duplicates_stage.summary_lines(report):
+    say(line)
+  return report
+
+
 # ----------------------------------------------------------------------------- the job
 def prepare_data(config, paths: Paths) -> None:
   """Demo world -> mined pairs -> both datasets -> tokenizer cache (each reused when

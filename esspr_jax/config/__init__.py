@@ -12,6 +12,7 @@ import ml_collections
 
 from esspr_jax.config.checks import check, known_keys
 from esspr_jax.config import data as data_section
+from esspr_jax.config import duplicates as duplicates_section
 from esspr_jax.config import eval as eval_section
 from esspr_jax.config import loss as loss_section
 from esspr_jax.config import model as model_section
@@ -26,6 +27,7 @@ _SECTIONS = {
     "data": data_section,
     "train": train_section,
     "eval": eval_section,
+    "duplicates": duplicates_section,
 }
 
 
@@ -52,7 +54,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
           f"unknown top-level key; known: {sorted(_SECTIONS) + list(_TOP_LEVEL)}")
   preset = config.get("preset", "tiny")
   check(preset in PRESETS, "preset", f"must be one of {PRESETS}, got {preset!r}")
-  for name in ("data", "train", "eval"):
+  for name in ("data", "train", "eval", "duplicates"):
     if name in config:
       known_keys(config[name], _SECTIONS[name].default_config(preset), name)
   for section in _SECTIONS.values():
