@@ -226,7 +226,7 @@ def run_duplicates(config, workdir, catalog, image_dir, out_dir, *, pairs=None,
   if data_dir is None:
     from esspr_jax import workdir as workdir_lib  # noqa: PLC0415
     data_dir = workdir_lib.default_data_dir(config, workdir)
-  tokenizer = pipeline.run_tokenizer(config, data_dir)
+  tokenizer = pipeline.load_tokenizer(config, data_dir)
   items, listings = export_lib.read_catalog(config, catalog, image_dir)
   if len(items) == 0:
     raise DataError(f"duplicates: the catalog {catalog} holds no usable listing")
