@@ -24,9 +24,8 @@ from typing import Sequence
 
 import numpy as np
 
+from esspr_jax.config.eval import HYBRID_METHODS as METHODS
 from esspr_jax.retrieval import metrics
-
-METHODS = ("weighted", "rrf")
 
 
 def _rows(x) -> np.ndarray:
