@@ -9,14 +9,14 @@ mean-pools the token states over the mask and L2-normalises. Training: in-batch
 InfoNCE on t->t pairs (every other recall of the global batch is a negative), with
 the inverse temperature starting at 20 as in sentence-transformers'
 MultipleNegativesRankingLoss; AdamW at 2e-5 with warmup, sized to finish in minutes
-on 2 CPU cores. `recipe.*` holds what the recipe (not the trainer) reads.
+on 2 CPU cores. `recipe.*` holds what the recipe (not the trainer) reads (defaults and checks:
+`default_recipe` / `validate_recipe` in the recipe module).
 """
 import math
 
-import ml_collections
-
 from esspr_jax.config import compose
 from esspr_jax.models import pretrained
+from esspr_jax.recipes.finetune_products_text import default_recipe
 
 SEQ_LEN = 40  # covers 99% of the titles of these sets (max 73 word pieces)
 
@@ -64,10 +64,5 @@ def get_config():
 
     config.data.pipeline.augment.enabled = False  # no images
     config.data.pipeline.worker_count = 0  # tokenising titles needs no worker processes
-    config.recipe = ml_collections.ConfigDict(dict(
-        data_root="",           # '' = ../shared/data next to the repo
-        holdout_fraction=0.3,   # of amazon_google's gold pairs (by connected component)
-        split_seed=0,
-        eval_batch_size=256,
-    ))
+    config.recipe = default_recipe()  # data root, splits, validation, hybrid grid
   return config

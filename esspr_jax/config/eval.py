@@ -10,17 +10,26 @@ Keys (see docs/retrieval.md for what each one changes):
                     tree / hashing / reorder settings and its automatic tuning
   export.*          catalog export: modalities, dtype, rows per resumable chunk,
                     when an --update folds its delta into a new base
-  search.*          defaults of the search command (k, duplicate threshold, HTML page)
+  search.*          defaults of the search command (k, duplicate threshold, HTML page;
+                    `search.hybrid` fuses title TF-IDF into text and id searches)
+  hybrid.*          dense + lexical (title TF-IDF) fusion: off by default; `method`
+                    'weighted' (min-max normalised `weight * dense + (1 - weight) *
+                    lexical`) or 'rrf' (`rrf_k`); extra rows `<x-y>+lex` for `settings`.
+                    Choose `weight` on validation data of your own, never on the eval
+                    set (the text recipe shows how)
 """
 import ml_collections
 
-from esspr_jax.config.checks import positive_int
+from esspr_jax.config.checks import check, in_unit, is_number, one_of, positive_int
 from esspr_jax.config.constants import MODALITIES
 from esspr_jax.errors import ConfigError
 
 PAPER_SETTINGS = ("i-i", "i-t", "i-m", "t-i", "t-t", "t-m", "m-m")
 ALL_SETTINGS = tuple(f"{q}-{g}" for q in MODALITIES for g in MODALITIES)
 EXPORT_DTYPES = ("float32", "float16")
+HYBRID_METHODS = ("weighted", "rrf")
+# Settings whose query and gallery items both carry a title.
+HYBRID_SETTINGS = ("t-t", "t-m", "m-t", "m-m")
 
 _BATCH = {"tiny": 8, "demo": 64, "base": 256, "large": 512}
 _EVERY = {"tiny": 0, "demo": 0, "base": 5000, "large": 5000}
@@ -66,7 +75,23 @@ def default_config(preset: str) -> ml_collections.ConfigDict:
   c.search.k = 20
   c.search.duplicate_threshold = 0.95
   c.search.html_thumb_px = 160
+  c.search.hybrid = False       # text and id searches fuse title TF-IDF (eval.hybrid.*)
+
+  c.hybrid = ml_collections.ConfigDict()
+  c.hybrid.enabled = False      # eval: add fused rows '<x-y>+lex' for hybrid.settings
+  c.hybrid.method = "weighted"  # 'weighted' | 'rrf'
+  c.hybrid.weight = 0.5         # dense share of the weighted sum; choose it on validation data
+  c.hybrid.rrf_k = 60
+  c.hybrid.settings = "t-t,m-m"
+  c.hybrid.candidates = 100     # search: dense and lexical top-N each, fused over the union
   return c
+
+
+def parse_hybrid_settings(spec: str) -> tuple[str, ...]:
+  out = tuple(s.strip() for s in spec.split(",") if s.strip())
+  check(bool(out) and all(s in HYBRID_SETTINGS for s in out), "eval.hybrid.settings",
+        f"want a comma list from {HYBRID_SETTINGS} (both sides have titles), got {spec!r}")
+  return out
 
 
 def parse_settings(spec: str) -> tuple[str, ...]:
@@ -135,6 +160,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("eval.export.rebuild_fraction", f"must be a number in [0, 1], got {fraction!r}")
   _positive_int(e.search, "eval.search", "k")
   _positive_int(e.search, "eval.search", "html_thumb_px")
+  check(isinstance(e.search.hybrid, bool), "eval.search.hybrid",
+        f"must be True or False, got {e.search.hybrid!r}")
+  h = e.hybrid
+  check(isinstance(h.enabled, bool), "eval.hybrid.enabled", f"must be True or False, got {h.enabled!r}")
+  one_of(h.method, "eval.hybrid.method", HYBRID_METHODS)
+  in_unit(h.weight, "eval.hybrid.weight")
+  check(is_number(h.rrf_k) and h.rrf_k > 0, "eval.hybrid.rrf_k", f"must be > 0, got {h.rrf_k!r}")
+  parse_hybrid_settings(h.settings)
+  _positive_int(h, "eval.hybrid", "candidates")
   if not -1.0 <= e.search.duplicate_threshold <= 1.0:
     raise ConfigError("eval.search.duplicate_threshold",
                       f"cosine threshold must be in [-1, 1], got {e.search.duplicate_threshold}")

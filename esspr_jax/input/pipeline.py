@@ -175,6 +175,8 @@ class Collate:
       if self._with_ids:
         key = "listing_id" if s == "item" else f"{s}_id"
         batch[key] = np.array([r["id"] for r in rows], dtype=object)
+        if s != "item":  # eval pairs: titles for eval.hybrid's lexical scores
+          batch[f"{s}_title"] = np.array([r["title"] for r in rows], dtype=object)
     return batch
 
 

@@ -7,11 +7,17 @@
 1. prepare: amazon_google + walmart_amazon (train split) + promap_en_cz positive pairs
    -> `<workdir>/data/train_pairs.csv`; held-out t-t retrieval tasks (walmart_amazon's
    test pairs over its test offers; a held-out slice of amazon_google's gold pairs
-   over the whole Google catalog) -> `<workdir>/data/heldout/`;
+   over the whole Google catalog) -> `<workdir>/data/heldout/`; validation tasks carved
+   from the training side of both (`recipe.validation_fraction`, not trained on)
+   -> `<workdir>/data/validation/`;
 2. before: TF-IDF char n-grams and the untouched MiniLM on the held-out tasks;
 3. fine-tune with the project's trainer and loss unit (in-batch InfoNCE, t->t);
-4. after: the fine-tuned model on the same tasks;
-5. the table -> stdout, `<workdir>/results.md`, `<workdir>/results.json`.
+4. after: the fine-tuned model on the same tasks, alone and fused with TF-IDF
+   (retrieval/fusion.py): the weighted sum's `w` (grid `recipe.hybrid.weights`) and the
+   hybrid method are chosen per task on its validation task, then applied unchanged to
+   the held-out task; reciprocal-rank fusion (`recipe.hybrid.rrf_k`) is reported too;
+5. the table -> stdout, `<workdir>/results.md`, `<workdir>/results.json` (with the
+   chosen weights and every validation metric).
 Running it again resumes (or reuses) the training checkpoint in `<workdir>/train`.
 """
 from __future__ import annotations
@@ -25,11 +31,13 @@ from typing import Mapping, Sequence
 from absl import app, flags, logging
 import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 from ml_collections import config_flags
 
 from esspr_jax import train as train_lib
 from esspr_jax.config import validate_config
+from esspr_jax.config.checks import check, in_unit, is_number, known_keys, one_of
 from esspr_jax.ingest import release_format
 from esspr_jax.input import pipeline
 from esspr_jax.recipes import product_matching
@@ -37,11 +45,53 @@ from esspr_jax.losses import loss_unit, plan_terms
 from esspr_jax.models import pretrained
 from esspr_jax.models.model import build_model, example_side
 from esspr_jax.models.tokenizer import tokenizer_from_config
-from esspr_jax.retrieval import metrics, tfidf_baseline
+from esspr_jax.retrieval import fusion, lexical, metrics
 from esspr_jax.retrieval.report import atomic_write
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 KS = (1, 5, 10, 20)
+HYBRID_METHODS = ("auto",) + fusion.METHODS
+
+# ----------------------------------------------------------------------------- config
+
+def default_recipe() -> ml_collections.ConfigDict:
+  """`config.recipe`: what the recipe (not the trainer) reads."""
+  return ml_collections.ConfigDict(dict(
+      data_root="",            # '' = ../shared/data next to the repo
+      holdout_fraction=0.3,    # of amazon_google's gold pairs (by connected component)
+      split_seed=0,
+      eval_batch_size=256,
+      # of each held-out set's training pairs (by component): the validation tasks the
+      # fusion weight and method are chosen on; 0 turns the hybrid rows off
+      validation_fraction=0.15,
+      hybrid=dict(
+          method="auto",       # the 'hybrid (chosen)' row: auto = better on validation
+          weights=tuple(round(0.1 * k, 1) for k in range(11)),  # dense weight grid
+          rrf_k=60,
+      ),
+  ))
+
+
+def validate_recipe(r) -> None:
+  """Every `recipe.*` key known and sane (ConfigError naming the key)."""
+  known_keys(r, default_recipe(), "recipe")
+  check(isinstance(r.data_root, str), "recipe.data_root", f"must be a path string, got {r.data_root!r}")
+  check(is_number(r.holdout_fraction) and 0 <= r.holdout_fraction < 1, "recipe.holdout_fraction",
+        f"must be in [0, 1), got {r.holdout_fraction!r}")
+  check(is_number(r.validation_fraction) and 0 <= r.validation_fraction < 1,
+        "recipe.validation_fraction", f"must be in [0, 1), got {r.validation_fraction!r}")
+  check(isinstance(r.split_seed, int) and not isinstance(r.split_seed, bool) and r.split_seed >= 0,
+        "recipe.split_seed", f"must be an integer >= 0, got {r.split_seed!r}")
+  check(isinstance(r.eval_batch_size, int) and r.eval_batch_size >= 1, "recipe.eval_batch_size",
+        f"must be an integer >= 1, got {r.eval_batch_size!r}")
+  h = r.hybrid
+  one_of(h.method, "recipe.hybrid.method", HYBRID_METHODS)
+  weights = tuple(h.weights)
+  check(len(weights) > 0, "recipe.hybrid.weights", "must be a non-empty grid of weights")
+  for w in weights:
+    in_unit(w, "recipe.hybrid.weights")
+  check(is_number(h.rrf_k) and h.rrf_k > 0, "recipe.hybrid.rrf_k", f"must be > 0, got {h.rrf_k!r}")
+
 
 # ----------------------------------------------------------------------------- eval
 
@@ -63,20 +113,63 @@ def score_metrics(scores: np.ndarray, task: product_matching.RetrievalSet) -> di
   return metrics.retrieval_metrics(metrics.pessimistic_ranks(scores, target, ignore), KS)
 
 
-def evaluate_model(embed, params, tokenizer, tasks, max_len, batch_size) -> dict:
-  results = {}
+def dense_scores(embed, params, tokenizer, tasks, max_len, batch_size) -> dict:
+  """task -> the model's [Q, G] cosine scores."""
+  out = {}
   for name, task in tasks.items():
     queries = embed_titles(embed, params, tokenizer, task.query_titles(), max_len, batch_size)
     gallery = embed_titles(embed, params, tokenizer, list(task.gallery.values()), max_len,
                            batch_size)
-    results[name] = score_metrics(queries @ gallery.T, task)
-  return results
+    out[name] = queries @ gallery.T
+  return out
 
 
-def evaluate_tfidf(tasks) -> dict:
-  return {name: score_metrics(tfidf_baseline.tfidf_scores(task.query_titles(),
-                                                          list(task.gallery.values())), task)
-          for name, task in tasks.items()}
+def lexical_scores(tasks) -> dict:
+  """task -> TF-IDF [Q, G] scores, fitted on the task's gallery + queries (no labels)."""
+  out = {}
+  for name, task in tasks.items():
+    gallery = list(task.gallery.values())
+    scorer = lexical.LexicalScorer(gallery, fit_on=gallery + task.query_titles())
+    out[name] = scorer.scores(task.query_titles())
+  return out
+
+
+def table_of(scores: Mapping[str, np.ndarray], tasks) -> dict:
+  return {name: score_metrics(scores[name], task) for name, task in tasks.items()}
+
+
+def choose_hybrid(dense: np.ndarray, lex: np.ndarray, task, hybrid) -> dict:
+  """On ONE validation task: the weighted sum's best w, RRF, and the better method."""
+  target, ignore = task.targets_and_ignore()
+  w, grid = fusion.choose_weight(dense, lex, target, ignore, tuple(hybrid.weights), KS)
+  rrf = fusion.fused_metrics("rrf", dense, lex, target, ignore, rrf_k=hybrid.rrf_k, ks=KS)
+  weighted = next(row for row in grid if row["weight"] == w)
+  if hybrid.method == "auto":
+    key = lambda m: (m["recall@1"], m["mrr"])  # noqa: E731
+    method = "rrf" if key(rrf) > key(weighted) else "weighted"
+  else:
+    method = hybrid.method
+  return {"weight": w, "method": method, "weighted_grid": grid, "rrf": rrf,
+          "dense": score_metrics(dense, task), "lexical": score_metrics(lex, task)}
+
+
+def hybrid_rows(dense: Mapping[str, np.ndarray], lex: Mapping[str, np.ndarray], tasks,
+                choices: Mapping[str, dict], hybrid) -> dict:
+  """Held-out rows of the fusions, each task at what its validation task chose."""
+  rows = {"hybrid weighted sum (w from validation)": {},
+          f"hybrid RRF (k={hybrid.rrf_k:g})": {}, "hybrid (method chosen on validation)": {}}
+  for name, task in tasks.items():
+    target, ignore = task.targets_and_ignore()
+    c = choices[name]
+    weighted = fusion.fused_metrics("weighted", dense[name], lex[name], target, ignore,
+                                    weight=c["weight"], ks=KS)
+    rrf = fusion.fused_metrics("rrf", dense[name], lex[name], target, ignore,
+                               rrf_k=hybrid.rrf_k, ks=KS)
+    names = list(rows)
+    rows[names[0]][name] = weighted
+    rows[names[1]][name] = rrf
+    rows[names[2]][name] = rrf if c["method"] == "rrf" else weighted
+  return rows
 
 
 # ----------------------------------------------------------------------------- table
@@ -107,13 +200,15 @@ def run(config, workdir, data_root=None) -> dict:
   """The whole recipe; returns the results dict also written to `<workdir>/results.json`."""
   started = time.time()
   validate_config(config)
+  validate_recipe(config.recipe)
   workdir = pathlib.Path(workdir).absolute()
   r = config.recipe
   data_root = pathlib.Path(data_root or r.data_root or REPO.parent / "shared" / "data")
   prepared = product_matching.prepare(data_root, workdir / "data", r.holdout_fraction,
-                                      r.split_seed)
+                                      r.split_seed, validation_fraction=r.validation_fraction)
   logging.info("prepared data: %s", json.dumps(prepared.counts))
   tasks = prepared.heldout
+  validation = {n: prepared.validation[n] for n in tasks if n in prepared.validation}
 
   tokenizer = tokenizer_from_config(config.model.tokenizer)
   model = build_model(config.model)
@@ -123,9 +218,11 @@ def run(config, workdir, data_root=None) -> dict:
   del fresh
 
   embed = jax.jit(lambda p, s: model.apply({"params": p}, s, modalities=("t",))["t"])
-  results = {"TF-IDF char 2-5-grams": evaluate_tfidf(tasks)}
-  results["MiniLM-L6 untouched"] = evaluate_model(embed, params, tokenizer, tasks, max_len,
-                                                  r.eval_batch_size)
+  lex = lexical_scores(tasks)
+  lex_val = lexical_scores(validation)
+  results = {"TF-IDF char 2-5-grams": table_of(lex, tasks)}
+  results["MiniLM-L6 untouched"] = table_of(
+      dense_scores(embed, params, tokenizer, tasks, max_len, r.eval_batch_size), tasks)
   logging.info("before: %s", json.dumps(results))
 
   source = train_source(prepared.train_pairs)
@@ -136,12 +233,30 @@ def run(config, workdir, data_root=None) -> dict:
                            loss_fn=functools.partial(loss_unit, config=config.loss),
                            views=plan_terms(config.loss).views(), train_dataset=dataset)
   train_seconds = time.time() - train_start
-  results[f"MiniLM-L6 fine-tuned ({result.step} steps)"] = evaluate_model(
-      embed, result.state.params, tokenizer, tasks, max_len, r.eval_batch_size)
+  tuned = dense_scores(embed, result.state.params, tokenizer, tasks, max_len, r.eval_batch_size)
+  results[f"MiniLM-L6 fine-tuned ({result.step} steps)"] = table_of(tuned, tasks)
+  choices = {}
+  if len(validation) == len(tasks):
+    tuned_val = dense_scores(embed, result.state.params, tokenizer, validation, max_len,
+                             r.eval_batch_size)
+    choices = {n: choose_hybrid(tuned_val[n], lex_val[n], validation[n], r.hybrid)
+               for n in validation}
+    results.update(hybrid_rows(tuned, lex, tasks, choices, r.hybrid))
+  else:
+    logging.warning("no validation task for %s: hybrid rows skipped",
+                    sorted(set(tasks) - set(validation)))
 
   table = markdown_table(results)
+  chosen = "; ".join(f"{n}: w={c['weight']:g}, method={c['method']} (validation R@1 dense "
+                     f"{c['dense']['recall@1']:.4f}, TF-IDF {c['lexical']['recall@1']:.4f}, "
+                     f"weighted {next(g for g in c['weighted_grid'] if g['weight'] == c['weight'])['recall@1']:.4f}, "
+                     f"RRF {c['rrf']['recall@1']:.4f})" for n, c in choices.items())
   summary = {
       "results": results,
+      "hybrid": {"chosen": {n: {"weight": c["weight"], "method": c["method"]}
+                            for n, c in choices.items()},
+                 "validation": choices, "rrf_k": r.hybrid.rrf_k,
+                 "weights": list(r.hybrid.weights)},
       "data": prepared.counts,
       "train": {"steps": result.step, "batch_size": config.train.batch_size,
                 "train_pairs": len(source), "seconds": round(train_seconds, 1),
@@ -152,6 +267,8 @@ def run(config, workdir, data_root=None) -> dict:
   atomic_write(workdir / "results.md", table + "\n")
   atomic_write(workdir / "results.json", json.dumps(summary, indent=1, default=float))
   print(table)
+  if chosen:
+    print(f"\nchosen on the validation tasks (dense weight w): {chosen}")
   print(f"\ntrain pairs {len(source)}, {result.step} steps of {config.train.batch_size} in "
         f"{train_seconds:.0f}s; whole recipe {summary['total_seconds']:.0f}s "
         f"on {summary['devices']}. Written to {workdir / 'results.md'}")

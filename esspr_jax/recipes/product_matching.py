@@ -15,6 +15,12 @@ Sources (read `SOURCE.md` in each folder of ../shared/data):
 - `walmart_amazon`: gzipped JSON-lines pairs with labels; train split -> training,
   test split -> held out (gallery = the split's distinct Amazon offers). Training
   pairs touching an offer of a held-out positive pair are dropped (no leakage).
+- validation (`validation_fraction` > 0): a seeded slice of each held-out set's
+  TRAINING pairs, cut along connected components of their pair graph and removed from
+  training, becomes a validation task with its own gallery (amazon_google: the Google
+  catalog minus every held-out positive; walmart_amazon: the train-split candidates of
+  the validation triggers). Fusion weights and methods are chosen on it, never on the
+  held-out tasks; it shares no offer with them or with the remaining training pairs.
 - `promap_en_cz`: English and Czech test sets (UTF-8, some mojibake, repaired here);
   training only.
 - `promap_laptops_10pairs`: 10 laptops x 2 Czech shops with photos, for the
@@ -91,6 +97,7 @@ class MatchingData:
   heldout: RetrievalSet | None
   skips: dict
   dropped_overlapping_heldout: int = 0
+  validation: RetrievalSet | None = None
 
 
 # ---------------------------------------------------------------- text helpers
@@ -220,9 +227,45 @@ def _components(pairs: Sequence[tuple[str, str]]) -> list[list[int]]:
   return sorted(groups.values())
 
 
+def _take_components(pairs: Sequence[PairRow], fraction: float, rng: np.random.Generator
+                     ) -> set[int]:
+  """Indices of whole connected components, in a seeded order, until ~fraction of pairs."""
+  comps = _components([(p.trigger_id, p.recall_id) for p in pairs])
+  target = fraction * len(pairs)
+  taken: set[int] = set()
+  for c in rng.permutation(len(comps)):
+    if len(taken) >= target:
+      break
+    taken.update(comps[c])
+  return taken
+
+
+def carve_validation(name: str, pairs: Sequence[PairRow], fraction: float, seed: int,
+                     gallery: dict[str, str], exclude: set[str] = frozenset()
+                     ) -> tuple[tuple[PairRow, ...], RetrievalSet | None]:
+  """(remaining training pairs, validation task) from a seeded slice of `pairs`' components.
+
+  The validation gallery is `gallery` minus the ids in `exclude` (offers of the held-out
+  task), plus every validation positive. No validation offer is in a remaining pair.
+  """
+  if not 0.0 <= fraction < 1.0:
+    raise ValueError(f"validation_fraction must be in [0, 1), got {fraction}")
+  if fraction == 0.0 or not pairs:
+    return tuple(pairs), None
+  taken = _take_components(pairs, fraction, np.random.default_rng([seed, 1]))
+  val = tuple(p for k, p in enumerate(pairs) if k in taken)
+  train = tuple(p for k, p in enumerate(pairs) if k not in taken)
+  val_gallery = {g: t for g, t in gallery.items() if g not in exclude}
+  for p in val:
+    val_gallery.setdefault(p.recall_id, p.recall_title)
+  return train, RetrievalSet(name, val, val_gallery)
+
+
 def load_amazon_google(root: str | os.PathLike, holdout_fraction: float = 0.3,
-                       seed: int = 0, strict: bool = False) -> MatchingData:
-  """Gold pairs split by connected component: ~`holdout_fraction` of them held out."""
+                       seed: int = 0, strict: bool = False,
+                       validation_fraction: float = 0.0) -> MatchingData:
+  """Gold pairs split by connected component: ~`holdout_fraction` of them held out, then
+  ~`validation_fraction` of the rest carved out as a validation task."""
   if not 0.0 <= holdout_fraction < 1.0:
     raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
   root = pathlib.Path(root) / "amazon_google"
@@ -247,19 +290,15 @@ def load_amazon_google(root: str | os.PathLike, holdout_fraction: float = 0.3,
                          f"amazon_google/B{b}", google[b]))
   pairs = _dedupe(pairs, skips, str(gold_path))
   skips.check_fraction()
-  comps = _components([(p.trigger_id, p.recall_id) for p in pairs])
-  order = np.random.default_rng(seed).permutation(len(comps))
-  target = holdout_fraction * len(pairs)
-  held: set[int] = set()
-  for c in order:
-    if len(held) >= target:
-      break
-    held.update(comps[c])
+  held = _take_components(pairs, holdout_fraction, np.random.default_rng(seed))
   train = tuple(p for k, p in enumerate(pairs) if k not in held)
   heldout_pairs = tuple(p for k, p in enumerate(pairs) if k in held)
   gallery = {f"amazon_google/B{b}": t for b, t in google.items()}
   heldout = RetrievalSet("amazon_google", heldout_pairs, gallery) if heldout_pairs else None
-  return MatchingData("amazon_google", train, heldout, skips.summary())
+  train, validation = carve_validation(
+      "amazon_google", train, validation_fraction, seed, gallery,
+      {p.recall_id for p in heldout_pairs} | {p.trigger_id for p in heldout_pairs})
+  return MatchingData("amazon_google", train, heldout, skips.summary(), validation=validation)
 
 
 # ---------------------------------------------------------------- walmart_amazon
@@ -300,8 +339,10 @@ def _walmart_pairs(rows: list[dict], skips: SkipCounter) -> list[PairRow]:
   return out
 
 
-def load_walmart_amazon(root: str | os.PathLike, strict: bool = False) -> MatchingData:
-  """Train-split positives (minus leaking ones) for training; test split held out."""
+def load_walmart_amazon(root: str | os.PathLike, strict: bool = False,
+                        validation_fraction: float = 0.0, seed: int = 0) -> MatchingData:
+  """Train-split positives (minus leaking ones) for training, ~`validation_fraction` of
+  them carved out for validation; test split held out."""
   root = pathlib.Path(root) / "walmart_amazon"
   skips = SkipCounter(f"walmart_amazon {root}", strict=strict)
   train_rows = _read_json_lines(root / "walmart-amazon-train.json.gz", skips)
@@ -318,8 +359,21 @@ def load_walmart_amazon(root: str | os.PathLike, strict: bool = False) -> Matchi
     if title:
       gallery.setdefault("walmart_amazon/" + row["id_right"], title)
   heldout = RetrievalSet("walmart_amazon", tuple(test_pairs), gallery) if test_pairs else None
+  dropped = len(candidates) - len(train)
+  # The validation gallery mirrors the test one: the right-side candidates (any label)
+  # listed with the validation triggers in the train split.
+  train, validation = carve_validation("walmart_amazon", train, validation_fraction, seed,
+                                       {}, held_offers)
+  if validation is not None:
+    triggers = {p.trigger_id for p in validation.pairs}
+    more = {}
+    for row in train_rows:
+      rid, title = "walmart_amazon/" + row["id_right"], clean_title(row["title_right"])
+      if "walmart_amazon/" + row["id_left"] in triggers and title and rid not in held_offers:
+        more.setdefault(rid, title)
+    validation = RetrievalSet("walmart_amazon", validation.pairs, {**more, **validation.gallery})
   return MatchingData("walmart_amazon", tuple(train), heldout, skips.summary(),
-                      dropped_overlapping_heldout=len(candidates) - len(train))
+                      dropped_overlapping_heldout=dropped, validation=validation)
 
 
 # ---------------------------------------------------------------- promap_en_cz
@@ -431,26 +485,34 @@ class PreparedData:
   train_pairs: pathlib.Path
   heldout: dict[str, RetrievalSet]
   counts: dict
+  validation: dict[str, RetrievalSet] = dataclasses.field(default_factory=dict)
 
 
 def prepare(data_root: str | os.PathLike, out_dir: str | os.PathLike,
-            holdout_fraction: float = 0.3, seed: int = 0, strict: bool = False) -> PreparedData:
-  """Writes `train_pairs.csv` (all three sets' training pairs) and the held-out tasks."""
+            holdout_fraction: float = 0.3, seed: int = 0, strict: bool = False,
+            validation_fraction: float = 0.0) -> PreparedData:
+  """Writes `train_pairs.csv` (all three sets' training pairs), the held-out tasks and,
+  with `validation_fraction` > 0, the validation tasks (`<out_dir>/validation/`)."""
   out_dir = pathlib.Path(out_dir)
-  sets = [load_amazon_google(data_root, holdout_fraction, seed, strict),
-          load_walmart_amazon(data_root, strict),
+  sets = [load_amazon_google(data_root, holdout_fraction, seed, strict, validation_fraction),
+          load_walmart_amazon(data_root, strict, validation_fraction, seed),
           load_promap_en_cz(data_root, strict)]
   train = [p for s in sets for p in s.train]
   train_path = out_dir / "train_pairs.csv"
   release_format.write_pairs(train_path, train)
-  heldout = {}
+  heldout, validation = {}, {}
   for s in sets:
     if s.heldout is not None:
       write_retrieval_set(out_dir / "heldout", s.heldout)
       heldout[s.name] = s.heldout
+    if s.validation is not None:
+      write_retrieval_set(out_dir / "validation", s.validation)
+      validation[s.name] = s.validation
   counts = {s.name: {"train_pairs": len(s.train),
                      "heldout_queries": len(s.heldout.pairs) if s.heldout else 0,
                      "gallery": len(s.heldout.gallery) if s.heldout else 0,
+                     "validation_queries": len(s.validation.pairs) if s.validation else 0,
+                     "validation_gallery": len(s.validation.gallery) if s.validation else 0,
                      "dropped_overlapping_heldout": s.dropped_overlapping_heldout,
                      "skips": s.skips} for s in sets}
-  return PreparedData(train_path, heldout, counts)
+  return PreparedData(train_path, heldout, counts, validation)

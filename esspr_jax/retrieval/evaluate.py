@@ -24,7 +24,10 @@ Entry points (signatures the trainer and main.py rely on):
         checkpoints dir), refusing one trained with another model config.
 
 Protocol details (queries, gallery, ignored items, ties, ScaNN vs exact) are in
-scoring.py and docs/retrieval.md.
+scoring.py and docs/retrieval.md. With `eval.hybrid.enabled` the table gets a row
+`<x-y>+lex` per `eval.hybrid.settings`: the dense scores fused with title TF-IDF
+(scoring.score_hybrid); the titles come from the batches' `trigger_title` /
+`recall_title` (the eval loader provides them).
 """
 import dataclasses
 import logging
@@ -72,28 +75,67 @@ def _is_primary() -> bool:
   return jax.process_index() == 0
 
 
+class _TitleTap:
+  """Passes batches through, keeping the valid rows' titles of both sides."""
+
+  def __init__(self, batches: Iterable[dict]):
+    self.batches = batches
+    self.titles = {"trigger": [], "recall": []}
+
+  def __iter__(self):
+    for batch in self.batches:
+      valid = np.asarray(batch["valid"], bool) if "valid" in batch else None
+      for side in self.titles:
+        key = f"{side}_title"
+        if key not in batch:
+          raise DataError(f"eval.hybrid.enabled needs '{key}' in the eval batches (the eval "
+                          f"loader provides it); this batch has {sorted(batch)}")
+        titles = np.asarray(batch[key], dtype=object)
+        self.titles[side].extend(str(t) for t in (titles if valid is None else titles[valid]))
+      yield batch
+
+
+def _hybrid_settings(config, settings) -> tuple[str, ...]:
+  """eval.hybrid.settings the run can serve (their dense setting is being scored)."""
+  wanted = eval_config.parse_hybrid_settings(config.eval.hybrid.settings)
+  ok = tuple(s for s in wanted if s in settings)
+  if len(ok) < len(wanted):
+    log.info("eval: hybrid rows only for %s (dense settings served: %s)", ok, settings)
+  return ok
+
+
 def evaluate(model, params, batches: Iterable[dict], config, workdir=None, step=None, *,
              batch_sharding=None, tensorboard: bool = True, console=None) -> EvalReport:
   """See module doc."""
   start = time.perf_counter()
   settings = servable_settings(config, getattr(model, "available", ("i", "t", "m")))
   modalities = tuple(m for m in ("i", "t", "m") if any(m in s.split("-") for s in settings))
-  ids, emb = embed_lib.embed_all(model, params, batches, ("trigger", "recall"), modalities,
-                                 batch_sharding=batch_sharding)
+  hybrid = _hybrid_settings(config, settings) if config.eval.hybrid.enabled else ()
+  tap = _TitleTap(batches) if hybrid else None
+  ids, emb = embed_lib.embed_all(model, params, tap or batches, ("trigger", "recall"),
+                                 modalities, batch_sharding=batch_sharding)
   for side in ("trigger", "recall"):
     if np.any(ids[side] == ""):
       raise DataError(f"eval batches need non-empty '{side}_id' for every valid row (the "
                       f"gallery is built from the ids); the eval loader provides them")
   trigger_ids, trigger_emb = embed_lib.allgather_rows(ids["trigger"], emb["trigger"])
   recall_ids, recall_emb = embed_lib.allgather_rows(ids["recall"], emb["recall"])
+  titles = {}
+  if tap is not None:  # strings travel like ids (every process's rows, in the same order)
+    titles = {side: embed_lib.allgather_rows(np.asarray(t, dtype=str), {})[0]
+              for side, t in tap.titles.items()}
   if config.eval.max_pairs:
     n = config.eval.max_pairs
     trigger_ids, recall_ids = trigger_ids[:n], recall_ids[:n]
     trigger_emb = {m: v[:n] for m, v in trigger_emb.items()}
     recall_emb = {m: v[:n] for m, v in recall_emb.items()}
+    titles = {side: t[:n] for side, t in titles.items()}
   embed_s = time.perf_counter() - start
   layout = scoring.layout_pairs(trigger_ids, recall_ids)
   results = scoring.score_settings(trigger_emb, recall_emb, layout, settings, config.eval)
+  if hybrid:
+    results += scoring.score_hybrid(trigger_emb, recall_emb, layout, titles["trigger"],
+                                    titles["recall"], hybrid, config.eval)
   ks = tuple(config.eval.ks)
   table = report_lib.markdown_table(results, ks)
   meta = {"step": step, "pairs": layout.num_pairs, "gallery": len(layout.gallery_ids),

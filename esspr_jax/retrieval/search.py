@@ -15,6 +15,13 @@ Python API:
 
 `search_from_config(config, workdir, export_dir, ...)` is main.py --mode=search.
 
+Hybrid (`hybrid=True` on by_id / by_text, `eval.search.hybrid` for the command): the
+dense top-N and the title TF-IDF top-N (N = `eval.hybrid.candidates`, lexical.py over
+the export's titles) are pooled, both scores taken for every pooled listing, each
+normalised over that pool and fused (`eval.hybrid.method`, `weight`, `rrf_k`;
+fusion.py); a hit's score is then the fused score. The query title is the text query,
+or the listing's own title for an id query; galleries 't' and 'm' only.
+
 Filters: `more_suppliers` drops hits from the query listing's supplier (or from
 `exclude_supplier` for image/text queries); `category` keeps one leaf category. The
 index is over-fetched until k hits survive the filters (or the gallery is exhausted).
@@ -32,6 +39,8 @@ import numpy as np
 
 from esspr_jax.errors import ConfigError, DataError
 from esspr_jax.retrieval import export as export_lib
+from esspr_jax.retrieval import fusion
+from esspr_jax.retrieval import lexical as lexical_lib
 from esspr_jax.retrieval import index as index_lib
 from esspr_jax.retrieval import integrity
 from esspr_jax.retrieval import report as report_lib
@@ -74,6 +83,7 @@ class Searcher:
     self._load_listings()
     self._indexes: dict = {}
     self._vectors: dict = {}
+    self._lexical = None
     self.model, self.params, self.config = model, params, config
     self.tokenizer = tokenizer
     if model is not None:
@@ -188,6 +198,51 @@ class Searcher:
         return hits[:k]
       fetch = min(idx.size, fetch * 4)
 
+  def lexical(self) -> lexical_lib.LexicalScorer:
+    """Title TF-IDF over every row of the export (built on first use)."""
+    if self._lexical is None:
+      self._lexical = lexical_lib.LexicalScorer([str(t) for t in self.meta["title"]])
+    return self._lexical
+
+  def search_hybrid(self, query: np.ndarray, title: str, gallery: str = "m", k: int = 20, *,
+                    exclude_rows: Sequence[int] = (), exclude_supplier: str | None = None,
+                    category: str | None = None) -> list[Hit]:
+    """Top-k by dense + title TF-IDF fused over a pooled candidate set (module doc)."""
+    if self.config is None:
+      raise ConfigError("eval.hybrid", "hybrid search reads eval.hybrid.*: give the Searcher a config")
+    if gallery not in ("t", "m"):
+      raise DataError(f"hybrid search fuses title scores into a 't' or 'm' gallery, not {gallery!r}")
+    h = self.config.eval.hybrid
+    idx = self.index(gallery)
+    query = np.asarray(query, np.float32).reshape(1, -1)
+    if query.shape[1] != idx.dim:
+      raise DataError(f"query has {query.shape[1]} dimensions, the {gallery!r} index {idx.dim}")
+    if k < 1:
+      raise DataError(f"k must be >= 1, got {k}")
+    exclude = set(int(r) for r in exclude_rows)
+    vectors = self.vectors(gallery)
+    scorer = self.lexical()
+    total = min(idx.size, scorer.size)
+    depth = min(total, max(h.candidates, k + len(exclude)))
+    while True:
+      dense_ids, _ = idx.search(query, max(depth, 1))
+      lex_ids, _ = scorer.top_k([title], max(depth, 1))
+      pool = [int(r) for r in dict.fromkeys(list(dense_ids[0]) + list(lex_ids[0]))
+              if r >= 0 and int(r) not in exclude and not self.retired[r]
+              and (exclude_supplier is None or self.meta["supplier_id"][r] != exclude_supplier)
+              and (category is None or self.meta["category"][r] == category)]
+      hits = []
+      if pool:
+        rows = np.asarray(pool, np.int64)
+        dense = np.asarray(vectors[rows], np.float32) @ query[0]
+        lex = scorer.scores_at([title], rows[None])[0]
+        fused = fusion.fuse(h.method, dense[None], lex[None], weight=h.weight, rrf_k=h.rrf_k)[0]
+        order = np.argsort(-fused, kind="stable")[:k]
+        hits = [self._hit(int(rows[i]), float(fused[i])) for i in order]
+      if len(hits) >= k or depth >= total:
+        return hits
+      depth = min(total, depth * 4)
+
   def row(self, listing_id: str) -> int:
     if listing_id not in self.row_of:
       raise DataError(f"unknown listing id {listing_id!r}: not in the export at {self.dir} "
@@ -195,13 +250,18 @@ class Searcher:
     return self.row_of[listing_id]
 
   def by_id(self, listing_id: str, k: int = 20, gallery: str = "m", query: str | None = None,
-            more_suppliers: bool = False, category: str | None = None) -> list[Hit]:
-    """Neighbours of a listing's stored embedding (query modality defaults to `gallery`)."""
+            more_suppliers: bool = False, category: str | None = None,
+            hybrid: bool = False) -> list[Hit]:
+    """Neighbours of a listing's stored embedding (query modality defaults to `gallery`);
+    with `hybrid`, fused with its title's TF-IDF scores."""
     r = self.row(listing_id)
     q = np.asarray(self.vectors(query or gallery)[r], np.float32)
     supplier = str(self.meta["supplier_id"][r]) if more_suppliers else None
     if more_suppliers and not supplier:
       raise DataError(f"listing {listing_id!r} has no supplier_id; 'more suppliers' needs one")
+    if hybrid:
+      return self.search_hybrid(q, str(self.meta["title"][r]), gallery, k, exclude_rows=[r],
+                                exclude_supplier=supplier, category=category)
     return self.search_vector(q, gallery, k, exclude_rows=[r], exclude_supplier=supplier,
                               category=category)
 
@@ -230,7 +290,10 @@ class Searcher:
   def by_image(self, image, k: int = 20, gallery: str = "m", **filters) -> list[Hit]:
     return self.search_vector(self.embed_query(image=image), gallery, k, **filters)
 
-  def by_text(self, text: str, k: int = 20, gallery: str = "m", **filters) -> list[Hit]:
+  def by_text(self, text: str, k: int = 20, gallery: str = "m", hybrid: bool = False,
+              **filters) -> list[Hit]:
+    if hybrid:
+      return self.search_hybrid(self.embed_query(text=text), text, gallery, k, **filters)
     return self.search_vector(self.embed_query(text=text), gallery, k, **filters)
 
   def by_image_text(self, image, text: str, k: int = 20, gallery: str = "m", **filters) -> list[Hit]:
@@ -325,8 +388,9 @@ def search_from_config(config, workdir, export_dir, *, listing_id: str = "", ima
   s = Searcher.open(export_dir, config=config if needs_model else None, checkpoint=checkpoint)
   s.config = config
   filters = {"category": category or None}
+  hybrid = bool(config.eval.search.hybrid)
   if listing_id:
-    hits = s.by_id(listing_id, k, gallery, more_suppliers=more_suppliers, **filters)
+    hits = s.by_id(listing_id, k, gallery, more_suppliers=more_suppliers, hybrid=hybrid, **filters)
     title = f"same style as {listing_id}"
   elif image or text:
     supplier_filter = {"exclude_supplier": supplier} if (supplier and more_suppliers) else {}
@@ -335,7 +399,7 @@ def search_from_config(config, workdir, export_dir, *, listing_id: str = "", ima
     elif image:
       hits = s.by_image(image, k, gallery, **filters, **supplier_filter)
     else:
-      hits = s.by_text(text, k, gallery, **filters, **supplier_filter)
+      hits = s.by_text(text, k, gallery, hybrid=hybrid, **filters, **supplier_filter)
     title = f"query {pathlib.Path(image).name if image else ''} {text}".strip()
   elif supplier:
     pairs = s.duplicates(supplier, config.eval.search.duplicate_threshold, gallery)

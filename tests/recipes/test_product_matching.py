@@ -102,14 +102,19 @@ def test_promap_laptops_pairs_listing_a_with_b(shared_data):
 
 
 def test_prepare_writes_files_that_read_back(shared_data, tmp_path):
-  prepared = pm.prepare(shared_data, tmp_path)
+  prepared = pm.prepare(shared_data, tmp_path, validation_fraction=0.15)
   from esspr_jax.ingest import release_format
   train = list(release_format.read_pairs(prepared.train_pairs))
   assert len(train) == sum(c["train_pairs"] for c in prepared.counts.values())
   for name, rs in prepared.heldout.items():
     back = pm.read_retrieval_set(tmp_path / "heldout", name)
     assert back == rs
-  assert set(prepared.heldout) == {"amazon_google", "walmart_amazon"}
+    assert pm.read_retrieval_set(tmp_path / "validation", name) == prepared.validation[name]
+    assert prepared.counts[name]["validation_queries"] == len(prepared.validation[name].pairs)
+  assert set(prepared.heldout) == set(prepared.validation) == {"amazon_google", "walmart_amazon"}
+  val_offers = {i for rs in prepared.validation.values() for p in rs.pairs
+                for i in (p.trigger_id, p.recall_id)}
+  assert not val_offers & {i for p in train for i in (p.trigger_id, p.recall_id)}
 
 
 def _fake_amazon_google(root: pathlib.Path, gold: str) -> None:
@@ -168,3 +173,45 @@ def test_targets_and_ignore_small_example():
   target, ignore = rs.targets_and_ignore()
   np.testing.assert_array_equal(target, [2, 0, 1])
   np.testing.assert_array_equal(ignore, [[0], [2], [-1]])
+
+
+@pytest.mark.parametrize("name", ["amazon_google", "walmart_amazon"])
+def test_validation_is_carved_from_training_and_never_touches_heldout(shared_data, name):
+  load = {"amazon_google": lambda f, s: pm.load_amazon_google(shared_data, 0.3, s,
+                                                              validation_fraction=f),
+          "walmart_amazon": lambda f, s: pm.load_walmart_amazon(shared_data, False, f, s)}[name]
+  plain, data = load(0.0, 0), load(0.15, 0)
+  assert plain.validation is None
+  val = data.validation
+  # The carve-out comes out of the training pairs only; held-out task unchanged.
+  assert data.heldout == plain.heldout
+  assert len(data.train) + len(val.pairs) == len(plain.train)
+  assert set(data.train) | set(val.pairs) == set(plain.train)
+  assert 0.13 <= len(val.pairs) / len(plain.train) <= 0.25
+  # No shared offer ids with the held-out task or with the remaining training pairs.
+  val_offers = _products(val.pairs)
+  assert not val_offers & _products(data.heldout.pairs)
+  assert not val_offers & _products(data.train)
+  held_offers = _products(data.heldout.pairs)
+  assert not set(val.gallery) & held_offers
+  assert all(p.recall_id in val.gallery for p in val.pairs)
+  assert len(val.gallery) > len(set(p.recall_id for p in val.pairs))   # has distractors
+  # Seeded: the same seed gives the same task, another seed another one.
+  assert load(0.15, 0).validation == val and load(0.15, 1).validation != val
+  with pytest.raises(ValueError, match="validation_fraction"):
+    load(1.0, 0)
+
+
+def test_carve_validation_small_example():
+  rows = [PairRow("x", "", f"a{a}", f"ta{a}", f"b{b}", f"tb{b}", "", "", 1)
+          for a, b in [(1, 1), (1, 2), (2, 2), (3, 3), (4, 4), (5, 5)]]
+  gallery = {"b9": "held", "b8": "other"}
+  train, val = pm.carve_validation("toy", rows, 0.4, 0, gallery, exclude={"b9"})
+  # Components: {0,1,2} (a1-b1, a1-b2, a2-b2), {3}, {4}, {5}: whole components move.
+  comps = [{0, 1, 2}, {3}, {4}, {5}]
+  moved = {rows.index(p) for p in val.pairs}
+  assert len(moved) >= 0.4 * 6
+  assert all(c <= moved or not c & moved for c in comps)
+  assert set(train) == set(rows) - set(val.pairs)
+  assert "b9" not in val.gallery and val.gallery["b8"] == "other"
+  assert pm.carve_validation("toy", rows, 0.0, 0, gallery) == (tuple(rows), None)

@@ -268,3 +268,44 @@ def test_vectors_through_the_export_path_round_trip(tiny, tmp_path):
   assert s.meta["title"][7] == "t\u20287"
   hits = s.by_id("v3", k=49)
   assert [h.listing_id for h in hits] == [ids[i] for i in np.argsort(-(v @ v[3]), kind="stable") if i != 3]
+
+
+def _hybrid_searcher(exported, tiny, **hybrid):
+  config = tiny.config.copy_and_resolve_references()
+  config.eval.hybrid.update(**hybrid)
+  return search.Searcher(exported[0], model=tiny.model, params=tiny.params, config=config), config
+
+
+def test_hybrid_search_fuses_title_tfidf_over_the_pool(exported, tiny):
+  from esspr_jax.retrieval import tfidf_baseline
+  s, _ = _hybrid_searcher(exported, tiny, weight=0.6, candidates=100)
+  titles = [str(t) for t in s.meta["title"]]
+  r = s.row("item_1")
+  hits = s.by_id("item_1", k=6, hybrid=True)
+  # The pool is every other listing here (21 < candidates): brute-force min-max fusion.
+  others = [i for i in range(len(titles)) if i != r]
+  vec = s.vectors("m")
+  dense = [float(vec[i] @ vec[r]) for i in others]
+  lex = list(tfidf_baseline.tfidf_scores([titles[r]], titles, fit_on=titles)[0][others])
+  norm = lambda v: [(x - min(v)) / (max(v) - min(v)) for x in v]  # noqa: E731
+  fused = [0.6 * a + 0.4 * b for a, b in zip(norm(dense), norm(lex))]
+  order = sorted(range(len(others)), key=lambda i: -fused[i])[:6]
+  assert [h.listing_id for h in hits] == [str(s.ids[others[i]]) for i in order]
+  assert [h.score for h in hits] == pytest.approx([fused[i] for i in order], abs=1e-5)
+  # A text query: the lexical side alone (w=0) puts the exact title first.
+  s0, _ = _hybrid_searcher(exported, tiny, weight=0.0)
+  text = titles[3]
+  top = s0.by_text(text, k=3, gallery="t", hybrid=True)
+  assert top[0].title == text
+  with pytest.raises(DataError, match="'t' or 'm' gallery"):
+    s.by_id("item_1", k=3, gallery="i", hybrid=True)
+
+
+def test_search_command_honours_eval_search_hybrid(exported, tiny, capsys):
+  config = tiny.config.copy_and_resolve_references()
+  config.eval.search.hybrid = True
+  config.eval.hybrid.update(method="rrf", rrf_k=5)
+  hits = search.search_from_config(config, None, exported[0], listing_id="item_1", k=3)
+  assert len(hits) == 3 and hits[0].listing_id == "item_1_dup"   # same title, same vector
+  assert hits[0].score == pytest.approx(2 / 6)                   # rank 1 on both sides
+  assert "item_1_dup" in capsys.readouterr().out
