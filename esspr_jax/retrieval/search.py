@@ -48,6 +48,16 @@ from esspr_jax.retrieval import restore
 from esspr_jax.retrieval import update as update_lib
 
 
+def _one_query(query: np.ndarray, dim: int, gallery: str, k: int) -> np.ndarray:
+  """The query as a [1, dim] float32 row; a DataError for a wrong width or k < 1."""
+  query = np.asarray(query, np.float32).reshape(1, -1)
+  if query.shape[1] != dim:
+    raise DataError(f"query has {query.shape[1]} dimensions, the {gallery!r} index {dim}")
+  if k < 1:
+    raise DataError(f"k must be >= 1, got {k}")
+  return query
+
+
 @dataclasses.dataclass(frozen=True)
 class Hit:
   listing_id: str
@@ -176,11 +186,7 @@ class Searcher:
                     category: str | None = None) -> list[Hit]:
     """Top-k hits for one query vector after filters (see module doc)."""
     idx = self.index(gallery)
-    query = np.asarray(query, np.float32).reshape(1, -1)
-    if query.shape[1] != idx.dim:
-      raise DataError(f"query has {query.shape[1]} dimensions, the {gallery!r} index {idx.dim}")
-    if k < 1:
-      raise DataError(f"k must be >= 1, got {k}")
+    query = _one_query(query, idx.dim, gallery, k)
     exclude = set(int(r) for r in exclude_rows)
     fetch = min(idx.size, k + len(exclude))
     while True:
@@ -214,11 +220,7 @@ class Searcher:
       raise DataError(f"hybrid search fuses title scores into a 't' or 'm' gallery, not {gallery!r}")
     h = self.config.eval.hybrid
     idx = self.index(gallery)
-    query = np.asarray(query, np.float32).reshape(1, -1)
-    if query.shape[1] != idx.dim:
-      raise DataError(f"query has {query.shape[1]} dimensions, the {gallery!r} index {idx.dim}")
-    if k < 1:
-      raise DataError(f"k must be >= 1, got {k}")
+    query = _one_query(query, idx.dim, gallery, k)
     exclude = set(int(r) for r in exclude_rows)
     vectors = self.vectors(gallery)
     scorer = self.lexical()
