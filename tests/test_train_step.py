@@ -295,3 +295,23 @@ def test_adaptive_weighting_under_accumulation_equals_the_full_batch(kind, mesh_
   s = np.asarray(setup.params[LOG_VAR], np.float64)
   g = np.array([t.weight * float(terms[t.name]) for t in plan.all_terms], np.float64)
   np.testing.assert_allclose(grads[LOG_VAR], 1 - np.exp(-s) * g, rtol=1e-5, atol=1e-6)
+
+
+def test_log_variances_get_no_weight_decay():
+  """Zero gradients, strong decay: a matrix shrinks, the log-variances stay put (decay
+  would pull the learned weighting back towards 'fixed')."""
+  import optax  # noqa: PLC0415
+  from jax.sharding import PartitionSpec  # noqa: PLC0415
+  from esspr_jax import optim  # noqa: PLC0415
+  config = compose("tiny")
+  config.train.optimizer.weight_decay = 0.5
+  config.train.optimizer.clip_norm = 0.0
+  config.train.schedule.warmup_steps = 0
+  params = {"kernel": jnp.ones((2, 2)), LOG_VAR: jnp.full((3,), -0.3)}
+  logical = {"kernel": PartitionSpec("embed", "mlp"), LOG_VAR: PartitionSpec()}
+  tx, _ = optim.make_optimizer(config.train, params, logical)
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  assert float(new["kernel"][0, 0]) < 1.0
+  np.testing.assert_array_equal(new[LOG_VAR], params[LOG_VAR])
