@@ -1,7 +1,8 @@
 """The optimizer: AdamW with warmup + cosine, global-norm clipping and a decay mask.
 
-Weight decay pulls weights toward zero; on norms, biases, embedding tables and the
-logit scale/bias that only hurts, so those are masked out. The mask is decided from
+Weight decay pulls weights toward zero; on norms, biases, embedding tables, the
+logit scale/bias and the loss's learned log-variances (pulling them to 0 would pull
+the learned weighting back to 'fixed') that only hurts, so those are masked out. The mask is decided from
 the param's name and its logical axis names, which the model already provides.
 """
 from typing import Any
@@ -9,6 +10,8 @@ from typing import Any
 import jax
 import optax
 from jax.sharding import PartitionSpec
+
+from esspr_jax.losses.weighting import LOG_VAR
 
 
 def learning_rate_schedule(train_config) -> optax.Schedule:
@@ -54,7 +57,8 @@ def make_optimizer(train_config, params: Any, logical_spec_tree: Any
   """(clip -> AdamW with a decay mask, schedule) from `config.train`."""
   o = train_config.optimizer
   schedule = learning_rate_schedule(train_config)
-  mask = decay_mask(params, logical_spec_tree, o.no_decay_names, o.no_decay_axes)
+  mask = decay_mask(params, logical_spec_tree, tuple(o.no_decay_names) + (LOG_VAR,),
+                    o.no_decay_axes)
   parts = []
   if o.clip_norm > 0:
     parts.append(optax.clip_by_global_norm(float(o.clip_norm)))

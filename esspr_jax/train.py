@@ -38,6 +38,8 @@ from esspr_jax import step_metrics
 from esspr_jax import workdir as workdir_lib
 from esspr_jax.config import validate_config
 from esspr_jax.config.loss import composed_enabled, composed_rows_per_process
+from esspr_jax.config.loss_plan import plan_terms
+from esspr_jax.losses.weighting import init_loss_params
 from esspr_jax.errors import ConfigError, DataError
 from esspr_jax.train_step import ALL_VIEWS, LossFn, TrainState, Views, train_step
 
@@ -117,9 +119,10 @@ def _strip_host_only(batch: Any) -> Any:
 # ----------------------------------------------------------------------------- model
 def default_model_and_loss(config) -> tuple[nn.Module, LossFn, Views]:
   """The model, the loss unit, and the views its plan says the step must embed."""
-  from esspr_jax.losses import loss_unit, plan_terms  # noqa: PLC0415
+  from esspr_jax.losses import loss_unit  # noqa: PLC0415
   from esspr_jax.models import build_model  # noqa: PLC0415
-  return (build_model(config.model), functools.partial(loss_unit, config=config.loss),
+  return (build_model(config.model),
+          functools.partial(loss_unit, config=config.loss, with_weights=True),
           plan_terms(config.loss).views())
 
 
@@ -138,9 +141,16 @@ def _with_pretrained_towers(state: "TrainState", config, model, param_shardings)
   return state.replace(params=jax.device_put(params, param_shardings))
 
 
-def _init_variables(model: nn.Module, rng: jax.Array, side: Any) -> Any:
+def _init_variables(model: nn.Module, rng: jax.Array, side: Any, loss_config=None) -> Any:
+  """The model's variables; with `loss_config`, its params also hold the loss's own
+  learnable params (weighting.init_loss_params: the uncertainty log-variances), so
+  they train, checkpoint and replicate like any other param."""
   params_rng, dropout_rng = jax.random.split(rng)
-  return model.init({"params": params_rng, "dropout": dropout_rng}, side)
+  variables = model.init({"params": params_rng, "dropout": dropout_rng}, side)
+  extra = init_loss_params(plan_terms(loss_config)) if loss_config is not None else {}
+  if not extra:
+    return variables
+  return {**variables, "params": {**variables["params"], **extra}}
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -184,8 +194,8 @@ def set_up(config, model: nn.Module, loss_fn: LossFn, views: Views, sample: Any,
   batch_sharding = sharding.batch_sharding(mesh, logical_rules)
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
   init_side = jax.tree_util.tree_map(lambda x: x[:1], sample["trigger"])
-  abstract_vars = jax.eval_shape(functools.partial(_init_variables, model), init_rng,
-                                 init_side)
+  init_variables = functools.partial(_init_variables, model, loss_config=config.loss)
+  abstract_vars = jax.eval_shape(init_variables, init_rng, init_side)
   param_logical = sharding.logical_specs(abstract_vars["params"])
   abstract_params = nn.unbox(abstract_vars["params"])
   tx, schedule = optim.make_optimizer(tc, abstract_params, param_logical)
@@ -199,7 +209,7 @@ def set_up(config, model: nn.Module, loss_fn: LossFn, views: Views, sample: Any,
   state_shardings = TrainState(step=repl, params=param_shardings, opt_state=opt_shardings)
 
   def init_state(rng, side):
-    params = nn.unbox(_init_variables(model, rng, side)["params"])
+    params = nn.unbox(init_variables(rng, side)["params"])
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
   one_step = functools.partial(train_step, model=model, loss_fn=loss_fn, views=views, tx=tx,

@@ -12,15 +12,21 @@ import jax.numpy as jnp
 import optax
 
 from esspr_jax.config.constants import MODALITIES
+from esspr_jax.losses.weighting import LOG_VAR
 
-# (sides, *, logit_scale, logit_bias) -> (total, {term: scalar}); sides maps a side name
-# ('trigger', 'recall', 'composed_trigger', 'composed_recall') to {modality: [B, E]}.
+# (sides, *, logit_scale, logit_bias[, loss_log_var]) -> (total, {term: scalar}); sides
+# maps a side name ('trigger', 'recall', 'composed_trigger', 'composed_recall') to
+# {modality: [B, E]}. loss_log_var is passed only when the params hold it (learned
+# uncertainty weighting). Entries 'weight/<term>' of the dict are logged as they are,
+# every other entry as 'loss/<term>'.
 LossFn = Callable[..., tuple[jax.Array, Mapping[str, jax.Array]]]
 # side name -> the modalities to embed it in (LossPlan.views() for the loss unit).
 Views = Mapping[str, tuple[str, ...]]
 ALL_VIEWS: Views = {"trigger": MODALITIES, "recall": MODALITIES}
-# Params the loss reads itself (passed as loss_fn keywords), not through the model.
-LOSS_PARAMS = ("logit_scale", "logit_bias")
+# Params the loss reads itself (passed as loss_fn keywords), not through the model:
+# the model's temperature/bias and, under 'uncertainty' weighting, the log-variances.
+LOSS_PARAMS = ("logit_scale", "logit_bias", LOG_VAR)
+WEIGHT_PREFIX = "weight/"
 
 
 @flax.struct.dataclass
@@ -64,7 +70,7 @@ def embed_sides(params, batch, rng, *, model: nn.Module, views: Views,
 def loss_and_grads(params, batch, rng, *, model, loss_fn: LossFn, views: Views):
   def loss_of(p):
     sides = embed_sides(p, batch, rng, model=model, views=views)
-    return loss_fn(sides, logit_scale=p.get("logit_scale"), logit_bias=p.get("logit_bias"))
+    return _loss_of(sides, _loss_params(p), loss_fn)
   (loss, terms), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
   return loss, dict(terms), grads
 
@@ -106,13 +112,14 @@ def join_micro_batches(tree):
 
 
 def _loss_params(params) -> dict:
-  """The params the loss reads itself (not through the model): its temperature/bias."""
+  """The params the loss reads itself (not through the model): LOSS_PARAMS."""
   return {name: params[name] for name in LOSS_PARAMS if name in params}
 
 
 def _loss_of(sides, loss_params, loss_fn: LossFn):
+  extra = {LOG_VAR: loss_params[LOG_VAR]} if LOG_VAR in loss_params else {}
   return loss_fn(sides, logit_scale=loss_params.get("logit_scale"),
-                 logit_bias=loss_params.get("logit_bias"))
+                 logit_bias=loss_params.get("logit_bias"), **extra)
 
 
 def accumulated_loss_and_grads(params, batch, rng, *, micro_steps, model, loss_fn: LossFn,
@@ -161,6 +168,11 @@ def accumulated_loss_and_grads(params, batch, rng, *, micro_steps, model, loss_f
   return loss, dict(terms), grads
 
 
+def _metric_name(name: str) -> str:
+  """'loss/ppm/m-m' for a term's value; a 'weight/ppm/m-m' entry stays as it is."""
+  return name if name.startswith(WEIGHT_PREFIX) else f"loss/{name}"
+
+
 def train_step(state: TrainState, batch, *, model, loss_fn, views, tx, schedule, base_rng,
                logical_rules, micro_steps):
   """One update. A non-finite loss or gradient leaves params and optimizer unchanged
@@ -181,5 +193,5 @@ def train_step(state: TrainState, batch, *, model, loss_fn, views, tx, schedule,
                            opt_state=keep_if_bad(new_opt_state, state.opt_state))
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
                "finite": finite.astype(jnp.float32),
-               **{f"loss/{name}": value for name, value in terms.items()}}
+               **{_metric_name(name): value for name, value in terms.items()}}
   return new_state, metrics

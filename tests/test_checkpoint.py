@@ -249,3 +249,52 @@ def test_data_position_rules():
     checkpoint.data_position_for({}, 0, 1)
   with pytest.raises(ConfigError, match=r"mixes data positions of runs with \[1, 2\]"):
     checkpoint.data_position_for({(0, 1): "x", (0, 2): "x", (1, 2): "x"}, 0, 4)
+
+
+def test_uncertainty_log_variances_train_are_logged_and_resume_exactly(tmp_path):
+  """The learned log-variances live in the params: they move, the metrics log each
+  term's weight exp(-s_i) * lambda_i (1 at step 1: s starts at 0), the checkpoint holds
+  them, and 2 steps + resume to 3 ends where 3 uninterrupted steps end. The stand-in
+  model (fast to compile) under the real loss unit and the tiny preset's terms."""
+  import functools
+  import json
+
+  import jax
+  import numpy as np
+  import orbax.checkpoint as ocp
+  import standin
+  from esspr_jax import train
+  from esspr_jax.config.loss_plan import plan_terms
+  from esspr_jax.losses import loss_unit
+  from esspr_jax.losses.weighting import LOG_VAR
+
+  def run(steps, workdir):
+    config = _config()
+    config.train.steps, config.train.checkpoint.every = steps, 1
+    config.loss.weighting.kind = "uncertainty"
+    loss_fn = functools.partial(loss_unit, config=config.loss, with_weights=True)
+    return train.train(config, workdir, model=standin.StandInModel(), loss_fn=loss_fn,
+                       train_dataset=standin.dataset(ROWS))
+
+  names = [t.name for t in plan_terms(_config().loss).all_terms]
+  straight = run(3, tmp_path / "straight")
+  final = np.asarray(straight.state.params[LOG_VAR])
+  assert final.shape == (len(names),) and np.abs(final).min() > 0
+  rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl")
+          .read_text().splitlines()]
+  rows = [r for r in rows if r["kind"] == "train"]
+  for name in names:
+    assert rows[0][f"weight/{name}"] == 1.0 and f"loss/{name}" in rows[0]
+    assert rows[-1][f"weight/{name}"] != 1.0
+
+  first = run(2, tmp_path / "resumed")
+  saved = ocp.PyTreeCheckpointer().restore(tmp_path / "resumed" / "checkpoints" / "2" / "state")
+  np.testing.assert_array_equal(np.asarray(saved["params"][LOG_VAR]),
+                                np.asarray(first.state.params[LOG_VAR]))
+  resumed = run(3, tmp_path / "resumed")
+  assert resumed.resumed_from == 2
+  np.testing.assert_allclose(np.asarray(resumed.state.params[LOG_VAR]), final, rtol=1e-6,
+                             atol=1e-7)
+  for a, b in zip(jax.tree_util.tree_leaves(resumed.state.params),
+                  jax.tree_util.tree_leaves(straight.state.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

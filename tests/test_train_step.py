@@ -25,6 +25,7 @@ import model_batches  # noqa: E402
 from esspr_jax import sharding, train_step  # noqa: E402
 from esspr_jax.config import compose, validate_config  # noqa: E402
 from esspr_jax.losses import loss_unit, plan_terms  # noqa: E402
+from esspr_jax.losses.weighting import LOG_VAR  # noqa: E402
 from esspr_jax.models import build_model  # noqa: E402
 
 TOL = 1e-5
@@ -260,3 +261,57 @@ def test_a_non_finite_micro_batch_leaves_params_and_optimizer_unchanged():
   for a, b in zip(jax.tree_util.tree_leaves((new.params, new.opt_state)),
                   jax.tree_util.tree_leaves((state.params, state.opt_state))):
     np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------------ loss weighting
+def weighting_setup(kind):
+  """The tiny preset's (paper) terms under `kind`; 'uncertainty' with log-variances
+  away from 0, so their gradients are not the trivial 1 - G_i."""
+  config = compose("tiny")
+  config.loss.weighting.kind = kind
+  validate_config(config)
+  setup = Setup(config, rows=16, composed_rows=0)
+  if kind == "uncertainty":
+    k = len(plan_terms(config.loss).all_terms)
+    setup.params = {**setup.params, LOG_VAR: jnp.linspace(-0.5, 0.5, k)}
+    setup.logical = {**setup.logical, LOG_VAR: jax.sharding.PartitionSpec()}
+  return setup
+
+
+@pytest.mark.parametrize("kind,mesh_axes", [("fashionbert", None), ("uncertainty", None),
+                                            ("uncertainty", (8, 1, 1))])
+def test_adaptive_weighting_under_accumulation_equals_the_full_batch(kind, mesh_axes):
+  """k=2 gives k=1's loss and gradients, the log-variances' included (their gradient
+  comes from the loss stage of gradient caching), also with the batch split over 8
+  devices (the log-variances replicated)."""
+  setup = weighting_setup(kind)
+  reference = setup.run(1, mesh_axes)
+  assert_same(setup.run(2, mesh_axes), reference)
+  if kind != "uncertainty":
+    assert LOG_VAR not in reference[2]
+    return
+  _, terms, grads = reference
+  plan = plan_terms(setup.config.loss)
+  s = np.asarray(setup.params[LOG_VAR], np.float64)
+  g = np.array([t.weight * float(terms[t.name]) for t in plan.all_terms], np.float64)
+  np.testing.assert_allclose(grads[LOG_VAR], 1 - np.exp(-s) * g, rtol=1e-5, atol=1e-6)
+
+
+def test_log_variances_get_no_weight_decay():
+  """Zero gradients, strong decay: a matrix shrinks, the log-variances stay put (decay
+  would pull the learned weighting back towards 'fixed')."""
+  import optax  # noqa: PLC0415
+  from jax.sharding import PartitionSpec  # noqa: PLC0415
+  from esspr_jax import optim  # noqa: PLC0415
+  config = compose("tiny")
+  config.train.optimizer.weight_decay = 0.5
+  config.train.optimizer.clip_norm = 0.0
+  config.train.schedule.warmup_steps = 0
+  params = {"kernel": jnp.ones((2, 2)), LOG_VAR: jnp.full((3,), -0.3)}
+  logical = {"kernel": PartitionSpec("embed", "mlp"), LOG_VAR: PartitionSpec()}
+  tx, _ = optim.make_optimizer(config.train, params, logical)
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  assert float(new["kernel"][0, 0]) < 1.0
+  np.testing.assert_array_equal(new[LOG_VAR], params[LOG_VAR])

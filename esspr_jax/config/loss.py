@@ -12,11 +12,15 @@ Layout (every key overridable from the command line, e.g.
                  image-only view; losses/composed.py) over its own
                  sub-batch of train.composed_batch_size triplets from
                  data.pipeline.composed_dataset; what interactive search learns from.
+  weighting      kind 'fixed' (the weights above as they are) | 'fashionbert' (FashionBERT's
+                 adaptive weights from the terms' values; alpha, default 1) |
+                 'uncertainty' (one learned log-variance per term); losses/weighting.py.
   max_logit_scale  cap on the learnable log inverse temperature (InfoNCE, sigmoid).
   chunk_size       0 = plain B x B scores; > 0 = blocks of that many query rows.
   similarity_precision  matmul precision of the cosine scores.
 See docs/losses.md.
 """
+import logging
 import math
 
 import ml_collections
@@ -34,6 +38,8 @@ PLC_MARGIN = 0.01
 # of 1 swamps them (demo m-m MRR 0.27), 0.1 keeps them (0.54) and still switches the
 # colour of interactive queries (docs/results.md).
 COMPOSED_WEIGHT = 0.1
+log = logging.getLogger(__name__)
+_WARNED_ONE_TERM = set()  # (kind, term) pairs already warned about, so once per process
 # Block size for the chunked scores where global batches reach the thousands.
 _CHUNK_SIZE = {"tiny": 0, "demo": 0, "base": 1024, "large": 1024}
 
@@ -53,6 +59,7 @@ def default_config(preset: str) -> ml_collections.ConfigDict:
   # composed dataset (docs/data.md), so it is off.
   config.composed = ml_collections.ConfigDict(
       {"kind": "infonce", "weight": COMPOSED_WEIGHT if preset == "demo" else 0.0})
+  config.weighting = ml_collections.ConfigDict({"kind": "fixed", "alpha": 1.0})
   config.max_logit_scale = math.log(100.0)
   config.chunk_size = _CHUNK_SIZE.get(preset, 0)
   config.similarity_precision = "highest"
@@ -92,6 +99,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
             "set this weight to 0")
   if plan.composed is not None:
     _validate_composed(config, available)
+  _warn_if_nothing_to_balance(plan)
+
+
+def _warn_if_nothing_to_balance(plan) -> None:
+  """Adaptive weighting of a single term is allowed, but it balances nothing."""
+  kind, names = plan.weighting.kind, [t.name for t in plan.all_terms]
+  if kind == "fixed" or len(names) > 1 or (kind, names[0]) in _WARNED_ONE_TERM:
+    return
+  _WARNED_ONE_TERM.add((kind, names[0]))
+  log.warning("loss.weighting.kind=%r with one loss term (%s): there is nothing to balance "
+              "(%s)", kind, names[0], "its weight stays 1" if kind == "fashionbert" else
+              "its learned weight only rescales the term's gradient")
 
 
 def _validate_composed(config: ml_collections.ConfigDict, available) -> None:

@@ -33,6 +33,9 @@ COMPOSED_KINDS = ("infonce",)
 COMPOSED_QUERY = ("composed_trigger", "m")
 COMPOSED_TARGET = ("composed_recall", "m")
 COMPOSED_REFERENCE = ("composed_trigger", "i")
+# Optional section: how the terms add up (losses/weighting.py). Missing keys take these.
+WEIGHTING_KINDS = ("fixed", "fashionbert", "uncertainty")
+_WEIGHTING_DEFAULTS = {"kind": "fixed", "alpha": 1.0}
 
 # (side, modality): which embedding a term reads.
 Ref = Tuple[str, str]
@@ -61,6 +64,13 @@ class TermSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class WeightingSpec:
+  """`loss.weighting`: kind in WEIGHTING_KINDS; alpha: FashionBERT's c_i = alpha*K - p_i^2."""
+  kind: str = "fixed"
+  alpha: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
 class LossPlan:
   terms: Tuple[TermSpec, ...]
   top_k: int
@@ -69,6 +79,7 @@ class LossPlan:
   precision: str
   # The composed-query term, over its own sub-batch (None: off). See docs/losses.md.
   composed: Optional[TermSpec] = None
+  weighting: WeightingSpec = WeightingSpec()
 
   @property
   def all_terms(self) -> Tuple[TermSpec, ...]:
@@ -111,7 +122,8 @@ def plan_terms(loss_cfg: Any) -> LossPlan:
 
   Terms with weight 0 are switched off and left out of the plan.
   """
-  _check_fields(loss_cfg, _SECTION_FIELDS + ("composed",), "loss", required=False)
+  _check_fields(loss_cfg, _SECTION_FIELDS + ("composed", "weighting"), "loss",
+                required=False)
   missing = [f for f in _SECTION_FIELDS if f not in loss_cfg]
   if missing:
     raise ConfigError(f"loss.{missing[0]}", "is missing")
@@ -161,8 +173,29 @@ def plan_terms(loss_cfg: Any) -> LossPlan:
   if not terms:
     raise ConfigError("loss.pairs", "no loss term has a weight > 0; enable at least one "
                       "pair (e.g. --config.loss.pairs.m_m.weight=1)")
+  composed = _composed_term(loss_cfg)
+  count = len(terms) + (composed is not None)
   return LossPlan(tuple(terms), int(top_k), float(max_logit_scale), int(chunk_size),
-                  precision, _composed_term(loss_cfg))
+                  precision, composed, _weighting(loss_cfg, count))
+
+
+def _weighting(loss_cfg: Any, count: int) -> WeightingSpec:
+  """`loss.weighting` (optional; missing keys take their defaults)."""
+  if "weighting" not in loss_cfg:
+    return WeightingSpec()
+  entry = loss_cfg["weighting"]
+  _check_fields(entry, tuple(_WEIGHTING_DEFAULTS), "loss.weighting", required=False)
+  kind = entry.get("kind", _WEIGHTING_DEFAULTS["kind"])
+  if kind not in WEIGHTING_KINDS:
+    raise ConfigError("loss.weighting.kind",
+                      f"must be one of {WEIGHTING_KINDS}, got {kind!r}")
+  alpha = float(number({"alpha": entry.get("alpha", _WEIGHTING_DEFAULTS["alpha"])}, "alpha",
+                       "loss.weighting.alpha", minimum=0.0))
+  # c_i = alpha*K - p_i^2 with p_i up to 1: alpha*K > 1 keeps every weight positive.
+  if kind == "fashionbert" and count > 1 and alpha * count <= 1.0:
+    raise ConfigError("loss.weighting.alpha", f"must be > 1/K = 1/{count} (the number of "
+                      f"terms) so every FashionBERT weight stays positive, got {alpha!r}")
+  return WeightingSpec(kind, alpha)
 
 
 def _composed_term(loss_cfg: Any) -> Optional[TermSpec]:

@@ -22,6 +22,7 @@ from esspr_jax.losses.placement import context_mesh, on_local_rows, row_split
 from esspr_jax.losses.rows import WHOLE, RowShard
 from esspr_jax.losses.sigmoid import sigmoid_term
 from esspr_jax.losses.similarity import l2_normalize
+from esspr_jax.losses.weighting import weighted_total
 
 Embeddings = Mapping[str, jax.Array]
 
@@ -144,6 +145,8 @@ def loss_unit(sides: Mapping[str, Embeddings], config, *,
               logit_scale: Optional[jax.Array] = None,
               logit_bias: Optional[jax.Array] = None,
               batch_axes: Optional[Sequence[str]] = None,
+              loss_log_var: Optional[jax.Array] = None,
+              with_weights: bool = False,
               ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
   """Total loss and every enabled term by name ('ppm/m-m', 'pdc/t', 'plc/i', ...).
 
@@ -177,7 +180,8 @@ def loss_unit(sides: Mapping[str, Embeddings], config, *,
     if plan.composed:  # small: it may stay whole
       composed_emb = {ref: x for ref, x in emb.items() if ref not in pair_emb}
       values.update(_whole_terms(plan, False, composed_emb, scalars, mesh))
-  total = jnp.zeros((), jnp.float32)
-  for term in plan.all_terms:
-    total = total + term.weight * values[term.name]
-  return total, {term.name: values[term.name] for term in plan.all_terms}
+  terms = {term.name: values[term.name] for term in plan.all_terms}
+  total, weights = weighted_total(terms, plan, loss_log_var)
+  if with_weights:
+    terms.update({f"weight/{name}": w for name, w in weights.items()})
+  return total, terms
