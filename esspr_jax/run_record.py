@@ -70,11 +70,24 @@ def is_fixed(key: str) -> bool:
   return any(map(matches, FIXED)) and not any(map(matches, FREE_WITHIN_FIXED))
 
 
+def _on(weight) -> bool:
+  return isinstance(weight, (int, float)) and weight > 0
+
+
 def _switches_composed(key: str, old, new) -> bool:
   """Turning the composed-query term on or off adds or drops a sub-batch: a data shape."""
-  def on(weight):
-    return isinstance(weight, (int, float)) and weight > 0
-  return key == "loss.composed.weight" and on(old) != on(new)
+  return key == "loss.composed.weight" and _on(old) != _on(new)
+
+
+def _switches_loss_params(key: str, old, new, weighting_kind: str) -> bool:
+  """Uncertainty weighting keeps one learned log-variance per enabled term in the
+  params: switching it on or off, or a term on or off under it, changes their shape."""
+  if key == "loss.weighting.kind":
+    return (old == "uncertainty") != (new == "uncertainty")
+  is_term_weight = key.startswith(("loss.pairs.", "loss.pdc.", "loss.plc.")) or (
+      key == "loss.composed.weight")
+  return (weighting_kind == "uncertainty" and is_term_weight and key.endswith(".weight")
+          and _on(old) != _on(new))
 
 
 def saved_config(workdir) -> dict | None:
@@ -125,7 +138,9 @@ def reconcile_config(workdir, config, *, resuming: bool, step: int | None = None
       atomic_io.write_json(root / CONFIG, current)
     return {}
   diff = changes(saved, current)
-  fixed = {k: v for k, v in diff.items() if is_fixed(k) or _switches_composed(k, *v)}
+  kind = flatten(current).get("loss.weighting.kind", "fixed")
+  fixed = {k: v for k, v in diff.items()
+           if is_fixed(k) or _switches_composed(k, *v) or _switches_loss_params(k, *v, kind)}
   if fixed:
     listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in fixed.items())
     raise ConfigError(next(iter(fixed)), f"cannot resume the run in {os.fspath(workdir)} "

@@ -94,6 +94,15 @@ def test_which_keys_may_change_on_resume():
     assert run_record.is_fixed(key), key
   assert run_record._switches_composed("loss.composed.weight", 0.0, 0.1)
   assert not run_record._switches_composed("loss.composed.weight", 0.1, 0.5)
+  # uncertainty weighting learns one log-variance per enabled term (a params shape)
+  switches = run_record._switches_loss_params
+  assert switches("loss.weighting.kind", "fixed", "uncertainty", "uncertainty")
+  assert switches("loss.weighting.kind", "uncertainty", "fashionbert", "fashionbert")
+  assert not switches("loss.weighting.kind", "fixed", "fashionbert", "fashionbert")
+  assert switches("loss.pairs.t_t.weight", 0.0, 1.0, "uncertainty")
+  assert switches("loss.plc.t.weight", 0.5, 0.0, "uncertainty")
+  assert not switches("loss.pairs.t_t.weight", 0.5, 1.0, "uncertainty")
+  assert not switches("loss.pairs.t_t.weight", 0.0, 1.0, "fixed")
   for key in ("train.steps", "train.optimizer.learning_rate", "train.schedule.warmup_steps",
               "train.log_every", "eval.every_steps", "model.remat", "data.pipeline.prefetch",
               "model.image.init_from.path", "train.batch_size_extra"):
@@ -136,3 +145,10 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_one_before(two_step_run
     ckpt.restore_latest(None, iter(standin.dataset(8)))
   assert steps() == [1, 2, 3]
   ckpt.close()
+
+
+def test_resume_refuses_switching_uncertainty_weighting(two_step_run, tmp_path):
+  workdir = _copy(two_step_run, tmp_path)
+  with pytest.raises(ConfigError, match="loss.weighting.kind: 'fixed' -> 'uncertainty'"):
+    run_record.reconcile_config(workdir, _config(4, loss__weighting__kind="uncertainty"),
+                                resuming=True)
