@@ -2,7 +2,9 @@
 run that mines and trains, kill/resume equality, and config errors naming their keys."""
 import json
 import pathlib
+import shutil
 
+import jax
 import numpy as np
 import pytest
 
@@ -127,26 +129,41 @@ def test_run_mines_trains_and_batches_hold_the_side(built, tmp_path):
 
 
 def test_resumed_run_equals_uninterrupted(built, tmp_path):
-  """A 4-step run (tables mined at 0 and 2; its last step mines nothing), resumed to 8
-  steps (it mines the table due at 4 first): the losses of steps 5..8 and the tables
-  equal those of one 8-step run."""
+  """An 8-step run, then a copy of it cut back to its step-4 checkpoint (as if killed
+  there; its later table files stay, and must be ignored) resumed to 8: the losses of
+  steps 5..8 and every table equal the uninterrupted run's. A lookahead of 4 batches
+  makes the table mined at step 2 apply from batch 6, inside the resumed range."""
+  one = jax.devices()[:1]  # compiles fastest; the 8-device split is test_run_...'s
+  config = _config(built, steps=8)
+  config.train.prefetch = 0
+  config.data.pipeline.prefetch = 1
+  assert miner_lib.lookahead(config) == 4
   full = tmp_path / "full"
-  train.train(_config(built, steps=8), full)
+  train.train(config, full, devices=one)
   part = tmp_path / "part"
-  train.train(_config(built, steps=4), part)
-  result = train.train(_config(built, steps=8), part)
+  shutil.copytree(full, part)
+  (part / ".esspr-run.lock").unlink(missing_ok=True)
+  for step in ("6", "8"):
+    shutil.rmtree(part / "checkpoints" / step)
+  before = len(_records(part, "train"))
+  result = train.train(config, part, devices=one)
   assert result.resumed_from == 4
   want = {r["step"]: r["loss"] for r in _records(full, "train")}
-  got = {r["step"]: r["loss"] for r in _records(part, "train") if r["step"] > 4}
-  assert sorted(got) == [5, 6, 7, 8]
-  for step, loss in got.items():
-    np.testing.assert_allclose(loss, want[step], rtol=1e-5, err_msg=f"step {step}")
+  resumed = _records(part, "train")[before:]
+  assert [r["step"] for r in resumed] == [5, 6, 7, 8]
+  for r in resumed:
+    np.testing.assert_allclose(r["loss"], want[r["step"]], rtol=1e-5, err_msg=str(r["step"]))
+  assert [r["step"] for r in _records(part, "hard_negatives")][-1:] == [6]  # it re-mined 6
   full_versions = feed.load_versions(full / "hard_negatives", 8)
   part_versions = feed.load_versions(part / "hard_negatives", 8)
-  assert [v.mined_step for v in full_versions] == [0, 2, 4, 6]
+  assert [(v.mined_step, v.first_batch) for v in full_versions] == [(0, 0), (2, 6), (4, 8),
+                                                                    (6, 10)]
   assert len(part_versions) == len(full_versions)
+  # The reloaded table of step 2 is not step 0's again: reloading it matters.
+  assert not np.array_equal(full_versions[0].table, full_versions[1].table)
   for a, b in zip(full_versions, part_versions):
-    assert (a.first_batch, a.mined_step) == (b.first_batch, b.mined_step)
+    assert (a.first_batch, a.mined_step, a.next_step) == (b.first_batch, b.mined_step,
+                                                         b.next_step)
     np.testing.assert_array_equal(a.table, b.table)
 
 
