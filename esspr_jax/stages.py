@@ -185,8 +185,9 @@ def train(config, paths: Paths, tok=None):
   from esspr_jax.retrieval import evaluate  # noqa: PLC0415
   tok = tok or shared_tokenizer(config, paths)
   model = build_model(config.model)
-  dataset = pipeline.train_dataset(config, train_lib.per_process_batch_size(config),
-                                   data_dir=paths.data_dir, tokenizer=tok)
+  # With hard negatives on the trainer builds the pipeline itself (it attaches the table).
+  dataset = None if config.train.hard_negatives.enabled else pipeline.train_dataset(
+      config, train_lib.per_process_batch_size(config), data_dir=paths.data_dir, tokenizer=tok)
   eval_batches = lambda: pipeline.eval_dataset(config, config.eval.batch_size,  # noqa: E731
                                                data_dir=paths.data_dir, tokenizer=tok)
   eval_fn = evaluate.make_eval_hook(config, paths.workdir, model, eval_batches,

@@ -68,11 +68,25 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------- data
-def default_train_dataset(config: ml_collections.ConfigDict, workdir: pathlib.Path):
+def default_train_dataset(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                          hard_negatives=None):
   """This process's slice of the training data, as a Grain dataset of host batches."""
   from esspr_jax.input import pipeline  # noqa: PLC0415  (heavy, and only the default)
   return pipeline.train_dataset(config, per_process_batch_size(config),
-                                data_dir=workdir_lib.default_data_dir(config, workdir))
+                                data_dir=workdir_lib.default_data_dir(config, workdir),
+                                hard_negatives=hard_negatives)
+
+
+def _hard_negative_miner(config, workdir, train_dataset):
+  """The miner (hard_negatives/miner.py) when train.hard_negatives.enabled, else None."""
+  if not config.train.get("hard_negatives", {}).get("enabled", False):
+    return None
+  if train_dataset is not None:
+    raise ConfigError("train.hard_negatives.enabled", "mines the project's training "
+                      "pipeline; it cannot feed a caller's train_dataset")
+  from esspr_jax.hard_negatives import miner  # noqa: PLC0415  (heavy, and only when on)
+  return miner.from_config(config, workdir, workdir_lib.default_data_dir(config, workdir),
+                           per_process_batch_size(config))
 
 
 def per_process_batch_size(config) -> int:
@@ -88,11 +102,15 @@ def per_process_composed_batch_size(config) -> int:
   return composed_rows_per_process(config, jax.process_count())
 
 
-def _check_batch(sample: Any, expected_rows: int, composed_rows: int = 0) -> None:
-  """Every leaf has the per-process batch's rows; the `composed` sub-batch its own."""
+def _check_batch(sample: Any, expected_rows: int, composed_rows: int = 0,
+                 hard_rows: int = 0) -> None:
+  """Every leaf has the per-process batch's rows; the `composed` sub-batch its own,
+  the 'hard_negative' side batch x train.hard_negatives.per_trigger."""
   for path, leaf in jax.tree_util.tree_leaves_with_path(sample):
     composed = path and getattr(path[0], "key", None) == "composed"
     want = composed_rows if composed else expected_rows
+    if path and getattr(path[0], "key", None) == "hard_negative":
+      want = hard_rows
     rows = np.shape(leaf)[0] if np.ndim(leaf) else None
     if rows != want:
       what = "composed sub-batch size" if composed else "batch size"
@@ -343,11 +361,15 @@ def _run(config, workdir, writer, *, model, loss_fn, train_dataset, eval_fn, dev
   """train() once the workdir is this run's: data -> set-up -> restore-or-init -> loop."""
   tc = config.train
   eval_every = int(config.eval.get("every_steps", 0) or 0)
+  miner = _hard_negative_miner(config, workdir, train_dataset)
   data_iterator = iter(train_dataset if train_dataset is not None
-                       else default_train_dataset(config, workdir))
+                       else default_train_dataset(config, workdir, miner and miner.attach))
   sample = _strip_host_only(_peek(data_iterator))
-  _check_batch(sample, per_process_batch_size(config), per_process_composed_batch_size(config))
+  _check_batch(sample, per_process_batch_size(config), per_process_composed_batch_size(config),
+               miner and per_process_batch_size(config) * miner.per_trigger)
   model, loss_fn, views = _model_loss_views(config, model, loss_fn, views)
+  if miner:
+    views = miner.with_side(views)
   setup = set_up(config, model, loss_fn, views, sample, devices)
   ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", every=tc.checkpoint.every,
                                      keep=tc.checkpoint.keep,
@@ -355,6 +377,13 @@ def _run(config, workdir, writer, *, model, loss_fn, train_dataset, eval_fn, dev
   with jax.set_mesh(setup.mesh):
     state, start_step = restore_or_init(setup, ckpt, data_iterator, config, model)
     step = saved_step = start_step or 0
+    mine = lambda at_start: miner.mine_and_log(writer, model, state.params, step,
+                                               at_start=at_start, views=views,
+                                               batch_sharding=setup.batch_sharding)
+    if miner:  # a fresh table before the first batch; or the mining a finished run skipped
+      resumed = miner.resume(step)
+      if not resumed or (miner.due(step) and step < tc.steps):
+        mine(at_start=not resumed)
     writer.say(_start_line(setup, tc, start_step))
     meter, sums = _interval_meter(setup, tc), setup.zero_sums()
     eval_metrics, last_metrics, skipped, stopped = None, {}, 0, "done"
@@ -388,6 +417,8 @@ def _run(config, workdir, writer, *, model, loss_fn, train_dataset, eval_fn, dev
         with jax.transfer_guard(tc.transfer_guard):
           state, sums = setup.step(state, sums, batch)
         step += 1
+        if miner and miner.due(step) and step < tc.steps:
+          mine(at_start=False)  # before this step's checkpoint, which must find the table
         log_due = step % tc.log_every == 0 or step == tc.steps
         save_due = ckpt.due(step)
         eval_due = bool(eval_every) and step % eval_every == 0 and step < tc.steps

@@ -50,7 +50,8 @@ def _side_rngs(rng: jax.Array) -> dict[str, jax.Array]:
   trigger, recall = jax.random.split(rng)
   composed_trigger, composed_recall = jax.random.split(jax.random.fold_in(rng, 1))
   return {"trigger": trigger, "recall": recall, "composed_trigger": composed_trigger,
-          "composed_recall": composed_recall}
+          "composed_recall": composed_recall,
+          "hard_negative": jax.random.fold_in(rng, 2)}  # mined negatives (hard_negatives/)
 
 
 def embed_sides(params, batch, rng, *, model: nn.Module, views: Views,

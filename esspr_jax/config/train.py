@@ -8,6 +8,7 @@ knows the mesh, so a new layout is a config change.
 import ml_collections
 
 from esspr_jax.config.checks import check as _check
+from esspr_jax.config.checks import in_unit as _in_unit
 from esspr_jax.config.checks import is_int as _is_int
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -110,6 +111,16 @@ def default_config(preset: str) -> ml_collections.ConfigDict:
   # True: the loop before it was asynchronous (metrics read and preemption agreed every
   # step, batches built inline); kept for benchmarks/bench_loop.py's comparison.
   c.sync_loop = False
+
+  # Hard negatives mined from the training catalog with the current params
+  # (esspr_jax/hard_negatives/, docs/losses.md "Hard negatives").
+  c.hard_negatives = ml_collections.ConfigDict()
+  c.hard_negatives.enabled = False
+  c.hard_negatives.every_steps = {"tiny": 2, "demo": 50}.get(preset, 1000)
+  c.hard_negatives.per_trigger = 1  # extra gallery rows per pair
+  # Mining may take at most this fraction of the training time since the previous
+  # mining; beyond it the next mining is postponed. 0: no bound.
+  c.hard_negatives.max_cost_fraction = 0.2
   return c
 
 
@@ -170,3 +181,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f"must be an int >= 0 (0: build each batch inline), got {t.prefetch!r}")
   _check(isinstance(t.sync_loop, bool), "train.sync_loop",
          f"must be True or False, got {t.sync_loop!r}")
+  validate_hard_negatives(config)
+
+
+def validate_hard_negatives(config: ml_collections.ConfigDict) -> None:
+  h = config.train.hard_negatives
+  key = "train.hard_negatives"
+  _check(isinstance(h.enabled, bool), f"{key}.enabled", f"must be True or False, got {h.enabled!r}")
+  for name in ("every_steps", "per_trigger"):
+    _check(_is_int(h[name]) and h[name] >= 1, f"{key}.{name}",
+           f"must be an int >= 1, got {h[name]!r}")
+  _in_unit(h.max_cost_fraction, f"{key}.max_cost_fraction")
+  if h.enabled and "data" in config:
+    workers = config.data.pipeline.worker_count
+    _check(workers == 0, "data.pipeline.worker_count",
+           f"must be 0 while train.hard_negatives.enabled (the mined table lives in the "
+           f"main process), got {workers!r}")

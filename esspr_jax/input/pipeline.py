@@ -117,7 +117,10 @@ class PrepareTrainPair(grain.transforms.RandomMap):
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
     rng = rng if self._augment else None
-    return {s: self._side(element[s], rng) for s in SIDES} | {"valid": True}
+    out = {s: self._side(element[s], rng) for s in SIDES} | {"valid": True}
+    if "source_index" in element:  # kept for the hard-negative side (hard_negatives/feed.py)
+      out["source_index"] = element["source_index"]
+    return out
 
 
 class PrepareEvalPair(grain.transforms.Map):
@@ -166,6 +169,8 @@ class Collate:
 
   def __call__(self, examples: Sequence[dict]) -> dict:
     batch: dict[str, Any] = {"valid": np.array([e["valid"] for e in examples], dtype=bool)}
+    if "source_index" in examples[0]:
+      batch["source_index"] = np.array([e["source_index"] for e in examples], np.int64)
     for s in self._sides:
       rows = [e[s] for e in examples]
       side = dict(self._tokenizer.encode_batch([r["title"] for r in rows], self._max_len))
@@ -270,9 +275,25 @@ class AttachComposed(grain.transforms.MapWithIndex):
     return element | {"composed": {s: composed[s] for s in SIDES}}
 
 
+class _WithSourceIndex(grain.transforms.MapWithIndex):
+  """Tags each pair with its position in the source (the hard-negative table's key);
+  before the shuffle, so the order and augmentation are unchanged. Grain passes the
+  index of the repeated (infinite) dataset, hence the modulo."""
+
+  def __init__(self, size: int):
+    self._size = size
+
+  def map_with_index(self, index: int, element: dict) -> dict:
+    return dict(element) | {"source_index": index % self._size}
+
+
 def _shuffled_batches(source: Sequence, tokenizer, spec: PipelineSpec, batch_size: int,
-                      seed: int, index: int, count: int) -> grain.MapDataset:
-  ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
+                      seed: int, index: int, count: int,
+                      with_source_index: bool = False) -> grain.MapDataset:
+  ds = grain.MapDataset.source(source)
+  if with_source_index:
+    ds = ds.map_with_index(_WithSourceIndex(len(source)))
+  ds = ds.seed(seed).shuffle().repeat(None)
   ds = ds.random_map(PrepareTrainPair(spec))  # seeded by global position: same on any P
   ds = ds[index::count]
   return ds.batch(batch_size, drop_remainder=True,
@@ -283,20 +304,24 @@ def make_train_dataset(source: Sequence, tokenizer, spec: PipelineSpec, batch_si
                        process_index: int | None = None,
                        process_count: int | None = None,
                        composed_source: Sequence | None = None,
-                       composed_batch_size: int = 0) -> grain.IterDataset:
+                       composed_batch_size: int = 0,
+                       hard_negatives: grain.transforms.MapWithIndex | None = None,
+                       ) -> grain.IterDataset:
   """Infinite, shuffled, augmented batches of `batch_size` pairs: this process's share.
 
   `batch_size` is the per-process batch (global // process_count); the trainer
   assembles the global array with `jax.make_array_from_process_local_data`.
   With `composed_source` (modification triplets in the pairs layout) every batch also
   holds `composed`: {'trigger', 'recall'} of `composed_batch_size` rows, drawn from
-  their own shuffled, infinite order.
+  their own shuffled, infinite order. With `hard_negatives` (hard_negatives/feed.py's
+  AttachHardNegatives) batch i also holds its 'hard_negative' side.
   """
   _check_batch_size(batch_size)
   index, count = _processes(process_index, process_count)
   if len(source) == 0:
     raise DataError("the training dataset is empty")
-  ds = _shuffled_batches(source, tokenizer, spec, batch_size, spec.shuffle_seed, index, count)
+  ds = _shuffled_batches(source, tokenizer, spec, batch_size, spec.shuffle_seed, index, count,
+                         with_source_index=hard_negatives is not None)
   if composed_source is not None:
     if composed_batch_size < 1:
       raise ConfigError("train.composed_batch_size", f"per-process composed batch size must "
@@ -306,6 +331,11 @@ def make_train_dataset(source: Sequence, tokenizer, spec: PipelineSpec, batch_si
     composed = _shuffled_batches(composed_source, tokenizer, spec, composed_batch_size,
                                  (spec.shuffle_seed + 1) % 2**32, index, count)
     ds = ds.map_with_index(AttachComposed(composed))
+  if hard_negatives is not None:
+    if spec.worker_count:
+      raise ConfigError("data.pipeline.worker_count", "must be 0 with hard negatives on "
+                        "(the mined table lives in the main process)")
+    ds = ds.map_with_index(hard_negatives)
   return _finish(ds, spec)
 
 
@@ -481,8 +511,10 @@ def run_tokenizer(config, data_dir=None):
 
 def train_dataset(config, batch_size: int, *, data_dir=None, tokenizer=None,
                   process_index: int | None = None,
-                  process_count: int | None = None) -> grain.IterDataset:
-  """The run's training batches (this process's `batch_size` share of each)."""
+                  process_count: int | None = None,
+                  hard_negatives=None) -> grain.IterDataset:
+  """The run's training batches (this process's `batch_size` share of each);
+  `hard_negatives`: the miner's attach transform (hard_negatives/miner.py)."""
   from esspr_jax.config.loss import composed_rows_per_process  # noqa: PLC0415
   tokenizer = tokenizer or load_tokenizer(config, data_dir)
   composed = {}
@@ -493,7 +525,7 @@ def train_dataset(config, batch_size: int, *, data_dir=None, tokenizer=None,
   return make_train_dataset(open_source(config, "train", data_dir), tokenizer,
                             spec_from_config(config), batch_size,
                             process_index=process_index, process_count=process_count,
-                            **composed)
+                            hard_negatives=hard_negatives, **composed)
 
 
 def eval_dataset(config, batch_size: int, *, data_dir=None, tokenizer=None,

@@ -24,17 +24,23 @@ def positive_scores(scores: jax.Array, row_ids: jax.Array) -> jax.Array:
 
 
 def hinge_term(query: Any, gallery: Any, batch: int, margin: float, *,
-               shard: RowShard = WHOLE) -> BlockTerm:
-  """The batch hinge of the rows keyed `query` against the B-row gallery `gallery`."""
+               shard: RowShard = WHOLE, columns: int | None = None) -> BlockTerm:
+  """The batch hinge of the rows keyed `query` against the gallery `gallery`.
+
+  The gallery has `columns` rows (default `batch`): the B positives first, then extra
+  rows (mined hard negatives) that are negatives for every query; the mean over j runs
+  over all of them."""
+  columns = batch if columns is None else columns
+
   def block(total, scores, ids, valid):
     scores = scores[query]
     pos = positive_scores(scores, ids)
-    negative = jnp.arange(batch)[None, :] != ids[:, None]
+    negative = jnp.arange(columns)[None, :] != ids[:, None]
     violation = jnp.where(negative, jax.nn.relu(margin + scores - pos[:, None]), 0.0)
     return total + jnp.sum(jnp.where(valid, violation.sum(axis=1), 0.0))
 
   return BlockTerm(jnp.zeros((), jnp.float32), block,
-                   lambda total: shard.sum(total) / (batch * batch), (query,), gallery)
+                   lambda total: shard.sum(total) / (batch * columns), (query,), gallery)
 
 
 def batch_hinge(query: jax.Array, gallery: jax.Array, margin: float, *,

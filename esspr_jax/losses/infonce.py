@@ -27,7 +27,11 @@ def clipped_scale(logit_scale: jax.Array, max_logit_scale: float) -> jax.Array:
 
 def infonce_term(query: Any, gallery: Any, batch: int, logit_scale: jax.Array,
                  max_logit_scale: float, *, shard: RowShard = WHOLE) -> BlockTerm:
-  """Symmetric InfoNCE of the rows keyed `query` against the B-row `gallery`."""
+  """Symmetric InfoNCE of the rows keyed `query` against `gallery`.
+
+  The gallery's first `batch` rows are the positives; further rows (mined hard
+  negatives) enter every query row's softmax, while the column (gallery -> query)
+  direction runs over the first `batch` columns only (an extra row has no positive)."""
   scale = clipped_scale(logit_scale, max_logit_scale)
 
   def block(carry, scores, ids, valid):
@@ -40,7 +44,7 @@ def infonce_term(query: Any, gallery: Any, batch: int, logit_scale: jax.Array,
     # Online column logsumexp. Every block has a valid row (row s < n <= B), so the
     # running max is finite after the first block. The max is only a shift for
     # stability; the lse does not depend on it, so no gradient flows through it.
-    masked = jnp.where(valid[:, None], logits, -jnp.inf)
+    masked = jnp.where(valid[:, None], logits[:, :batch], -jnp.inf)
     new_max = jax.lax.stop_gradient(jnp.maximum(col_max, masked.max(axis=0)))
     col_sum = (col_sum * jnp.exp(col_max - new_max)
                + jnp.sum(jnp.exp(masked - new_max[None, :]), axis=0))

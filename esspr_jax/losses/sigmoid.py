@@ -17,14 +17,17 @@ from esspr_jax.losses.rows import WHOLE, RowShard
 
 def sigmoid_term(query: Any, gallery: Any, batch: int, logit_scale: jax.Array,
                  logit_bias: jax.Array, max_logit_scale: float, *,
-                 shard: RowShard = WHOLE) -> BlockTerm:
-  """The sigmoid pair loss of the rows keyed `query` against the B-row `gallery`."""
+                 shard: RowShard = WHOLE, columns: int | None = None) -> BlockTerm:
+  """The sigmoid pair loss of the rows keyed `query` against `gallery`: its first
+  `batch` rows hold the positives; any further rows (up to `columns`, mined hard
+  negatives) are -1 pairs for every query."""
+  columns = batch if columns is None else columns
   scale = clipped_scale(logit_scale, max_logit_scale)
   bias = jnp.asarray(logit_bias, jnp.float32)
 
   def block(total, scores, ids, valid):
     logits = scale * scores[query] + bias
-    sign = jnp.where(jnp.arange(batch)[None, :] == ids[:, None], 1.0, -1.0)
+    sign = jnp.where(jnp.arange(columns)[None, :] == ids[:, None], 1.0, -1.0)
     per_row = -jnp.sum(jax.nn.log_sigmoid(sign * logits), axis=1)
     return total + jnp.sum(jnp.where(valid, per_row, 0.0))
 

@@ -15,6 +15,7 @@ from esspr_jax.config.loss_plan import LossPlan, TermSpec, plan_terms
 from esspr_jax.errors import ConfigError
 from esspr_jax.losses.chunking import BlockTerm, run_block_terms
 from esspr_jax.losses.composed import composed_infonce
+from esspr_jax.losses import extra_gallery
 from esspr_jax.losses.hinge import hinge_term
 from esspr_jax.losses.infonce import infonce_term
 from esspr_jax.losses.locality import locality_term
@@ -73,17 +74,19 @@ def _needs_scalars(term: TermSpec, logit_scale, logit_bias) -> None:
 
 def _block_term(term: TermSpec, plan: LossPlan, batch: int,
                 logit_scale: Optional[jax.Array], logit_bias: Optional[jax.Array],
-                shard: RowShard) -> BlockTerm:
-  """One pair/PDC/PLC term in blocked form, reading its views by (side, modality)."""
+                shard: RowShard, gallery=None, columns=None) -> BlockTerm:
+  """One pair/PDC/PLC term in blocked form, reading its views by (side, modality);
+  `gallery`/`columns`: an extended gallery (hard negatives, extra_gallery.py)."""
   _needs_scalars(term, logit_scale, logit_bias)
+  gallery = term.gallery if gallery is None else gallery
   if term.kind == "hinge":
-    return hinge_term(term.query, term.gallery, batch, term.margin, shard=shard)
+    return hinge_term(term.query, gallery, batch, term.margin, shard=shard, columns=columns)
   if term.kind == "infonce":
-    return infonce_term(term.query, term.gallery, batch, logit_scale, plan.max_logit_scale,
+    return infonce_term(term.query, gallery, batch, logit_scale, plan.max_logit_scale,
                         shard=shard)
   if term.kind == "sigmoid":
-    return sigmoid_term(term.query, term.gallery, batch, logit_scale, logit_bias,
-                        plan.max_logit_scale, shard=shard)
+    return sigmoid_term(term.query, gallery, batch, logit_scale, logit_bias,
+                        plan.max_logit_scale, shard=shard, columns=columns)
   if term.kind == "locality":
     return locality_term(term.query, term.anchor, term.gallery, batch, term.margin,
                          plan.top_k, shard=shard)
@@ -94,7 +97,9 @@ def _pair_terms(terms: Sequence[TermSpec], plan: LossPlan, rows: Rows, galleries
                 scalars, shard: RowShard = WHOLE) -> Dict[str, jax.Array]:
   """All pair, PDC and PLC terms in one pass over blocks of the query rows."""
   batch = galleries[terms[0].gallery].shape[0]  # every pair view has the same B
-  blocked = {t.name: _block_term(t, plan, batch, *scalars, shard) for t in terms}
+  galleries, extended = extra_gallery.extend_galleries(terms, galleries)
+  blocked = {t.name: _block_term(t, plan, batch, *scalars, shard, *extended.get(t.name, ()))
+             for t in terms}
   return run_block_terms(blocked, rows, galleries, plan.chunk_size, plan.precision, shard)
 
 
@@ -132,7 +137,8 @@ def _row_split_terms(plan: LossPlan, emb: Rows, scalars, mesh,
   Every gallery view is all-gathered once ([B, E]); a device's scores are its
   [B/n, B] block (or [chunk/n, B] blocks), and only per-term partial sums (and
   InfoNCE's per-column log-sum-exp pieces) cross devices."""
-  gallery_refs = sorted({t.gallery for t in plan.terms})
+  gallery_refs = sorted({t.gallery for t in plan.terms}
+                        | {ref for ref in emb if ref[0] == extra_gallery.HARD_SIDE})
 
   def per_device(local: Rows, scalars):
     galleries = {ref: shard.gather(local[ref]) for ref in gallery_refs}
@@ -168,6 +174,7 @@ def loss_unit(sides: Mapping[str, Embeddings], config, *,
   """
   plan = plan_terms(config)
   emb = _gather_inputs(plan, sides)
+  emb.update(extra_gallery.hard_negative_rows(plan.terms, sides))
   scalars = tuple(None if v is None else jnp.asarray(v, jnp.float32)
                   for v in (logit_scale, logit_bias))
   mesh = context_mesh(emb.values())

@@ -1,0 +1,108 @@
+"""The mined table as batch i's 'hard_negative' side, and its versions over training.
+
+The table changes while the pipeline reads ahead, so each version says from which
+batch index it applies: batch i is built from the newest version whose first batch
+is <= i. Versions are saved (atomically, one file each, under
+<workdir>/hard_negatives/) with the step they were mined at; a resumed run reloads
+those mined at or before its checkpoint step and so builds the batches the
+uninterrupted run built.
+"""
+import dataclasses
+import io
+import pathlib
+import re
+import threading
+from typing import List, Optional
+
+import grain
+import numpy as np
+
+from esspr_jax import atomic_io
+
+_NAME = re.compile(r"^mined-(\d{9})\.npz$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Version:
+  first_batch: int  # the first batch index built from this table
+  mined_step: int   # the train step (batches consumed) it was mined at
+  next_step: int    # when the next mining is due (the schedule, saved for a resume)
+  table: np.ndarray  # int64 [pairs, per_trigger] listing rows
+
+
+class Versions:
+  """The installed tables, oldest first; thread-safe (Grain reads from its threads)."""
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._versions: List[Version] = []
+    self.max_built = -1  # the highest batch index built so far
+
+  @property
+  def latest(self) -> Optional[Version]:
+    with self._lock:
+      return self._versions[-1] if self._versions else None
+
+  def install(self, version: Version) -> None:
+    with self._lock:
+      if self._versions and version.first_batch < self._versions[-1].first_batch:
+        raise ValueError(f"hard negatives: a version from batch {version.first_batch} "
+                         f"after one from {self._versions[-1].first_batch}")
+      self._versions.append(version)
+
+  def table_for(self, batch_index: int) -> Optional[np.ndarray]:
+    with self._lock:
+      self.max_built = max(self.max_built, batch_index)
+      for version in reversed(self._versions):
+        if version.first_batch <= batch_index:
+          return version.table
+    return None
+
+
+def save_version(directory, version: Version) -> pathlib.Path:
+  buffer = io.BytesIO()
+  np.savez(buffer, table=version.table, first_batch=version.first_batch,
+           mined_step=version.mined_step, next_step=version.next_step)
+  return atomic_io.atomic_write(pathlib.Path(directory) / f"mined-{version.mined_step:09d}.npz",
+                                buffer.getvalue())
+
+
+def load_versions(directory, up_to_step: int) -> List[Version]:
+  """The saved versions mined at or before `up_to_step`, oldest first."""
+  directory = pathlib.Path(directory)
+  if not directory.is_dir():
+    return []
+  out = []
+  for path in sorted(directory.iterdir()):
+    match = _NAME.match(path.name)
+    if not match or int(match.group(1)) > up_to_step:
+      continue
+    with np.load(path) as f:
+      out.append(Version(int(f["first_batch"]), int(f["mined_step"]), int(f["next_step"]),
+                         np.asarray(f["table"], np.int64)))
+  return sorted(out, key=lambda v: (v.first_batch, v.mined_step))
+
+
+class AttachHardNegatives(grain.transforms.MapWithIndex):
+  """Adds batch i's 'hard_negative' side: per_trigger catalog listings per pair, the
+  rows of its trigger in the table that applies to batch i, prepared without
+  augmentation and collated like the pair sides. Pops the batch's 'source_index'
+  (the pairs' positions in the training source). Before any table, every slot holds
+  listing 0 (only the shape-probing first read sees that)."""
+
+  def __init__(self, catalog, versions: Versions, per_trigger: int, prepare, collate):
+    self._catalog = catalog
+    self._versions = versions
+    self._per_trigger = per_trigger
+    self._prepare = prepare  # stored side -> prepared side (no augmentation)
+    self._collate = collate  # Collate over the one side 'hard_negative'
+
+  def map_with_index(self, index: int, element: dict) -> dict:
+    element = dict(element)
+    pairs = np.asarray(element.pop("source_index"), np.int64)
+    table = self._versions.table_for(index)
+    rows = (np.zeros(pairs.size * self._per_trigger, np.int64) if table is None
+            else table[pairs].reshape(-1))
+    examples = [{"hard_negative": self._prepare(self._catalog[int(r)]), "valid": True}
+                for r in rows]
+    return element | {"hard_negative": self._collate(examples)["hard_negative"]}

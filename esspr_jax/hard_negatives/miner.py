@@ -1,0 +1,143 @@
+"""When and how the trainer mines: embed the training catalog with the current params,
+mine the table, install it, save it; keep the cost a bounded fraction of training.
+
+At the start a run reloads the versions saved at or before its checkpoint step (the
+schedule with them); with none, it mines before its first step, and that table applies
+from the first batch. Later minings apply from `lag` batches ahead, past every batch
+the pipeline and the prefetcher may already have built, so the batch a table first
+applies to does not depend on timing, and a resumed run builds the same batches.
+Mining at step s happens before the checkpoint of step s is written, so that
+checkpoint's resume always finds the table.
+"""
+import logging
+import math
+import pathlib
+import time
+from typing import Optional, Tuple
+
+import jax
+import numpy as np
+
+from esspr_jax.errors import ConfigError
+from esspr_jax.hard_negatives.catalog import TrainingCatalog
+from esspr_jax.hard_negatives.feed import (AttachHardNegatives, Version, Versions,
+                                           load_versions, save_version)
+from esspr_jax.hard_negatives.table import mine_table
+from esspr_jax.input import pipeline
+from esspr_jax.retrieval import embed
+
+log = logging.getLogger(__name__)
+
+SIDE = "hard_negative"
+
+
+def lookahead(config) -> int:
+  """Batches the pipeline (read buffer and threads) and the prefetcher may have built
+  beyond the consumed ones, plus one in hand: a new table applies that far ahead."""
+  p = config.data.pipeline
+  depth = 0 if config.train.sync_loop else config.train.prefetch
+  return int(depth) + int(p.prefetch) + int(p.read_threads) + 2
+
+
+class Miner:
+  """The run's hard-negative state: catalog, table versions, schedule."""
+
+  def __init__(self, config, directory, source, tokenizer, batch_size: int):
+    h = config.train.hard_negatives
+    self.per_trigger = int(h.per_trigger)
+    self.every = int(h.every_steps)
+    self.max_cost_fraction = float(h.max_cost_fraction)
+    self.directory = pathlib.Path(directory)
+    self.lag = lookahead(config)
+    self._spec = pipeline.spec_from_config(config)
+    self._tokenizer = tokenizer
+    self._batch_size = batch_size
+    self.catalog = TrainingCatalog(source)
+    self.versions = Versions()
+    prepare_item = pipeline.PrepareItem(self._spec)
+    self.attach = AttachHardNegatives(
+        self.catalog, self.versions, self.per_trigger,
+        lambda stored: prepare_item.map(stored)["item"],
+        pipeline.Collate(tokenizer, self._spec.max_len, (SIDE,), with_ids=False))
+    self.next_step = 0
+    self._trained_since = None  # monotonic time the last mining ended
+
+  def resume(self, start_step: int) -> int:
+    """Reloads the versions mined at or before `start_step`; returns how many."""
+    saved = load_versions(self.directory, start_step)
+    for version in saved:
+      self.versions.install(version)
+    self.next_step = saved[-1].next_step if saved else start_step
+    return len(saved)
+
+  @staticmethod
+  def with_side(views):
+    """The step's views plus 'hard_negative', embedded like the recall side."""
+    return dict(views) | {SIDE: tuple(views["recall"])}
+
+  def due(self, step: int) -> bool:
+    return step >= self.next_step
+
+  def embed_catalog(self, model, params, modality: str, batch_sharding) -> np.ndarray:
+    batches = pipeline.make_items_dataset(self.catalog, self._tokenizer, self._spec,
+                                          self._batch_size, process_index=0, process_count=1)
+    _, vectors = embed.embed_all(model, params, batches, ("item",), (modality,),
+                                 batch_sharding=batch_sharding)
+    return vectors["item"][modality]
+
+  def mine(self, model, params, step: int, *, at_start: bool, modality: str = "m",
+           batch_sharding=None) -> Tuple[dict, Optional[str]]:
+    """Mines at `step`, installs and saves the table; (metrics, a log line or None)."""
+    trained = None if self._trained_since is None else time.monotonic() - self._trained_since
+    start = time.monotonic()
+    embeddings = self.embed_catalog(model, params, modality, batch_sharding)
+    table, scores = mine_table(self.catalog, embeddings, self.per_trigger)
+    seconds = time.monotonic() - start
+    interval, note = self.every, None
+    if self.max_cost_fraction > 0 and trained:
+      per_step = trained / max(1, step - self.versions.latest.mined_step)
+      wanted = math.ceil(seconds / (self.max_cost_fraction * per_step))
+      if wanted > interval:
+        interval = wanted
+        note = (f"hard negatives: mining took {seconds:.2f}s, over "
+                f"train.hard_negatives.max_cost_fraction={self.max_cost_fraction} of "
+                f"{per_step:.3f}s/step x {self.every} steps; next mining in {interval} steps")
+    first_batch = step if at_start else step + self.lag
+    if not at_start and self.versions.max_built >= first_batch:
+      first_batch = self.versions.max_built + 1
+      log.warning("hard negatives: the pipeline read past the lookahead (%d); the table "
+                  "mined at step %d applies from batch %d", self.lag, step, first_batch)
+    version = Version(first_batch, step, step + interval, table)
+    self.versions.install(version)
+    save_version(self.directory, version)
+    self.next_step = version.next_step
+    self._trained_since = time.monotonic()
+    finite = scores[np.isfinite(scores)]
+    metrics = {"mine_seconds": seconds, "mean_score": float(finite.mean()) if finite.size else 0.0,
+               "first_batch": first_batch, "next_step": version.next_step}
+    return metrics, note
+
+  def mine_and_log(self, writer, model, params, step: int, *, at_start: bool, views,
+                   batch_sharding) -> None:
+    """One mining, its metrics written as kind 'hard_negatives' (a postponement said)."""
+    recall = tuple(views["recall"])
+    modality = "m" if "m" in recall else recall[0]
+    metrics, note = self.mine(model, params, step, at_start=at_start, modality=modality,
+                              batch_sharding=batch_sharding)
+    writer.write(step, metrics, kind="hard_negatives")
+    if note:
+      log.info(note)
+      writer.say(note)
+
+
+def from_config(config, workdir, data_dir, batch_size: int) -> Miner:
+  """The run's miner over its training source (local workdirs, one process)."""
+  if jax.process_count() != 1:
+    raise ConfigError("train.hard_negatives.enabled", "mining runs in one process for now; "
+                      f"this run has {jax.process_count()}")
+  if "://" in str(workdir):
+    raise ConfigError("train.hard_negatives.enabled", "needs a local workdir (the mined "
+                      f"tables are files under it), got {workdir}")
+  source = pipeline.open_source(config, "train", data_dir)
+  return Miner(config, pathlib.Path(str(workdir)) / "hard_negatives", source,
+               pipeline.load_tokenizer(config, data_dir), batch_size)
