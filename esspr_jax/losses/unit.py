@@ -162,7 +162,10 @@ def loss_unit(sides: Mapping[str, Embeddings], config, *,
   'composed_trigger' ({'m', 'i'}: fused (reference photo, modifier words) and the
   photo's image-only view, a hard negative) and 'composed_recall' ({'m'}: the wanted
   listing) hold the composed-query sub-batch, whose rows are each other's negatives
-  only. `LossPlan.views()` says which side needs which modality. `config` is the run
+  only. An optional 'hard_negative' side (mined listings, train.hard_negatives) adds
+  its rows to the gallery of every hinge / InfoNCE / sigmoid term against a recall
+  view: a negative for every query (extra_gallery.py). `LossPlan.views()` says which
+  side needs which modality. `config` is the run
   config's `loss` section. Embeddings are (re-)normalised here, in float32. `terms`
   holds unweighted values; total is the sum of weight * term.
 
