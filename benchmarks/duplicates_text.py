@@ -36,7 +36,7 @@ def labelled_pairs(root: pathlib.Path, split: str) -> tuple[list, list, np.ndarr
   """(left titles, right titles, labels) of one split; rows with an empty title are
   dropped (counted in the summary)."""
   skips = SkipCounter(f"walmart_amazon {split}")
-  rows = product_matching._read_json_lines(root / "walmart_amazon" / SPLITS[split], skips)  # noqa: SLF001
+  rows = product_matching.read_json_lines(root / "walmart_amazon" / SPLITS[split], skips)
   left, right, labels = [], [], []
   for row in rows:
     a, b = product_matching.clean_title(row["title_left"]), product_matching.clean_title(row["title_right"])

@@ -303,7 +303,9 @@ def load_amazon_google(root: str | os.PathLike, holdout_fraction: float = 0.3,
 
 # ---------------------------------------------------------------- walmart_amazon
 
-def _read_json_lines(path: pathlib.Path, skips: SkipCounter) -> list[dict]:
+def read_json_lines(path: pathlib.Path, skips: SkipCounter) -> list[dict]:
+  """Every labelled row of a gzipped JSON-lines pair file (label 0 and 1); a bad line
+  is counted in `skips` (the duplicates benchmark reads the negatives too)."""
   rows = []
   with gzip.open(_require(path), "rt", encoding="utf-8") as f:
     for rowno, line in enumerate(f, start=1):
@@ -345,8 +347,8 @@ def load_walmart_amazon(root: str | os.PathLike, strict: bool = False,
   them carved out for validation; test split held out."""
   root = pathlib.Path(root) / "walmart_amazon"
   skips = SkipCounter(f"walmart_amazon {root}", strict=strict)
-  train_rows = _read_json_lines(root / "walmart-amazon-train.json.gz", skips)
-  test_rows = _read_json_lines(root / "walmart-amazon-gs.json.gz", skips)
+  train_rows = read_json_lines(root / "walmart-amazon-train.json.gz", skips)
+  test_rows = read_json_lines(root / "walmart-amazon-gs.json.gz", skips)
   test_pairs = _dedupe(_walmart_pairs(test_rows, skips), skips, "walmart-amazon-gs")
   held_offers = {p.trigger_id for p in test_pairs} | {p.recall_id for p in test_pairs}
   candidates = _dedupe(_walmart_pairs(train_rows, skips), skips, "walmart-amazon-train")
