@@ -59,6 +59,11 @@ def get_config():
     t.log_every = 10
     t.checkpoint.every = 90
     t.checkpoint.keep = 1
+    # Off: with it on (--config.train.hard_negatives.enabled=True) the training titles
+    # are re-embedded every 30 steps and each pair's nearest non-positive of its own set
+    # and category joins the loss as an extra negative (docs/results.md has the table).
+    t.hard_negatives.every_steps = 30
+    t.hard_negatives.per_trigger = 1
     config.eval.every_steps = 0  # the recipe evaluates itself, before and after
     t.eval_at_end = False
 

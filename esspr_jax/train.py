@@ -69,24 +69,26 @@ class TrainResult:
 
 # ----------------------------------------------------------------------------- data
 def default_train_dataset(config: ml_collections.ConfigDict, workdir: pathlib.Path,
-                          hard_negatives=None):
-  """This process's slice of the training data, as a Grain dataset of host batches."""
+                          hard_negatives=None, source=None):
+  """This process's slice of the training data, as a Grain dataset of host batches:
+  the run's dataset, or `source` (pairs in the pipeline's layout) batched the same way."""
   from esspr_jax.input import pipeline  # noqa: PLC0415  (heavy, and only the default)
   return pipeline.train_dataset(config, per_process_batch_size(config),
                                 data_dir=workdir_lib.default_data_dir(config, workdir),
-                                hard_negatives=hard_negatives)
+                                hard_negatives=hard_negatives, source=source)
 
 
-def _hard_negative_miner(config, workdir, train_dataset):
+def _hard_negative_miner(config, workdir, train_dataset, train_source):
   """The miner (hard_negatives/miner.py) when train.hard_negatives.enabled, else None."""
   if not config.train.get("hard_negatives", {}).get("enabled", False):
     return None
   if train_dataset is not None:
     raise ConfigError("train.hard_negatives.enabled", "mines the project's training "
-                      "pipeline; it cannot feed a caller's train_dataset")
+                      "pipeline; it cannot feed a caller's train_dataset (pass the "
+                      "pairs as train_source instead)")
   from esspr_jax.hard_negatives import miner  # noqa: PLC0415  (heavy, and only when on)
   return miner.from_config(config, workdir, workdir_lib.default_data_dir(config, workdir),
-                           per_process_batch_size(config))
+                           per_process_batch_size(config), source=train_source)
 
 
 def per_process_batch_size(config) -> int:
@@ -329,22 +331,28 @@ def _interval_meter(setup: Setup, tc) -> metrics_lib.IntervalMeter:
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
           model: nn.Module | None = None, loss_fn: LossFn | None = None,
-          train_dataset=None, eval_fn: EvalFn | None = None,
+          train_dataset=None, train_source=None, eval_fn: EvalFn | None = None,
           devices=None, views: Views | None = None) -> TrainResult:
   """Trains `config` in `workdir`, resuming from its latest checkpoint if any.
 
   `model`/`loss_fn`/`train_dataset` default to the project's (build_model, loss_unit,
   the Grain pipeline); `train_dataset` yields this process's share of each batch.
+  `train_source` (a sequence of pairs in the pipeline's layout, e.g. a recipe's own
+  data) replaces the run's dataset but keeps the project's pipeline, so hard
+  negatives can be mined from it and attached.
   `views` (side -> modalities the step embeds) defaults to the loss plan's with the
   default loss, and to every modality of both sides with a custom `loss_fn`.
   `eval_fn(params, step)` runs every `eval.every_steps` steps and at the end.
   """
   validate_config(config)
+  if train_dataset is not None and train_source is not None:
+    raise ValueError("train(): pass train_dataset or train_source, not both")
   workdir = workdir_lib.workdir_path(workdir)
   writer, lock = open_workdir(config, workdir)
   try:
     return _run(config, workdir, writer, model=model, loss_fn=loss_fn,
-                train_dataset=train_dataset, eval_fn=eval_fn, devices=devices, views=views)
+                train_dataset=train_dataset, train_source=train_source, eval_fn=eval_fn,
+                devices=devices, views=views)
   except BaseException:
     try:  # the rows written so far reach the workdir; the original error is what counts
       writer.close()
@@ -356,14 +364,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
       lock.release()
 
 
-def _run(config, workdir, writer, *, model, loss_fn, train_dataset, eval_fn, devices,
-         views) -> TrainResult:
+def _run(config, workdir, writer, *, model, loss_fn, train_dataset, train_source, eval_fn,
+         devices, views) -> TrainResult:
   """train() once the workdir is this run's: data -> set-up -> restore-or-init -> loop."""
   tc = config.train
   eval_every = int(config.eval.get("every_steps", 0) or 0)
-  miner = _hard_negative_miner(config, workdir, train_dataset)
+  miner = _hard_negative_miner(config, workdir, train_dataset, train_source)
   data_iterator = iter(train_dataset if train_dataset is not None
-                       else default_train_dataset(config, workdir, miner and miner.attach))
+                       else default_train_dataset(config, workdir, miner and miner.attach,
+                                                  source=train_source))
   sample = _strip_host_only(_peek(data_iterator))
   _check_batch(sample, per_process_batch_size(config), per_process_composed_batch_size(config),
                miner and per_process_batch_size(config) * miner.per_trigger)

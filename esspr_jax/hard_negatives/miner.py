@@ -130,14 +130,16 @@ class Miner:
       writer.say(note)
 
 
-def from_config(config, workdir, data_dir, batch_size: int) -> Miner:
-  """The run's miner over its training source (local workdirs, one process)."""
+def from_config(config, workdir, data_dir, batch_size: int, source=None) -> Miner:
+  """The run's miner over its training source, or over `source` when given (local
+  workdirs, one process)."""
   if jax.process_count() != 1:
     raise ConfigError("train.hard_negatives.enabled", "mining runs in one process for now; "
                       f"this run has {jax.process_count()}")
   if "://" in str(workdir):
     raise ConfigError("train.hard_negatives.enabled", "needs a local workdir (the mined "
                       f"tables are files under it), got {workdir}")
-  source = pipeline.open_source(config, "train", data_dir)
+  if source is None:
+    source = pipeline.open_source(config, "train", data_dir)
   return Miner(config, pathlib.Path(str(workdir)) / "hard_negatives", source,
                pipeline.load_tokenizer(config, data_dir), batch_size)

@@ -512,9 +512,10 @@ def run_tokenizer(config, data_dir=None):
 def train_dataset(config, batch_size: int, *, data_dir=None, tokenizer=None,
                   process_index: int | None = None,
                   process_count: int | None = None,
-                  hard_negatives=None) -> grain.IterDataset:
+                  hard_negatives=None, source=None) -> grain.IterDataset:
   """The run's training batches (this process's `batch_size` share of each);
-  `hard_negatives`: the miner's attach transform (hard_negatives/miner.py)."""
+  `hard_negatives`: the miner's attach transform (hard_negatives/miner.py);
+  `source`: pairs to batch instead of the run's dataset (a recipe's own data)."""
   from esspr_jax.config.loss import composed_rows_per_process  # noqa: PLC0415
   tokenizer = tokenizer or load_tokenizer(config, data_dir)
   composed = {}
@@ -522,8 +523,9 @@ def train_dataset(config, batch_size: int, *, data_dir=None, tokenizer=None,
   if rows:
     composed = dict(composed_source=open_source(config, "composed", data_dir),
                     composed_batch_size=rows)
-  return make_train_dataset(open_source(config, "train", data_dir), tokenizer,
-                            spec_from_config(config), batch_size,
+  if source is None:
+    source = open_source(config, "train", data_dir)
+  return make_train_dataset(source, tokenizer, spec_from_config(config), batch_size,
                             process_index=process_index, process_count=process_count,
                             hard_negatives=hard_negatives, **composed)
 

@@ -39,7 +39,6 @@ from esspr_jax import train as train_lib
 from esspr_jax.config import validate_config
 from esspr_jax.config.checks import check, in_unit, is_number, known_keys, one_of
 from esspr_jax.ingest import release_format
-from esspr_jax.input import pipeline
 from esspr_jax.recipes import product_matching
 from esspr_jax.losses import loss_unit, plan_terms
 from esspr_jax.models import pretrained
@@ -190,10 +189,23 @@ def markdown_table(rows: Mapping[str, Mapping[str, dict]]) -> str:
 # ----------------------------------------------------------------------------- run
 
 def train_source(pairs_csv) -> list[dict]:
-  """Text-only pair examples in the layout the Grain pipeline takes."""
+  """Text-only pair examples in the layout the Grain pipeline takes; `cate_name` is
+  the set and its leaf category, so mined hard negatives stay within both."""
   return [{"trigger": {"id": p.trigger_id, "title": p.trigger_title},
-           "recall": {"id": p.recall_id, "title": p.recall_title}}
+           "recall": {"id": p.recall_id, "title": p.recall_title},
+           "cate_name": f"{p.cate_lv1_name}/{p.cate_name}"}
           for p in release_format.read_pairs(pairs_csv)]
+
+
+def training_variant(config) -> str:
+  """What the fine-tuned row's label adds: hard negatives, adaptive loss weighting."""
+  parts = []
+  if config.train.hard_negatives.enabled:
+    h = config.train.hard_negatives
+    parts.append(f"hard negatives {h.per_trigger}/pair every {h.every_steps} steps")
+  if config.loss.weighting.kind != "fixed":
+    parts.append(f"{config.loss.weighting.kind} weighting")
+  return "".join(", " + p for p in parts)
 
 
 def run(config, workdir, data_root=None) -> dict:
@@ -226,15 +238,14 @@ def run(config, workdir, data_root=None) -> dict:
   logging.info("before: %s", json.dumps(results))
 
   source = train_source(prepared.train_pairs)
-  dataset = pipeline.make_train_dataset(source, tokenizer, pipeline.spec_from_config(config),
-                                        train_lib.per_process_batch_size(config))
   train_start = time.time()
   result = train_lib.train(config, workdir / "train", model=model,
                            loss_fn=functools.partial(loss_unit, config=config.loss),
-                           views=plan_terms(config.loss).views(), train_dataset=dataset)
+                           views=plan_terms(config.loss).views(), train_source=source)
   train_seconds = time.time() - train_start
   tuned = dense_scores(embed, result.state.params, tokenizer, tasks, max_len, r.eval_batch_size)
-  results[f"MiniLM-L6 fine-tuned ({result.step} steps)"] = table_of(tuned, tasks)
+  results[f"MiniLM-L6 fine-tuned ({result.step} steps{training_variant(config)})"] = table_of(
+      tuned, tasks)
   choices = {}
   if len(validation) == len(tasks):
     tuned_val = dense_scores(embed, result.state.params, tokenizer, validation, max_len,
@@ -259,6 +270,8 @@ def run(config, workdir, data_root=None) -> dict:
                  "weights": list(r.hybrid.weights)},
       "data": prepared.counts,
       "train": {"steps": result.step, "batch_size": config.train.batch_size,
+                "hard_negatives": config.train.hard_negatives.to_dict(),
+                "loss_weighting": config.loss.weighting.to_dict(),
                 "train_pairs": len(source), "seconds": round(train_seconds, 1),
                 "last_metrics": result.last_metrics},
       "total_seconds": round(time.time() - started, 1),
