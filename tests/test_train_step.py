@@ -278,8 +278,7 @@ def weighting_setup(kind):
   return setup
 
 
-@pytest.mark.parametrize("kind,mesh_axes", [("fashionbert", None), ("uncertainty", None),
-                                            ("uncertainty", (8, 1, 1))])
+@pytest.mark.parametrize("kind,mesh_axes", [("fashionbert", None), ("uncertainty", (8, 1, 1))])
 def test_adaptive_weighting_under_accumulation_equals_the_full_batch(kind, mesh_axes):
   """k=2 gives k=1's loss and gradients, the log-variances' included (their gradient
   comes from the loss stage of gradient caching), also with the batch split over 8
