@@ -6,7 +6,8 @@ Run it with the recipe, which prepares the data and evaluates before and after:
 The model is exactly sentence-transformers' all-MiniLM-L6-v2 at step 0: the pinned
 BERT tower (6 x 384, post-LN), a fused head with no layers and no projections that
 mean-pools the token states over the mask and L2-normalises. Training: in-batch
-InfoNCE on t->t pairs (every other recall of the global batch is a negative), with
+InfoNCE on t->t pairs (every other recall of the global batch is a negative, and
+one mined hard negative per pair, refreshed every 30 steps), with
 the inverse temperature starting at 20 as in sentence-transformers'
 MultipleNegativesRankingLoss; AdamW at 2e-5 with warmup, sized to finish in minutes
 on 2 CPU cores. `recipe.*` holds what the recipe (not the trainer) reads (defaults and checks:
@@ -59,9 +60,10 @@ def get_config():
     t.log_every = 10
     t.checkpoint.every = 90
     t.checkpoint.keep = 1
-    # Off: with it on (--config.train.hard_negatives.enabled=True) the training titles
-    # are re-embedded every 30 steps and each pair's nearest non-positive of its own set
-    # and category joins the loss as an extra negative (docs/results.md has the table).
+    # Hard negatives (on: docs/results.md, "Text recipe", has the table): every 30
+    # steps the training titles are re-embedded and each pair's nearest non-positive
+    # of its own set and leaf category joins the loss as an extra negative.
+    t.hard_negatives.enabled = True
     t.hard_negatives.every_steps = 30
     t.hard_negatives.per_trigger = 1
     config.eval.every_steps = 0  # the recipe evaluates itself, before and after

@@ -52,6 +52,9 @@ class Miner:
     self._spec = pipeline.spec_from_config(config)
     self._tokenizer = tokenizer
     self._batch_size = batch_size
+    # Categories of eval.index.exact_max_gallery listings or more are searched through
+    # a tuned ScaNN index, as retrieval searches a gallery that large (mine.py).
+    self._index_config = config.eval.index if "eval" in config else None
     self.catalog = TrainingCatalog(source)
     self.versions = Versions()
     prepare_item = pipeline.PrepareItem(self._spec)
@@ -91,7 +94,8 @@ class Miner:
     trained = None if self._trained_since is None else time.monotonic() - self._trained_since
     start = time.monotonic()
     embeddings = self.embed_catalog(model, params, modality, batch_sharding)
-    table, scores = mine_table(self.catalog, embeddings, self.per_trigger)
+    table, scores = mine_table(self.catalog, embeddings, self.per_trigger,
+                               index_config=self._index_config)
     seconds = time.monotonic() - start
     interval, note = self.every, None
     if self.max_cost_fraction > 0 and trained:

@@ -13,11 +13,11 @@ from esspr_jax.hard_negatives.mine import mine_nearest
 
 
 def mine_table(catalog: TrainingCatalog, embeddings: np.ndarray, per_trigger: int, *,
-               chunk_size: int = 1024) -> Tuple[np.ndarray, np.ndarray]:
+               chunk_size: int = 1024, index_config=None) -> Tuple[np.ndarray, np.ndarray]:
   """(table int64 [pairs, per_trigger] of listing rows, scores float32 same shape).
 
   embeddings: [len(catalog), E], one row per listing (the same view for triggers and
-  listings)."""
+  listings); `index_config` (eval.index): large categories through ScaNN (mine.py)."""
   embeddings = np.asarray(embeddings, np.float32)
   if embeddings.shape[0] != len(catalog):
     raise ValueError(f"mine_table: {embeddings.shape[0]} embeddings for a catalog of "
@@ -25,14 +25,15 @@ def mine_table(catalog: TrainingCatalog, embeddings: np.ndarray, per_trigger: in
   triggers = np.unique(catalog.trigger_row)
   excluded = [catalog.positives(r) for r in triggers]
   rows, scores = mine_nearest(embeddings[triggers], embeddings, catalog.category[triggers],
-                              catalog.category, excluded, per_trigger, chunk_size=chunk_size)
+                              catalog.category, excluded, per_trigger, chunk_size=chunk_size,
+                              index_config=index_config)
   short = np.flatnonzero((rows < 0).any(axis=1))
   if short.size:  # too few in the category: the nearest non-positives anywhere
     anywhere, any_scores = mine_nearest(
         embeddings[triggers[short]], embeddings, np.zeros(short.size, np.int64),
         np.zeros(len(catalog), np.int64),
         [np.concatenate([excluded[q], rows[q][rows[q] >= 0]]) for q in short],
-        per_trigger, chunk_size=chunk_size)
+        per_trigger, chunk_size=chunk_size, index_config=index_config)
     for k, q in enumerate(short):
       have = rows[q][rows[q] >= 0]
       extra = anywhere[k][anywhere[k] >= 0][:per_trigger - have.size]

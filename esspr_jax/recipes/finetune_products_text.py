@@ -11,7 +11,9 @@
    from the training side of both (`recipe.validation_fraction`, not trained on)
    -> `<workdir>/data/validation/`;
 2. before: TF-IDF char n-grams and the untouched MiniLM on the held-out tasks;
-3. fine-tune with the project's trainer and loss unit (in-batch InfoNCE, t->t);
+3. fine-tune with the project's trainer and loss unit (in-batch InfoNCE, t->t), the
+   pairs handed over as `train_source` so the trainer's pipeline mines and attaches
+   hard negatives (`train.hard_negatives.*`; on in the recipe's config);
 4. after: the fine-tuned model on the same tasks, alone and fused with TF-IDF
    (retrieval/fusion.py): the weighted sum's `w` (grid `recipe.hybrid.weights`) and the
    hybrid method are chosen per task on its validation task, then applied unchanged to
@@ -22,7 +24,6 @@ Running it again resumes (or reuses) the training checkpoint in `<workdir>/train
 """
 from __future__ import annotations
 
-import functools
 import json
 import pathlib
 import time
@@ -40,7 +41,6 @@ from esspr_jax.config import validate_config
 from esspr_jax.config.checks import check, in_unit, is_number, known_keys, one_of
 from esspr_jax.ingest import release_format
 from esspr_jax.recipes import product_matching
-from esspr_jax.losses import loss_unit, plan_terms
 from esspr_jax.models import pretrained
 from esspr_jax.models.model import build_model, example_side
 from esspr_jax.models.tokenizer import tokenizer_from_config
@@ -239,9 +239,8 @@ def run(config, workdir, data_root=None) -> dict:
 
   source = train_source(prepared.train_pairs)
   train_start = time.time()
-  result = train_lib.train(config, workdir / "train", model=model,
-                           loss_fn=functools.partial(loss_unit, config=config.loss),
-                           views=plan_terms(config.loss).views(), train_source=source)
+  # The project's own model, loss unit (per-term weights logged) and views.
+  result = train_lib.train(config, workdir / "train", train_source=source)
   train_seconds = time.time() - train_start
   tuned = dense_scores(embed, result.state.params, tokenizer, tasks, max_len, r.eval_batch_size)
   results[f"MiniLM-L6 fine-tuned ({result.step} steps{training_variant(config)})"] = table_of(

@@ -278,7 +278,6 @@ def run_row(config, workdir: pathlib.Path, split: GrocerySplit, train: bool) -> 
   import jax  # noqa: PLC0415
   from esspr_jax import train as train_lib  # noqa: PLC0415
   from esspr_jax.config import validate_config  # noqa: PLC0415
-  from esspr_jax.input import pipeline  # noqa: PLC0415
   from esspr_jax.losses import loss_unit, plan_terms  # noqa: PLC0415
   from esspr_jax.models import pretrained  # noqa: PLC0415
   from esspr_jax.models.model import build_model  # noqa: PLC0415
@@ -295,12 +294,10 @@ def run_row(config, workdir: pathlib.Path, split: GrocerySplit, train: bool) -> 
     return views(p, s)[v]
   info = {}
   if train:
-    spec = pipeline.spec_from_config(config)
-    dataset = pipeline.make_train_dataset(train_source(split), tokenizer,
-                                          spec, train_lib.per_process_batch_size(config))
-    result = train_lib.train(config, workdir, model=model,
-                             loss_fn=functools.partial(loss_unit, config=config.loss),
-                             views=plan_terms(config.loss).views(), train_dataset=dataset)
+    result = train_lib.train(
+        config, workdir, model=model, train_source=train_source(split),
+        loss_fn=functools.partial(loss_unit, config=config.loss, with_weights=True),
+        views=plan_terms(config.loss).views())
     params = result.state.params
     info = {"steps": result.step, "train_seconds": round(time.time() - started, 1)}
   else:

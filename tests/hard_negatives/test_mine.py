@@ -49,3 +49,48 @@ def test_bad_inputs_are_named():
     mine_nearest(np.zeros((2, 3)), np.zeros((4, 2)), np.zeros(2), np.zeros(4), [[]] * 2, 1)
   with pytest.raises(ValueError, match="exclusion lists"):
     mine_nearest(np.zeros((2, 3)), np.zeros((4, 3)), np.zeros(2), np.zeros(4), [[]], 1)
+
+
+def _index_config(exact_max_gallery):
+  from esspr_jax.config import compose  # noqa: PLC0415
+  config = compose("tiny").eval.index
+  config.exact_max_gallery = exact_max_gallery
+  config.scann.tune_queries = 200
+  config.scann.threads = 1
+  return config
+
+
+def test_large_categories_go_through_scann_and_keep_the_rules(caplog):
+  """Two categories of 1,500 listings (over exact_max_gallery=1,000: ScaNN, tuned to
+  recall 0.99) and one of 40 (exact): the same-category and exclusion rules hold on
+  every row, the exact category equals mine_nearest's exact answer, and the ScaNN
+  rows find nearly all of the exact top-3. Trigger 0 excludes its 60 nearest: the
+  search asks for n + 60, so it still gets the exact next 3."""
+  rng = np.random.RandomState(1)
+  centres = rng.randn(30, 16)
+  listings = (centres[rng.randint(0, 30, 3040)] + 0.5 * rng.randn(3040, 16)).astype(np.float32)
+  listings /= np.linalg.norm(listings, axis=1, keepdims=True)
+  lcat = np.repeat([0, 1, 2], [1500, 1500, 40])
+  trig = np.concatenate([rng.choice(1500, 150, replace=False),
+                         1500 + rng.choice(1500, 150, replace=False), 3000 + np.arange(20)])
+  queries, qcat = listings[trig], lcat[trig]
+  excluded = [np.array([t]) for t in trig]
+  nearest0 = np.argsort(-(listings[:1500] @ queries[0]), kind="stable")
+  excluded[0] = nearest0[:60]
+  exact_rows, exact_scores = mine_nearest(queries, listings, qcat, lcat, excluded, 3)
+  with caplog.at_level("INFO", logger="esspr_jax.hard_negatives.mine"):
+    rows, scores = mine_nearest(queries, listings, qcat, lcat, excluded, 3,
+                                index_config=_index_config(1000))
+  said = [r.getMessage() for r in caplog.records if "via" in r.getMessage()]
+  assert len(said) == 2 and all("1500 listings via scann" in m for m in said), said
+  assert (rows >= 0).all()
+  for q in range(len(trig)):
+    assert (lcat[rows[q]] == qcat[q]).all() and not set(rows[q]) & set(excluded[q])
+    np.testing.assert_allclose(scores[q], listings[rows[q]] @ queries[q], rtol=1e-4, atol=1e-5)
+  small = qcat == 2
+  np.testing.assert_array_equal(rows[small], exact_rows[small])
+  np.testing.assert_array_equal(rows[0], exact_rows[0])
+  large = ~small
+  overlap = np.mean([len(set(rows[q]) & set(exact_rows[q])) / 3
+                     for q in np.flatnonzero(large)])
+  assert overlap >= 0.95, overlap
