@@ -89,11 +89,10 @@ def _mine_indexed(queries: np.ndarray, gallery: np.ndarray, excluded: Sequence[n
     take_ids, take_scores = ids[q][keep][:n], found[q][keep][:n]
     if take_ids.size < min(n, gallery.shape[0] - np.unique(excluded[q]).size):
       exact_rows += 1  # ScaNN's candidates ran out: this trigger exactly
-      block = gallery @ queries[q]
-      block[np.asarray(excluded[q], np.int64)] = -np.inf
-      order = np.argsort(-block, kind="stable")[:n]
-      order = order[np.isfinite(block[order])]
-      take_ids, take_scores = order, block[order]
+      one_rows, one_scores = mine_nearest(queries[q:q + 1], gallery, np.zeros(1),
+                                          np.zeros(len(gallery)), [excluded[q]], n)
+      keep = one_rows[0] >= 0
+      take_ids, take_scores = one_rows[0][keep], one_scores[0][keep]
     rows[q, :take_ids.size] = take_ids
     scores[q, :take_ids.size] = take_scores
   log.info("hard negatives: a category of %d listings via %s (recall %.3f on %d triggers; "
