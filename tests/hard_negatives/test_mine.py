@@ -94,3 +94,36 @@ def test_large_categories_go_through_scann_and_keep_the_rules(caplog):
   overlap = np.mean([len(set(rows[q]) & set(exact_rows[q])) / 3
                      for q in np.flatnonzero(large)])
   assert overlap >= 0.95, overlap
+
+
+def test_triggers_an_index_leaves_short_are_scored_exactly(monkeypatch, caplog):
+  """An index that returns one candidate where n=3 are needed (ScaNN can come back
+  short when its searched partitions hold too few rows): those triggers fall back to
+  the exact search, so the table equals the exact one and the log counts them."""
+  from esspr_jax.retrieval import index as index_lib  # noqa: PLC0415
+
+  class OneCandidate:
+    def __init__(self, inner):
+      self.inner = inner
+
+    def search(self, queries, k):
+      ids, scores = self.inner.search(queries, k)
+      ids, scores = np.array(ids), np.array(scores)
+      ids[1::2, 1:] = -1   # every other trigger: only its first candidate
+      return ids, scores
+
+  monkeypatch.setattr(index_lib, "build_index", lambda vectors, config, tune_queries=None:
+                      (OneCandidate(index_lib.ExactIndex(vectors)), {"kind": "short", "recall": 1.0}))
+  rng = np.random.RandomState(2)
+  listings = rng.randn(60, 8).astype(np.float32)
+  trig = np.arange(0, 60, 3)
+  excluded = [np.array([t]) for t in trig]
+  cats = np.zeros(60, int)
+  want = mine_nearest(listings[trig], listings, cats[trig], cats, excluded, 3)
+  with caplog.at_level("INFO", logger="esspr_jax.hard_negatives.mine"):
+    got = mine_nearest(listings[trig], listings, cats[trig], cats, excluded, 3,
+                       index_config=_index_config(50))
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_allclose(got[1], want[1], rtol=1e-5)
+  said = [r.getMessage() for r in caplog.records if "via short" in r.getMessage()]
+  assert len(said) == 1 and f"{len(trig) // 2} scored exactly" in said[0], said
