@@ -16,6 +16,7 @@ on 2 CPU cores. `recipe.*` holds what the recipe (not the trainer) reads (defaul
 import math
 
 from esspr_jax.config import compose
+from esspr_jax.config import loss as loss_section
 from esspr_jax.models import pretrained
 from esspr_jax.recipes.finetune_products_text import default_recipe
 
@@ -41,13 +42,7 @@ def get_config():
                        lowercase=True, strip_accents=True)
     m.text.init_from = init_from  # applied by the trainer (and by the recipe's "before")
 
-    for pair in config.loss.pairs.keys():
-      config.loss.pairs[pair].weight = 0.0
-    config.loss.pairs.t_t.update(kind="infonce", weight=1.0)
-    for view in ("t", "i"):
-      config.loss.pdc[view].weight = 0.0
-      config.loss.plc[view].weight = 0.0
-    config.loss.composed.weight = 0.0  # photo + words: no photos here
+    loss_section.text_only_infonce(config.loss)  # no photos here: no image or composed terms
 
     t = config.train
     t.batch_size = 64

@@ -66,6 +66,18 @@ def default_config(preset: str) -> ml_collections.ConfigDict:
   return config
 
 
+def text_only_infonce(config: ml_collections.ConfigDict) -> None:
+  """Sets `config` (a `loss` section) to one in-batch InfoNCE on t->t, every other term
+  off: the loss of a text-only model trained on title pairs (the text recipe's)."""
+  for pair in config.pairs.keys():
+    config.pairs[pair].weight = 0.0
+  config.pairs.t_t.update(kind="infonce", weight=1.0)
+  for view in SINGLE_VIEWS:
+    config.pdc[view].weight = 0.0
+    config.plc[view].weight = 0.0
+  config.composed.weight = 0.0
+
+
 def composed_enabled(config: ml_collections.ConfigDict) -> bool:
   """Whether the composed-query term trains (it then needs its own sub-batch)."""
   composed = config.loss.get("composed")

@@ -8,6 +8,7 @@ import pytest
 
 from esspr_jax import train
 from esspr_jax.config import compose
+from esspr_jax.config.loss import text_only_infonce
 from esspr_jax.hard_negatives import feed
 from esspr_jax.hard_negatives.catalog import TrainingCatalog
 
@@ -30,13 +31,7 @@ def _config(tmp_path):
   m = config.model
   m.image.enabled = False
   m.tokenizer.update(kind="vocab_txt", path=str(vocab), max_len=6)
-  for pair in config.loss.pairs.keys():
-    config.loss.pairs[pair].weight = 0.0
-  config.loss.pairs.t_t.update(kind="infonce", weight=1.0)
-  for view in ("t", "i"):
-    config.loss.pdc[view].weight = 0.0
-    config.loss.plc[view].weight = 0.0
-  config.loss.composed.weight = 0.0
+  text_only_infonce(config.loss)
   t = config.train
   t.steps, t.batch_size, t.log_every = 3, 4, 1
   t.schedule.warmup_steps = 1
