@@ -94,6 +94,7 @@ class Miner:
     trained = None if self._trained_since is None else time.monotonic() - self._trained_since
     start = time.monotonic()
     embeddings = self.embed_catalog(model, params, modality, batch_sharding)
+    embed_seconds = time.monotonic() - start
     table, scores = mine_table(self.catalog, embeddings, self.per_trigger,
                                index_config=self._index_config)
     seconds = time.monotonic() - start
@@ -117,7 +118,7 @@ class Miner:
     self.next_step = version.next_step
     self._trained_since = time.monotonic()
     finite = scores[np.isfinite(scores)]
-    metrics = {"mine_seconds": seconds, "mean_score": float(finite.mean()) if finite.size else 0.0,
+    metrics = {"mine_seconds": seconds, "embed_seconds": embed_seconds, "mean_score": float(finite.mean()) if finite.size else 0.0,
                "first_batch": first_batch, "next_step": version.next_step}
     return metrics, note
 
