@@ -91,6 +91,9 @@ class Miner:
   def mine(self, model, params, step: int, *, at_start: bool, modality: str = "m",
            batch_sharding=None) -> Tuple[dict, Optional[str]]:
     """Mines at `step`, installs and saves the table; (metrics, a log line or None)."""
+    # The train loop dispatches steps ahead of their results; waiting for them here
+    # books their time to training, not to this mining (the cost bound compares the two).
+    jax.block_until_ready(params)
     trained = None if self._trained_since is None else time.monotonic() - self._trained_since
     start = time.monotonic()
     embeddings = self.embed_catalog(model, params, modality, batch_sharding)

@@ -16,6 +16,7 @@ from esspr_jax.hard_negatives import miner as miner_lib
 from esspr_jax.hard_negatives.catalog import TrainingCatalog
 from esspr_jax.hard_negatives.table import mine_table
 from esspr_jax.input import esspr_tfds, pipeline
+from esspr_jax.models.model import build_model, example_side
 from support import write_jpeg
 
 PAIRS = 16
@@ -195,3 +196,34 @@ def test_unknown_key_is_refused():
   config.train.hard_negatives.per_query = 3
   with pytest.raises(ConfigError, match=r"train\.hard_negatives\.per_query"):
     validate_config(config)
+
+
+def test_mining_waits_for_the_dispatched_steps_before_timing_itself(built, tmp_path, monkeypatch):
+  """The train loop hands the miner params that steps still in flight will produce; the
+  mining must wait for them before its clock starts, or their time counts as mining
+  time and the cost bound postpones minings it should run (it did: 54 s 'embedding'
+  vs 16 s in a real run). Here the params come from a slow computation still running."""
+  config = _config(built, steps=1)
+  m = miner_lib.from_config(config, tmp_path / "probe", built / "tfds", 8)
+  model = build_model(config.model)
+  params = model.init(jax.random.key(0), example_side(config.model))["params"]
+  seen, real = [], m.embed_catalog
+
+  def embed_catalog(model, params, modality, batch_sharding):
+    seen.append(all(leaf.is_ready() for leaf in jax.tree.leaves(params)))
+    return real(model, params, modality, batch_sharding)
+
+  monkeypatch.setattr(m, "embed_catalog", embed_catalog)
+
+  @jax.jit
+  def slow(params, x):  # seconds of matmuls on which every leaf depends
+    for _ in range(6):
+      x = jax.numpy.tanh(x @ x)
+    return jax.tree.map(lambda p: p + 0 * x[0, 0].astype(p.dtype), params)
+
+  x = jax.numpy.ones((1536, 1536), jax.numpy.float32) / 1536
+  slow(params, x)  # compiled before the timed call
+  pending = slow(params, x)
+  assert not all(leaf.is_ready() for leaf in jax.tree.leaves(pending))  # still in flight
+  m.mine(model, pending, 0, at_start=True)
+  assert seen == [True]
