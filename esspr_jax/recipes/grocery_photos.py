@@ -278,7 +278,6 @@ def run_row(config, workdir: pathlib.Path, split: GrocerySplit, train: bool) -> 
   import jax  # noqa: PLC0415
   from esspr_jax import train as train_lib  # noqa: PLC0415
   from esspr_jax.config import validate_config  # noqa: PLC0415
-  from esspr_jax.losses import loss_unit, plan_terms  # noqa: PLC0415
   from esspr_jax.models import pretrained  # noqa: PLC0415
   from esspr_jax.models.model import build_model  # noqa: PLC0415
   from esspr_jax.models.tokenizer import tokenizer_from_config  # noqa: PLC0415
@@ -294,10 +293,8 @@ def run_row(config, workdir: pathlib.Path, split: GrocerySplit, train: bool) -> 
     return views(p, s)[v]
   info = {}
   if train:
-    result = train_lib.train(
-        config, workdir, model=model, train_source=train_source(split),
-        loss_fn=functools.partial(loss_unit, config=config.loss, with_weights=True),
-        views=plan_terms(config.loss).views())
+    # The trainer's own loss unit and views (the model: pretrained towers as set above).
+    result = train_lib.train(config, workdir, model=model, train_source=train_source(split))
     params = result.state.params
     info = {"steps": result.step, "train_seconds": round(time.time() - started, 1)}
   else:
