@@ -7,7 +7,9 @@ Modes (--mode): all (default: demo world -> mine -> build -> tokenizer -> train 
 eval table), demo-world, mine (--clicklog/--catalog/--out; Beam options after `--`),
 fetch-images (--pairs with image URLs -> --out with local paths under --image_dir),
 build, train, eval, export, search, duplicates (calibrated duplicate threshold + clusters;
---pairs: labelled pairs, default the demo world's truth). `python -m esspr_jax.main` is the same command.
+--pairs: labelled pairs, default the demo world's truth), compile (--topology=v5e:4x8 or
+cpu:N: compile the train and embedding steps for that slice with no data and no TPU,
+report memory per chip, FLOPs and collectives; exit 2 when the step does not fit). `python -m esspr_jax.main` is the same command.
 The config is validated before anything runs; library logs go to <workdir>/logs/
 (--verbosity=1: also on the console). Exit codes: 0 done, 2 bad input or a disk
 fault (one `error:` line), 3 non-finite loss, 130 Ctrl-C, 143 SIGTERM before training.
@@ -28,12 +30,13 @@ from ml_collections import config_flags
 from esspr_jax import console
 from esspr_jax import distributed
 from esspr_jax import stages
+from esspr_jax import topology
 from esspr_jax.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 MODES = ("all", "demo-world", "mine", "fetch-images", "build", "train", "eval", "export",
-         "search", "duplicates")
+         "search", "duplicates", "compile")
 HELP_ARGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull")
 # Modes that read or write the workdir (mine writes next to --out instead).
 _WORKDIR_MODES = tuple(m for m in MODES if m not in ("mine", "fetch-images"))
@@ -99,6 +102,9 @@ def define_flags(fv: flags.FlagValues, sys_argv: list[str] | None = None) -> Non
   flags.DEFINE_string("gallery", "m", "search: gallery modality i, t or m", flag_values=fv)
   flags.DEFINE_integer("k", 0, "search: results (0: config.eval.search.k)", flag_values=fv)
   flags.DEFINE_string("html_out", "", "search: also write an HTML page here", flag_values=fv)
+  # compile
+  flags.DEFINE_string("topology", None, "compile: a TPU slice libtpu knows (v5e:4x8, "
+                      "v4:2x2x2, v5p:2x2x4, v6e:4x4, ...) or cpu:N", flag_values=fv)
   distributed.define_flags(fv)
 
 
@@ -214,6 +220,9 @@ def run(config, fv, beam_args=()):
         listing_id=fv.listing_id, image=fv.image, text=fv.text, supplier=fv.supplier,
         more_suppliers=fv.more_suppliers, category=fv.category, gallery=fv.gallery, k=fv.k,
         html_out=fv.html_out, image_dir=fv.image_dir or "", checkpoint=fv.checkpoint)
+  if mode == "compile":
+    _require(fv, "topology")
+    return stages.compile_check(config, paths, fv.topology)
   if mode == "duplicates":
     return stages.duplicates(config, paths, fv.catalog, fv.image_dir, pairs=fv.pairs,
                              checkpoint=fv.checkpoint, step=fv.step)
@@ -300,8 +309,11 @@ def execute(argv: list[str], *, beam_args=()) -> int:
     config = config_from_flags(fv)
     with console.session(_log_dir(config, fv), fv.verbosity):
       try:
+        if fv.mode == "compile":  # the topology's devices, not this machine's
+          topology.reserve_cpu_devices(fv.topology or "")
         distributed.initialize_from_flags(fv)
-        stages.check_platform(config, allow_cpu=fv.allow_cpu)
+        if fv.mode != "compile":
+          stages.check_platform(config, allow_cpu=fv.allow_cpu)
         run(config, fv, beam_args)
       except Exception as e:
         log.info("stopped by %s", type(e).__name__, exc_info=e)  # the details, in the log file

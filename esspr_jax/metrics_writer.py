@@ -31,66 +31,44 @@ from etils import epath
 
 from esspr_jax import atomic_io
 from esspr_jax import jsonl
+from esspr_jax.hardware import PEAK_FLOPS_BY_DEVICE_KIND, peak_flops_per_device  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-# Dense peak FLOP/s of one device at the precision training uses on it (bf16 on
-# accelerators). Used for MFU when config.train.peak_flops is 0.
-PEAK_FLOPS_BY_DEVICE_KIND = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,
-    "TPU v6 lite": 918e12,
-    "TPU v6e": 918e12,
-    "NVIDIA A100-SXM4-40GB": 312e12,
-    "NVIDIA A100-SXM4-80GB": 312e12,
-    "NVIDIA H100 80GB HBM3": 989e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA H200": 989e12,
-}
 
-
-def peak_flops_per_device(configured: float, device_kind: str) -> float | None:
-  """The configured peak, else the table's entry for `device_kind`, else None."""
-  if configured > 0:
-    return float(configured)
-  if device_kind in PEAK_FLOPS_BY_DEVICE_KIND:
-    return PEAK_FLOPS_BY_DEVICE_KIND[device_kind]
-  for kind, peak in PEAK_FLOPS_BY_DEVICE_KIND.items():
-    if device_kind.startswith(kind):
-      return peak
-  return None
-
-
-def mfu(flops_per_step: float, step_seconds: float, num_devices: int,
-        peak_per_device: float | None) -> float | None:
-  """Model FLOPs utilisation: achieved FLOP/s over the mesh's peak FLOP/s."""
+def utilisation(flops_per_step: float | None, step_seconds: float, num_devices: int,
+                peak_per_device: float | None) -> float | None:
+  """Achieved FLOP/s over the mesh's peak FLOP/s: MFU with model FLOPs, HFU with the
+  FLOPs the compiled program executes."""
   if not peak_per_device or not flops_per_step or step_seconds <= 0:
     return None
   return flops_per_step / step_seconds / (num_devices * peak_per_device)
 
 
-def compiled_flops(lowered) -> float | None:
-  """FLOPs of one step as XLA counts them in the unpartitioned program (global)."""
+def executable_flops(compiled, num_devices: int) -> float | None:
+  """FLOPs one step executes on the whole mesh: the compiled (per-device, partitioned)
+  program's count times the devices. Counts what the hardware runs: remat
+  recomputation, gradient caching's second forward and partitioning overhead included.
+  None when the backend has no cost analysis."""
   try:
-    cost = lowered.cost_analysis()
-  except Exception as e:  # some backends do not implement it
+    cost = compiled.cost_analysis()
+  except Exception as e:  # noqa: BLE001  (some backends do not implement it)
     log.info("no cost analysis available: %s", e)
     return None
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else None
-  if not cost or "flops" not in cost:
+  if not cost or not cost.get("flops") or cost["flops"] <= 0:
     return None
-  return float(cost["flops"])
+  return float(cost["flops"]) * num_devices
 
 
 def interval_metrics(sums: Mapping[str, float], steps: int, seconds: float, *,
                      batch_size: int, flops_per_step: float | None, num_devices: int,
-                     peak_per_device: float | None) -> dict[str, float]:
+                     peak_per_device: float | None,
+                     model_flops_per_step: float | None = None) -> dict[str, float]:
   """What a log row says about `steps` steps that took `seconds` in all: each metric's
-  mean (from its sum), the step time and throughput, and FLOP rates where known."""
+  mean (from its sum), the step time and throughput, and FLOP rates where known:
+  `mfu` from the model's FLOPs (model_flops.py), `hfu` from the compiled program's."""
   step_seconds = seconds / steps
   out = {k: v / steps for k, v in sums.items()}
   out["step_seconds"] = step_seconds
@@ -98,7 +76,10 @@ def interval_metrics(sums: Mapping[str, float], steps: int, seconds: float, *,
   if flops_per_step:
     out["flops_per_step"] = flops_per_step
     out["tflops_per_device"] = flops_per_step / step_seconds / num_devices / 1e12
-    out["mfu"] = mfu(flops_per_step, step_seconds, num_devices, peak_per_device)
+    out["hfu"] = utilisation(flops_per_step, step_seconds, num_devices, peak_per_device)
+  if model_flops_per_step:
+    out["model_flops_per_step"] = model_flops_per_step
+    out["mfu"] = utilisation(model_flops_per_step, step_seconds, num_devices, peak_per_device)
   return out
 
 
@@ -107,9 +88,11 @@ class IntervalMeter:
   at a log step returns the row for the steps since the previous one."""
 
   def __init__(self, *, batch_size: int, flops_per_step: float | None, num_devices: int,
-               peak_per_device: float | None, clock=time.perf_counter):
+               peak_per_device: float | None, model_flops_per_step: float | None = None,
+               clock=time.perf_counter):
     self._rates = dict(batch_size=batch_size, flops_per_step=flops_per_step,
-                       num_devices=num_devices, peak_per_device=peak_per_device)
+                       num_devices=num_devices, peak_per_device=peak_per_device,
+                       model_flops_per_step=model_flops_per_step)
     self._clock = clock
     self._start = clock()
 

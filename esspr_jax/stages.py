@@ -250,6 +250,16 @@ def duplicates(config, paths: Paths, catalog=None, image_dir=None, *, pairs=None
 
 
 # ----------------------------------------------------------------------------- the job
+def compile_check(config, paths: Paths, topology_name: str):
+  """--mode=compile: the train and embedding steps compiled for a topology; prints the
+  report and writes it under <workdir>/compile/ (compile_check.py)."""
+  from esspr_jax import compile_check as compile_lib  # noqa: PLC0415  (jax, the model)
+  report = compile_lib.run(config, paths.workdir, topology_name)
+  say(report.table())
+  say(f"[compile] report: {compile_lib.report_path(paths.workdir, topology_name)}")
+  return report
+
+
 def prepare_data(config, paths: Paths) -> None:
   """Demo world -> mined pairs -> both datasets -> tokenizer cache (each reused when
   present). Writes shared files, so only one process may run it (see run_all)."""

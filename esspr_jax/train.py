@@ -26,10 +26,13 @@ import ml_collections
 import numpy as np
 import optax
 from etils import epath
+from jax.experimental.compilation_cache import compilation_cache
 
 from esspr_jax import checkpoint as checkpoint_lib
+from esspr_jax import compile_report
 from esspr_jax import distributed
 from esspr_jax import metrics_writer as metrics_lib
+from esspr_jax import model_flops
 from esspr_jax import optim
 from esspr_jax import prefetch
 from esspr_jax import run_record
@@ -41,6 +44,7 @@ from esspr_jax.config.loss import composed_enabled, composed_rows_per_process
 from esspr_jax.config.loss_plan import plan_terms
 from esspr_jax.losses.weighting import init_loss_params
 from esspr_jax.errors import ConfigError, DataError
+from esspr_jax.models.model import EssprModel
 from esspr_jax.train_step import ALL_VIEWS, LossFn, TrainState, Views, train_step
 
 log = logging.getLogger(__name__)
@@ -175,6 +179,22 @@ def _init_variables(model: nn.Module, rng: jax.Array, side: Any, loss_config=Non
 
 # ----------------------------------------------------------------------------- set-up
 @dataclasses.dataclass
+class StepPlan:
+  """The train step laid out on a mesh and lowered, not yet compiled: what `train()`
+  compiles and runs, and what `--mode=compile` compiles for a topology it does not
+  have (compile_check.py). One builder for both, so the checked program is the run's."""
+  mesh: jax.sharding.Mesh
+  batch_sharding: jax.sharding.NamedSharding
+  param_shardings: Any
+  state_shardings: TrainState
+  abstract_state: TrainState  # ShapeDtypeStructs carrying the target shardings
+  init: Callable[[], TrainState]  # a fresh, sharded state
+  lowered: Any  # jax.stages.Lowered of (state, sums, global batch) -> (state, sums)
+  zero_sums: Callable[[], step_metrics.MetricSums]
+  restart_interval: Callable  # sums -> sums with the interval part zeroed (donated)
+
+
+@dataclasses.dataclass
 class Setup:
   """What the loop needs from the mesh: shardings, the abstract state, compiled code."""
   mesh: jax.sharding.Mesh
@@ -187,7 +207,8 @@ class Setup:
   zero_sums: Callable[[], step_metrics.MetricSums]
   restart_interval: Callable  # sums -> sums with the interval part zeroed (donated)
   compile_seconds: float
-  flops_per_step: float | None
+  flops_per_step: float | None  # what the compiled program executes, all devices
+  memory: compile_report.Memory | None = None  # per device, as XLA planned it
 
 
 def check_mesh(config, mesh) -> None:
@@ -203,17 +224,19 @@ def check_mesh(config, mesh) -> None:
                         f"the {shards} batch shards of mesh {dict(mesh.shape)}")
 
 
-def set_up(config, model: nn.Module, loss_fn: LossFn, views: Views, sample: Any,
-           devices=None) -> Setup:
-  """Mesh, shardings and the compiled step for batches shaped like `sample` (this
-  process's share of one batch); raises ConfigError before compiling on a bad layout."""
+def plan_step(config, model: nn.Module, loss_fn: LossFn, views: Views, global_batch: Any,
+              devices=None) -> StepPlan:
+  """Mesh, shardings and the lowered step for global batches shaped like
+  `global_batch` (arrays or ShapeDtypeStructs); raises ConfigError on a bad layout.
+  `devices` may be compile-only devices of a topology (topology.py)."""
   tc = config.train
   mesh = sharding.make_mesh(tc, devices)
   check_mesh(config, mesh)
   logical_rules = sharding.rules(tc)
   batch_sharding = sharding.batch_sharding(mesh, logical_rules)
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
-  init_side = jax.tree_util.tree_map(lambda x: x[:1], sample["trigger"])
+  init_side = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype), global_batch["trigger"])
   init_variables = functools.partial(_init_variables, model, loss_config=config.loss)
   abstract_vars = jax.eval_shape(init_variables, init_rng, init_side)
   param_logical = sharding.logical_specs(abstract_vars["params"])
@@ -243,25 +266,60 @@ def set_up(config, model: nn.Module, loss_fn: LossFn, views: Views, sample: Any,
   with jax.set_mesh(mesh):
     abstract_state = checkpoint_lib.abstract_like(
         jax.eval_shape(init_state, init_rng, init_side), state_shardings)
-    global_shape = lambda x: jax.ShapeDtypeStruct(
-        (x.shape[0] * jax.process_count(),) + x.shape[1:], x.dtype, sharding=batch_sharding)
-    abstract_batch = jax.tree_util.tree_map(global_shape, sample)
+    abstract_batch = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding), global_batch)
     metric_shapes = jax.eval_shape(one_step, abstract_state, abstract_batch)[1]
     zero_sums = jax.jit(lambda: step_metrics.zeros(metric_shapes), out_shardings=repl)
-    compile_start = time.time()
     lowered = jax.jit(step_and_sum, in_shardings=(state_shardings, repl, batch_sharding),
                       out_shardings=(state_shardings, repl), donate_argnums=(0, 1)).lower(
                           abstract_state, jax.eval_shape(zero_sums), abstract_batch)
-    compiled = lowered.compile()
-    compile_seconds = time.time() - compile_start
-  init = lambda: jax.jit(init_state, out_shardings=state_shardings)(init_rng, init_side)
-  return Setup(mesh=mesh, batch_sharding=batch_sharding, param_shardings=param_shardings,
-               state_shardings=state_shardings, abstract_state=abstract_state, init=init,
-               step=compiled, zero_sums=zero_sums,
-               restart_interval=jax.jit(step_metrics.restart_interval, out_shardings=repl,
-                                        donate_argnums=0),
-               compile_seconds=compile_seconds,
-               flops_per_step=metrics_lib.compiled_flops(lowered))
+
+  def init():
+    concrete_side = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), init_side)
+    return jax.jit(init_state, out_shardings=state_shardings)(init_rng, concrete_side)
+
+  return StepPlan(mesh=mesh, batch_sharding=batch_sharding, param_shardings=param_shardings,
+                  state_shardings=state_shardings, abstract_state=abstract_state, init=init,
+                  lowered=lowered, zero_sums=zero_sums,
+                  restart_interval=jax.jit(step_metrics.restart_interval, out_shardings=repl,
+                                           donate_argnums=0))
+
+
+def set_up(config, model: nn.Module, loss_fn: LossFn, views: Views, sample: Any,
+           devices=None) -> Setup:
+  """Mesh, shardings and the compiled step for batches shaped like `sample` (this
+  process's share of one batch); raises ConfigError before compiling on a bad layout,
+  and DoesNotFitError when the step needs more memory than the devices have."""
+  global_batch = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct((x.shape[0] * jax.process_count(),) + x.shape[1:],
+                                     x.dtype), sample)
+  plan = plan_step(config, model, loss_fn, views, global_batch, devices)
+  compiled, seconds = compile_report.compile_lowered(plan.lowered, config, "the train step")
+  devices = plan.mesh.devices.flat
+  memory = compile_report.Memory.of(compiled)
+  compile_report.check_fit(memory, compile_report.device_hbm(next(iter(devices))), config,
+                           "the train step")
+  return Setup(mesh=plan.mesh, batch_sharding=plan.batch_sharding,
+               param_shardings=plan.param_shardings, state_shardings=plan.state_shardings,
+               abstract_state=plan.abstract_state, init=plan.init, step=compiled,
+               zero_sums=plan.zero_sums, restart_interval=plan.restart_interval,
+               compile_seconds=seconds,
+               flops_per_step=metrics_lib.executable_flops(compiled, plan.mesh.devices.size),
+               memory=memory)
+
+
+def use_compilation_cache(config, workdir: epath.Path) -> str | None:
+  """Points XLA's persistent compilation cache at `train.compilation_cache_dir`
+  (config/train.py says how it defaults); returns the directory in use, or None."""
+  setting = config.train.compilation_cache_dir
+  if setting == "off":
+    return None
+  current = jax.config.jax_compilation_cache_dir
+  directory = setting or current or os.fspath(workdir / "compile_cache")
+  if directory != current:
+    jax.config.update("jax_compilation_cache_dir", directory)
+    compilation_cache.reset_cache()  # the next compile opens the new directory
+  return directory
 
 
 def open_workdir(config, workdir: epath.Path) -> tuple[metrics_lib.MetricsWriter, Any]:
@@ -322,10 +380,21 @@ def _start_line(setup: Setup, tc, start_step: int | None) -> str:
           + (f"; resumed at step {start_step}" if start_step is not None else ""))
 
 
-def _interval_meter(setup: Setup, tc) -> metrics_lib.IntervalMeter:
+def _model_flops(config, model, views) -> float | None:
+  """The model FLOPs of one step (model_flops.py) when `model` is the one
+  `config.model` describes; None for a caller's own model, which the config does not."""
+  inner = getattr(model, "model", model)  # a PretrainedInit wrapper's model
+  if not isinstance(inner, EssprModel) or inner.config != ml_collections.FrozenConfigDict(
+      config.model):
+    return None
+  return model_flops.model_flops_per_step(config, views)
+
+
+def _interval_meter(setup: Setup, tc, model_flops_per_step) -> metrics_lib.IntervalMeter:
   peak = metrics_lib.peak_flops_per_device(tc.peak_flops, metrics_lib.device_kind())
   return metrics_lib.IntervalMeter(batch_size=tc.batch_size,
                                    flops_per_step=setup.flops_per_step,
+                                   model_flops_per_step=model_flops_per_step,
                                    num_devices=setup.mesh.devices.size, peak_per_device=peak)
 
 
@@ -349,6 +418,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     raise ValueError("train(): pass train_dataset or train_source, not both")
   workdir = workdir_lib.workdir_path(workdir)
   writer, lock = open_workdir(config, workdir)
+  use_compilation_cache(config, workdir)
   try:
     return _run(config, workdir, writer, model=model, loss_fn=loss_fn,
                 train_dataset=train_dataset, train_source=train_source, eval_fn=eval_fn,
@@ -394,7 +464,8 @@ def _run(config, workdir, writer, *, model, loss_fn, train_dataset, train_source
       if not resumed or (miner.due(step) and step < tc.steps):
         mine(at_start=not resumed)
     writer.say(_start_line(setup, tc, start_step))
-    meter, sums = _interval_meter(setup, tc), setup.zero_sums()
+    meter = _interval_meter(setup, tc, _model_flops(config, model, views))
+    sums = setup.zero_sums()
     eval_metrics, last_metrics, skipped, stopped = None, {}, 0, "done"
 
     def read(sums) -> dict:

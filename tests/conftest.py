@@ -9,6 +9,9 @@ import tempfile
 # Must happen before jax initialises its backend.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# libtpu (compile-only TPU devices, tests/test_compile_check.py) lets one process hold
+# it unless told that compile-only sharing is fine; test subprocesses may load it too.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # Many tests train the same tiny programs, each train() call compiling them anew;
 # a persistent cache private to this session (and its worker subprocesses, which
 # inherit the variable) compiles each once. Fresh every session: nothing stale.

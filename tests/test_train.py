@@ -104,13 +104,15 @@ def test_metrics_name_every_loss_term_and_rates(logged_run):
   records = _records(workdir)
   assert [r["step"] for r in records] == [2, 4]
   for key in ("loss", "loss/infonce/m-m", "loss/infonce/t-m", "lr", "grad_norm",
-              "examples_per_sec", "step_seconds", "flops_per_step", "mfu"):
+              "examples_per_sec", "step_seconds", "flops_per_step", "hfu"):
     assert key in records[-1], key
+  # The stand-in model is not the one config.model describes: no model FLOPs, no MFU.
+  assert "mfu" not in records[-1] and "model_flops_per_step" not in records[-1]
   last = records[-1]
   assert last["loss"] == pytest.approx(last["loss/infonce/m-m"] + last["loss/infonce/t-m"],
                                        rel=1e-5)
   assert last["examples_per_sec"] == pytest.approx(8 / last["step_seconds"], rel=1e-6)
-  assert last["mfu"] == pytest.approx(
+  assert last["hfu"] == pytest.approx(
       last["flops_per_step"] / last["step_seconds"] / (8 * 1e12), rel=1e-6)
   # Step 4's lr (logged as the mean over steps 3-4) follows the schedule.
   schedule = optim.learning_rate_schedule(_config(4).train)
@@ -199,12 +201,17 @@ def test_schedule_warms_up_then_decays_to_the_end_ratio():
 
 
 # ------------------------------------------------------------------ metrics helpers
-def test_mfu_and_peak_lookup():
-  assert metrics_writer.mfu(2e12, 0.5, 4, 1e12) == pytest.approx(1.0)
-  assert metrics_writer.mfu(1e12, 1.0, 1, None) is None
+def test_utilisation_and_peak_and_hbm_lookup():
+  from esspr_jax import hardware
+  assert metrics_writer.utilisation(2e12, 0.5, 4, 1e12) == pytest.approx(1.0)
+  assert metrics_writer.utilisation(1e12, 1.0, 1, None) is None
   assert metrics_writer.peak_flops_per_device(0, "TPU v4") == 275e12
   assert metrics_writer.peak_flops_per_device(5.0, "TPU v4") == 5.0
   assert metrics_writer.peak_flops_per_device(0, "cpu") is None
+  assert hardware.lookup(hardware.HBM_BYTES_BY_DEVICE_KIND, "TPU v5 lite") == int(15.75 * 2**30)
+  assert hardware.lookup(hardware.HBM_BYTES_BY_DEVICE_KIND, "TPU v5 litepod") == int(
+      15.75 * 2**30)  # by prefix
+  assert hardware.lookup(hardware.HBM_BYTES_BY_DEVICE_KIND, "cpu") is None
 
 
 def test_interval_meter_averages_sums_and_times_the_interval():
@@ -214,11 +221,23 @@ def test_interval_meter_averages_sums_and_times_the_interval():
   row = meter.read({"loss": 6.0, "lr": 0.4}, steps=4)  # 4 steps in 4 s
   assert row == pytest.approx({"loss": 1.5, "lr": 0.1, "step_seconds": 1.0,
                                "examples_per_sec": 8.0, "flops_per_step": 2e12,
-                               "tflops_per_device": 0.5, "mfu": 0.5})
+                               "tflops_per_device": 0.5, "hfu": 0.5})
   row = meter.read({"loss": 1.0}, steps=2)  # the next interval: 2 steps in 1 s
-  assert row["step_seconds"] == 0.5 and row["loss"] == 0.5 and row["mfu"] == 1.0
-  assert "mfu" not in metrics_writer.interval_metrics(
+  assert row["step_seconds"] == 0.5 and row["loss"] == 0.5 and row["hfu"] == 1.0
+  empty = metrics_writer.interval_metrics(
       {}, 1, 1.0, batch_size=1, flops_per_step=None, num_devices=1, peak_per_device=None)
+  assert "mfu" not in empty and "hfu" not in empty
+
+
+def test_mfu_counts_model_flops_and_hfu_the_executed_ones():
+  # Remat and gradient caching run more FLOPs than the model needs: HFU sees them,
+  # MFU does not.
+  meter = metrics_writer.IntervalMeter(batch_size=8, flops_per_step=3e12, num_devices=4,
+                                       peak_per_device=1e12, model_flops_per_step=2e12,
+                                       clock=iter([0.0, 1.0]).__next__)
+  row = meter.read({}, steps=1)
+  assert row["mfu"] == pytest.approx(0.5) and row["hfu"] == pytest.approx(0.75)
+  assert row["model_flops_per_step"] == 2e12 and row["flops_per_step"] == 3e12
 
 
 def test_step_metrics_sum_on_device_and_keep_the_first_bad_step():

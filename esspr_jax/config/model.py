@@ -2,7 +2,8 @@
 
 Keys (see docs/model.md for what each does):
   dtype 'float32'|'bfloat16' (compute; params stay float32), embed_dim, dropout,
-  remat, scan, logit_scale_init, logit_bias_init,
+  remat, remat_policy (what remat keeps; REMAT_POLICIES), scan, logit_scale_init,
+  logit_bias_init,
   image: enabled, kind 'vit'|'clip_vit'|'siglip_vit'|'efficientnet_lite0', size, patch,
          width, depth, heads, mlp_dim, cls_token, mean, std, ln_eps,
          act 'gelu'|'gelu_tanh'|'quick_gelu', batch_norm 'frozen'|'trainable'
@@ -32,6 +33,8 @@ TOKENIZER_KINDS = ("train", "vocab_txt", "file", "clip", "siglip")
 IMAGE_KINDS = ("vit", "clip_vit", "siglip_vit", "efficientnet_lite0")
 TEXT_KINDS = ("bert", "clip", "siglip")
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
+# jax.checkpoint_policies a remat'd block may keep (docs/performance.md measures them).
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
 BATCH_NORMS = ("frozen", "trainable")
 EFFICIENTNET_STRIDE = 32  # the last feature map is size / 32 on a side
 
@@ -64,6 +67,7 @@ def default_config(preset: str) -> ml_collections.ConfigDict:
   c.embed_dim = s["embed_dim"]
   c.dropout = 0.0
   c.remat = s["remat"]
+  c.remat_policy = "nothing_saveable"  # read while remat is True
   c.scan = s["scan"]
   c.logit_scale_init = math.log(10.0)
   c.logit_bias_init = -10.0
@@ -130,6 +134,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   m = config.model
   known_keys(m, default_config("tiny"), "model", required=True)
   _one_of(m, "dtype", "model", DTYPES)
+  if not isinstance(m.remat, bool):
+    raise ConfigError("model.remat", f"must be True or False, got {m.remat!r}")
+  _one_of(m, "remat_policy", "model", REMAT_POLICIES)
   _positive_int(m, "embed_dim", "model")
   if not 0.0 <= m.dropout < 1.0:
     raise ConfigError("model.dropout", f"must be in [0, 1), got {m.dropout!r}")

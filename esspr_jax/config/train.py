@@ -103,6 +103,10 @@ def default_config(preset: str) -> ml_collections.ConfigDict:
   # The platform this config is laid out for: 'any', 'cpu', 'gpu' or 'tpu'. With 'gpu'
   # or 'tpu' a run refuses a CPU-only JAX unless --allow_cpu (esspr_jax/stages.py).
   c.platform = "any"
+  # XLA's persistent compilation cache, so a restarted or preempted job does not pay
+  # the compile again: '' is the process's own cache (JAX_COMPILATION_CACHE_DIR) if
+  # it has one, else <workdir>/compile_cache; a path or gs:// URL; or 'off'.
+  c.compilation_cache_dir = ""
   # Guards the jitted step against implicit host<->device copies.
   c.transfer_guard = "disallow"
   # Global batches built and sent to the devices ahead of the running step (a
@@ -179,6 +183,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f"must be 'allow', 'log' or 'disallow', got {t.transfer_guard!r}")
   _check(_is_int(t.prefetch) and t.prefetch >= 0, "train.prefetch",
          f"must be an int >= 0 (0: build each batch inline), got {t.prefetch!r}")
+  _check(isinstance(t.compilation_cache_dir, str), "train.compilation_cache_dir",
+         f"must be a path, a gs:// URL, '' (default) or 'off', got {t.compilation_cache_dir!r}")
   _check(isinstance(t.sync_loop, bool), "train.sync_loop",
          f"must be True or False, got {t.sync_loop!r}")
   validate_hard_negatives(config)

@@ -40,7 +40,7 @@ def hinge_term(query: Any, gallery: Any, batch: int, margin: float, *,
     return total + jnp.sum(jnp.where(valid, violation.sum(axis=1), 0.0))
 
   return BlockTerm(jnp.zeros((), jnp.float32), block,
-                   lambda total: shard.sum(total) / (batch * columns), (query,), gallery)
+                   lambda total: shard.sum(total) / float(batch * columns), (query,), gallery)
 
 
 def batch_hinge(query: jax.Array, gallery: jax.Array, margin: float, *,

@@ -13,7 +13,9 @@ Block layout (params under `layer_{i}/`, or under `layers/` when scanned):
 `depth` copies (fast compiles for deep towers). Its params live under `layers/`
 with the same names and a leading axis of size `depth` (logical name `layers`),
 e.g. `layers/attn/query/kernel` is [depth, D, H, Dh]. `remat=True` recomputes each
-block's activations in the backward pass (`nn.remat`), trading FLOPs for memory.
+block's activations in the backward pass (`nn.remat`), trading FLOPs for memory;
+a policy name instead of True keeps what that `jax.checkpoint_policies` policy saves
+(`model.remat_policy`; docs/performance.md has the measured trade-off).
 Both give the same outputs as the plain stack. `act` is the MLP activation
 (models/layers.py ACTIVATIONS); `causal=True` makes attention causal (CLIP text).
 """
@@ -25,8 +27,22 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from esspr_jax.config.model import NORMS
+from esspr_jax.config.model import NORMS, REMAT_POLICIES
 from esspr_jax.models.layers import Attention, Mlp, constrain, layer_norm
+
+
+def remat_policy(remat: bool | str):
+  """The `jax.checkpoint` policy for Encoder.remat: True saves nothing (recompute the
+  whole block), a name from config.model.REMAT_POLICIES saves what it says."""
+  name = "nothing_saveable" if remat is True else remat
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"remat policy must be one of {REMAT_POLICIES}, got {remat!r}")
+  return getattr(jax.checkpoint_policies, name)
+
+
+def remat_setting(model_config) -> bool | str:
+  """What a tower passes as Encoder.remat: False, or the configured policy's name."""
+  return model_config.remat and model_config.get("remat_policy", "nothing_saveable")
 
 
 class EncoderBlock(nn.Module):
@@ -73,7 +89,7 @@ class Encoder(nn.Module):
   ln_eps: float = 1e-6
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
-  remat: bool = False
+  remat: bool | str = False  # True: save nothing; or a REMAT_POLICIES name
   scan: bool = False
   act: str = "gelu"
   causal: bool = False
@@ -84,7 +100,7 @@ class Encoder(nn.Module):
       return x
     block = EncoderBlock
     if self.remat:
-      block = nn.remat(block, prevent_cse=not self.scan)
+      block = nn.remat(block, prevent_cse=not self.scan, policy=remat_policy(self.remat))
     settings = dict(heads=self.heads, mlp_dim=self.mlp_dim, norm=self.norm, ln_eps=self.ln_eps,
                     dropout=self.dropout, deterministic=not train, dtype=self.dtype,
                     act=self.act, causal=self.causal)

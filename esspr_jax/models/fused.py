@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from esspr_jax.config.model import POOLS
 from esspr_jax.losses.similarity import l2_normalize
-from esspr_jax.models.encoder import Encoder
+from esspr_jax.models.encoder import Encoder, remat_setting
 from esspr_jax.models.layers import (
     Attention, Mlp, compute_dtype, dense, layer_norm, masked_mean, normal_init)
 
@@ -69,7 +69,7 @@ class FusedHead(nn.Module):
   ln_eps: float = 1e-6
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
-  remat: bool = False
+  remat: bool | str = False  # Encoder.remat
   scan: bool = False
 
   @classmethod
@@ -78,7 +78,7 @@ class FusedHead(nn.Module):
     return cls(num_layers=f.num_layers, width=f.width, heads=f.heads, mlp_dim=f.mlp_dim,
                embed_dim=model_config.embed_dim, pool=f.pool, input_proj=f.input_proj,
                output_proj=f.output_proj, ln_eps=f.ln_eps, dropout=model_config.dropout,
-               dtype=compute_dtype(model_config.dtype), remat=model_config.remat,
+               dtype=compute_dtype(model_config.dtype), remat=remat_setting(model_config),
                scan=model_config.scan, name=name)
 
   def _modality(self, tokens, modality_embed, proj_name: str):

@@ -38,7 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from esspr_jax.models.encoder import Encoder
+from esspr_jax.models.encoder import Encoder, remat_setting
 from esspr_jax.models.layers import Embedding, compute_dtype, constrain, dense, layer_norm
 
 TEXT_KINDS = ("bert", "clip", "siglip")
@@ -58,7 +58,7 @@ class TextTower(nn.Module):
   pooler: bool = False
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
-  remat: bool = False
+  remat: bool | str = False  # Encoder.remat
   scan: bool = False
   kind: str = "bert"
   act: str = "gelu"
@@ -71,7 +71,7 @@ class TextTower(nn.Module):
                mlp_dim=t.mlp_dim, norm=t.norm, ln_eps=t.ln_eps, pooler=t.pooler,
                kind=t.kind, act=t.act,
                dropout=model_config.dropout, dtype=compute_dtype(model_config.dtype),
-               remat=model_config.remat, scan=model_config.scan, name=name)
+               remat=remat_setting(model_config), scan=model_config.scan, name=name)
 
   def _embed(self, num: int, names, name: str) -> Embedding:
     # Embedding sums stay float32 (as in BERT); embed_norm casts to the compute dtype.

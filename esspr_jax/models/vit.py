@@ -45,7 +45,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from esspr_jax.models.encoder import Encoder
+from esspr_jax.models.encoder import Encoder, remat_setting
 from esspr_jax.models.fused import MapPool
 from esspr_jax.models.layers import compute_dtype, constrain, dense, layer_norm, normal_init
 
@@ -74,7 +74,7 @@ class VisionTower(nn.Module):
   ln_eps: float = 1e-6
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
-  remat: bool = False
+  remat: bool | str = False  # Encoder.remat
   scan: bool = False
   kind: str = "vit"
   act: str = "gelu"
@@ -85,7 +85,7 @@ class VisionTower(nn.Module):
     return cls(image_size=v.size, patch=v.patch, width=v.width, depth=v.depth, heads=v.heads,
                mlp_dim=v.mlp_dim, cls_token=v.cls_token, mean=tuple(v.mean), std=tuple(v.std),
                ln_eps=v.ln_eps, kind=v.kind, act=v.act, dropout=model_config.dropout,
-               dtype=compute_dtype(model_config.dtype), remat=model_config.remat,
+               dtype=compute_dtype(model_config.dtype), remat=remat_setting(model_config),
                scan=model_config.scan, name=name)
 
   @property

@@ -32,7 +32,7 @@ def _flat(d) -> dict:
 
 # Keys that do not change what trained params compute at inference: how to run
 # (dropout, rematerialisation, compute dtype) or how params were first initialised.
-_RUNTIME_ONLY = ("dropout", "remat", "dtype", "logit_scale_init", "logit_bias_init")
+_RUNTIME_ONLY = ("dropout", "remat", "remat_policy", "dtype", "logit_scale_init", "logit_bias_init")
 
 
 def _matters(key: str) -> bool:
