@@ -2,6 +2,8 @@
 the whole new one, never half of one; a failed write leaves nothing behind.
 
 Local paths: a temp file in the target's directory, renamed into place (os.replace).
+The temp file is created as open() would create it, mode 0666 & ~umask (not mkstemp's
+0600), so another user (a search service) can read what a run wrote.
 Object stores (gs://, s3://): rename is a copy there, not atomic, but one object upload
 is: the object appears under its name only once the upload completes. So the content
 is collected in memory and uploaded in one request (a resumable upload for objects of
@@ -12,7 +14,7 @@ import contextlib
 import io
 import os
 import pathlib
-import tempfile
+import secrets
 
 
 def is_remote(path) -> bool:
@@ -29,7 +31,7 @@ def atomic_open(path, mode: str = "w", **open_kwargs):
     return
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+  fd, tmp = _create_temp(path)
   try:
     with os.fdopen(fd, mode, **open_kwargs) as f:
       yield f
@@ -38,6 +40,17 @@ def atomic_open(path, mode: str = "w", **open_kwargs):
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
+
+
+def _create_temp(path: pathlib.Path) -> tuple[int, pathlib.Path]:
+  """A new, exclusively created temp file next to `path`; the kernel applies the umask."""
+  flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+  while True:
+    tmp = path.with_name(f"{path.name}.{secrets.token_hex(6)}.tmp")
+    try:
+      return os.open(tmp, flags, 0o666), tmp
+    except FileExistsError:
+      continue
 
 
 @contextlib.contextmanager

@@ -14,12 +14,18 @@ Where the settings come from, first match wins:
 
 Settings are resolved by a pure function (`plan_initialization`) so every rule is
 testable without starting anything; `initialize` only carries the plan out.
+
+Process 0's coordinator listens on the coordinator address's own host (what that name
+resolves to here), for every way of starting: JAX alone would listen on every interface
+([::]:PORT). $JAX_COORDINATOR_BIND_ADDRESS, when set, says otherwise (e.g. 0.0.0.0:PORT).
 """
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import os
+import socket
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -35,6 +41,7 @@ ENV_LOCAL_DEVICE_IDS = "ESSPR_LOCAL_DEVICE_IDS"
 ENV_INIT_TIMEOUT = "ESSPR_INIT_TIMEOUT_S"
 # 'auto' (default) or 'off': 'off' forces a single process even inside a cluster job.
 ENV_CLUSTER = "ESSPR_CLUSTER"
+ENV_BIND = "JAX_COORDINATOR_BIND_ADDRESS"  # JAX's own: where process 0's coordinator listens
 
 _SLURM_STEP_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
                     "SLURM_LOCALID")
@@ -273,8 +280,9 @@ def initialize(coordinator_address: str | None = None,
                                local_device_ids=local_device_ids,
                                initialization_timeout_s=initialization_timeout_s)
     if not plan.is_single:
-      log.info("Starting multi-process JAX (%s): %s", plan.kind, dict(plan.jax_kwargs))
-      jax.distributed.initialize(**plan.jax_kwargs)
+      kwargs = _with_bind_address(dict(plan.jax_kwargs), os.environ)
+      log.info("Starting multi-process JAX (%s): %s", plan.kind, kwargs)
+      jax.distributed.initialize(**kwargs)
     kind = plan.kind
   else:
     kind = "already-initialized"
@@ -283,6 +291,61 @@ def initialize(coordinator_address: str | None = None,
     log.info("Process %d of %d: %d local / %d global devices", info.process_id,
              info.num_processes, info.local_device_count, info.global_device_count)
   return info
+
+
+def coordinator_bind_address(coordinator: str) -> str:
+  """HOST:PORT for process 0's coordinator to listen on: an address `coordinator`'s host
+  resolves to here (a non-loopback one if it has any), never every interface."""
+  host, _, port = coordinator.rpartition(":")
+  host = host.strip("[]")
+  try:
+    found = [info[4][0] for info in socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)]
+  except (socket.gaierror, UnicodeError) as e:
+    raise DistributedSetupError(
+        ENV_COORDINATOR, f"cannot resolve the coordinator host {host!r} ({e}); set "
+        f"{ENV_BIND}=ADDRESS:{port} to say where process 0 listens") from None
+  chosen = next((a for a in found if not ipaddress.ip_address(a.split("%")[0]).is_loopback),
+                found[0])
+  if ipaddress.ip_address(chosen.split("%")[0]).is_loopback and host != "localhost" \
+      and not _is_ip(host):
+    log.warning("Coordinator host %r resolves to %s here: only processes on this machine can "
+                "join; set %s=ADDRESS:%s for a run across machines", host, chosen, ENV_BIND, port)
+  return f"[{chosen}]:{port}" if ":" in chosen else f"{chosen}:{port}"
+
+
+def _is_ip(host: str) -> bool:
+  try:
+    ipaddress.ip_address(host)
+  except ValueError:
+    return False
+  return True
+
+
+def _with_bind_address(kwargs: dict, environ: Mapping[str, str]) -> dict:
+  """`kwargs` for `jax.distributed.initialize` with process 0's coordinator bound to its
+  host. Where JAX's cluster detection would fill in the coordinator, it is filled in here
+  first (the same detection), so its host is known too."""
+  if environ.get(ENV_BIND):
+    return kwargs  # JAX reads it
+  if any(kwargs.get(k) is None for k in ("coordinator_address", "num_processes", "process_id")):
+    from jax._src import clusters  # noqa: PLC0415  (JAX's own detection; no public entry)
+    devices = kwargs.get("local_device_ids")
+    if devices is None and environ.get("JAX_LOCAL_DEVICE_IDS"):
+      devices = [int(d) for d in environ["JAX_LOCAL_DEVICE_IDS"].split(",")]
+    coordinator, processes, pid, devices = (
+        clusters.ClusterEnv.auto_detect_unset_distributed_params(
+            kwargs.get("coordinator_address") or environ.get("JAX_COORDINATOR_ADDRESS"),
+            kwargs.get("num_processes"), kwargs.get("process_id"), devices,
+            kwargs.get("cluster_detection_method"), kwargs.get("initialization_timeout")))
+    if None in (coordinator, processes, pid):
+      return kwargs  # JAX says what is missing
+    kwargs.update(coordinator_address=coordinator, num_processes=processes, process_id=pid,
+                  cluster_detection_method="deactivate")
+    if devices is not None:
+      kwargs["local_device_ids"] = devices
+  if kwargs["process_id"] == 0:
+    kwargs["coordinator_bind_address"] = coordinator_bind_address(kwargs["coordinator_address"])
+  return kwargs
 
 
 def define_flags(flag_values=None) -> None:

@@ -5,8 +5,8 @@
 
 Each process gets ESSPR_COORDINATOR=127.0.0.1:PORT, ESSPR_NUM_PROCESSES and
 ESSPR_PROCESS_ID (read by `esspr_jax.distributed.initialize`),
-JAX_COORDINATOR_BIND_ADDRESS=127.0.0.1:PORT (JAX's coordinator would otherwise listen
-on every interface, [::]:PORT, for a run that is local by construction) and, on CPU,
+JAX_COORDINATOR_BIND_ADDRESS=127.0.0.1:PORT (loopback only, for a run that is local by
+construction; `distributed.initialize` would pick the same from the coordinator) and, on CPU,
 XLA_FLAGS=--xla_force_host_platform_device_count=M, so 2 x 4 CPU devices behave
 like two hosts of a pod (Gloo collectives over loopback). With --platform=gpu each
 process sees M GPUs of this machine instead (one process per GPU when M=1).

@@ -11,6 +11,8 @@ from esspr_jax.distributed import DistributedSetupError, plan_initialization
 from esspr_jax.errors import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# 127.0.0.1 in /proc/net/tcp, and as IPv4-mapped / ::1 in /proc/net/tcp6
+LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
 
 SLURM_TWO_NODES_EIGHT_TASKS = {
     "SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "gpu[003-004]", "SLURM_NTASKS": "8",
@@ -173,11 +175,20 @@ def test_initialize_in_a_single_process_is_a_no_op(plain_environment):
 
 
 _PROBE = textwrap.dedent("""
+    import os, sys
     import numpy as np
     from esspr_jax import distributed
     info = distributed.initialize()
     from jax.experimental import multihost_utils
     ids = multihost_utils.process_allgather(np.array([info.process_id * 10 + 1]))
+    sys.path.insert(0, "tests")
+    from support import socket_inodes
+    mine = socket_inodes(os.getpid())
+    for table in ("tcp", "tcp6"):
+      for row in open(f"/proc/net/{table}").read().splitlines()[1:]:
+        f = row.split()
+        if f[3] == "0A" and f[9] in mine:  # 0A: LISTEN
+          print("LISTEN", table, f[1], flush=True)
     distributed.barrier("probe")
     # A stop request seen by process 1 only is agreed on by both; none by neither.
     agreed = (distributed.any_process(info.process_id == 1), distributed.any_process(False))
@@ -204,7 +215,7 @@ def _cluster_env(kind: str, pid: int, port: int) -> dict:
 def test_two_real_processes_join_one_system(kind, tmp_path, monkeypatch):
   from launch import common, local_multiprocess
   for key in list(os.environ):
-    if key.startswith(("ESSPR_", "SLURM_", "OMPI_")):
+    if key.startswith(("ESSPR_", "SLURM_", "OMPI_", "JAX_COORDINATOR")):
       monkeypatch.delenv(key)
   port = common.free_port()
   base = {"PYTHONPATH": str(REPO), "ESSPR_INIT_TIMEOUT_S": "60", "JAX_PLATFORMS": "cpu",
@@ -219,6 +230,27 @@ def test_two_real_processes_join_one_system(kind, tmp_path, monkeypatch):
   for pid, out in enumerate(logs):
     line = next(l for l in out.splitlines() if "PROBE" in l)
     assert line.split("PROBE ", 1)[1] == f"{pid} 2 3 6 {int(pid == 0)} [1, 11] 1 0"
+  # Started directly (no launcher setting JAX_COORDINATOR_BIND_ADDRESS), the coordinator
+  # listens on its address's host, 127.0.0.1, never on every interface ([::]).
+  listeners = [l.split()[1:] for l in logs[0].splitlines() if l.startswith("LISTEN ")]
+  assert any(address.endswith(f":{port:04X}") for _, address in listeners), listeners
+  assert {address.rsplit(":", 1)[0] for _, address in listeners} <= LOOPBACK, listeners
+
+
+def test_the_coordinator_binds_to_its_own_host_unless_told_otherwise():
+  assert distributed.coordinator_bind_address("127.0.0.1:29555") == "127.0.0.1:29555"
+  assert distributed.coordinator_bind_address("[::1]:29555") == "[::1]:29555"
+  assert distributed.coordinator_bind_address("localhost:7") in ("127.0.0.1:7", "[::1]:7")
+  with pytest.raises(DistributedSetupError, match="JAX_COORDINATOR_BIND_ADDRESS"):
+    distributed.coordinator_bind_address("no-such-host.invalid:7")
+  explicit = plan(coordinator_address="127.0.0.1:9", num_processes=2, process_id=0).jax_kwargs
+  bound = distributed._with_bind_address(dict(explicit), {})
+  assert bound == {**explicit, "coordinator_bind_address": "127.0.0.1:9"}
+  # Only process 0 listens; an explicit bind address is left for JAX to read.
+  other = plan(coordinator_address="127.0.0.1:9", num_processes=2, process_id=1).jax_kwargs
+  assert distributed._with_bind_address(dict(other), {}) == other
+  told = {"JAX_COORDINATOR_BIND_ADDRESS": "0.0.0.0:9"}
+  assert distributed._with_bind_address(dict(explicit), told) == explicit
 
 
 def test_single_process_agreement_and_barrier_are_local(plain_environment):

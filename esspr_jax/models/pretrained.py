@@ -31,9 +31,12 @@ boxed (`nn.LogicallyPartitioned`) or not; boxes are kept.
   pos_resize    image only: 'bilinear' | 'bicubic' | 'none' (error on a grid mismatch)
 
 Strictness: a tower param the checkpoint does not provide (and `skip` does not name),
-a checkpoint tensor with no place in the tower (and `allow_unused` does not name), or
-a shape that differs is an error listing all of them: a tower is never silently
-half-initialised. Two shape changes are exact or standard and done for you: text
+a checkpoint tensor with no place in the tower (and `allow_unused` does not name), a
+shape that differs, an integer or bool tensor for a float param (never cast), or a NaN /
+inf (also one a cast to the param's dtype makes) is an error listing all of them: a tower
+is never silently half-initialised. A tensor the layout cannot take (a head count that
+does not divide it, another rank) or an .npz object array is a DataError naming the file
+and the tensor. Two shape changes are exact or standard and done for you: text
 position embeddings are truncated to `model.text.max_positions` (rows past it are
 never used), and ViT position embeddings are resized over their 2-D grid to the new
 image size (`pos_resize`).
@@ -48,9 +51,11 @@ import math
 import os
 import pathlib
 import re
+import zipfile
 from typing import Any, Mapping
 
 from flax import traverse_util
+import jax
 import ml_collections
 import numpy as np
 
@@ -59,6 +64,7 @@ from esspr_jax.config.init_from import (  # noqa: F401  (re-exported: the loader
     TEXT_FORMATS, default_init_from, validate_init_from)
 from esspr_jax.errors import ConfigError, DataError
 from esspr_jax.models import pretrained_dual
+from esspr_jax.models.pretrained_dual import naming
 
 MINILM_VERSION = "0.1.0"
 MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
@@ -149,8 +155,22 @@ def read_safetensors(path: str | os.PathLike) -> Flat:
 
 
 def read_npz(path: str | os.PathLike) -> Flat:
-  with np.load(path, allow_pickle=False) as data:
-    return {k: np.asarray(data[k]) for k in data.files}
+  """All arrays of an .npz file; an object array (it would need pickle) is an error."""
+  try:
+    data = np.load(path, allow_pickle=False)
+  except (OSError, ValueError, EOFError) as e:
+    raise DataError(f"{path}: not a readable .npz file ({e})") from e
+  if not isinstance(data, np.lib.npyio.NpzFile):
+    raise DataError(f"{path}: one array, not an .npz archive of named arrays")
+  out = {}
+  with data:
+    for key in data.files:
+      try:
+        out[key] = np.asarray(data[key])
+      except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path}: array {key} cannot be read without pickle ({e}): "
+                        "object arrays are not weights") from e
+  return out
 
 
 def hf_text_config(folder: str | os.PathLike) -> dict:
@@ -193,43 +213,44 @@ def bert_to_text_tower(sd: Mapping[str, np.ndarray], heads: int) -> Flat:
   out: Flat = {}
   block = re.compile(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias|gamma|beta)$")
   for name, value in sd.items():
-    key = name[len("bert."):] if name.startswith("bert.") else name
-    value = np.asarray(value)
-    if key.endswith("position_ids") and np.issubdtype(value.dtype, np.integer):
-      continue  # a buffer, not a weight
-    m = block.match(key)
-    if m:
-      i, part, kind = m.groups()
-      p = f"encoder/layer_{i}/"
-      leaf = "kernel" if kind == "weight" else "bias"
-      if part in ("attention.self.query", "attention.self.key", "attention.self.value"):
-        out[p + f"attn/{part.rsplit('.', 1)[1]}/{leaf}"] = _heads(value, heads)
-      elif part == "attention.output.dense":
-        out[p + f"attn/out/{leaf}"] = value if kind == "bias" else value.T.reshape(heads, -1, value.shape[0])
-      elif part == "attention.output.LayerNorm":
-        out[p + f"norm_attn/{_ln(kind)}"] = value
-      elif part == "intermediate.dense":
-        out[p + f"mlp/fc_in/{leaf}"] = value.T if kind == "weight" else value
-      elif part == "output.dense":
-        out[p + f"mlp/fc_out/{leaf}"] = value.T if kind == "weight" else value
-      elif part == "output.LayerNorm":
-        out[p + f"norm_mlp/{_ln(kind)}"] = value
+    with naming(name):
+      key = name[len("bert."):] if name.startswith("bert.") else name
+      value = np.asarray(value)
+      if key.endswith("position_ids") and np.issubdtype(value.dtype, np.integer):
+        continue  # a buffer, not a weight
+      m = block.match(key)
+      if m:
+        i, part, kind = m.groups()
+        p = f"encoder/layer_{i}/"
+        leaf = "kernel" if kind == "weight" else "bias"
+        if part in ("attention.self.query", "attention.self.key", "attention.self.value"):
+          out[p + f"attn/{part.rsplit('.', 1)[1]}/{leaf}"] = _heads(value, heads)
+        elif part == "attention.output.dense":
+          out[p + f"attn/out/{leaf}"] = value if kind == "bias" else value.T.reshape(heads, -1, value.shape[0])
+        elif part == "attention.output.LayerNorm":
+          out[p + f"norm_attn/{_ln(kind)}"] = value
+        elif part == "intermediate.dense":
+          out[p + f"mlp/fc_in/{leaf}"] = value.T if kind == "weight" else value
+        elif part == "output.dense":
+          out[p + f"mlp/fc_out/{leaf}"] = value.T if kind == "weight" else value
+        elif part == "output.LayerNorm":
+          out[p + f"norm_mlp/{_ln(kind)}"] = value
+        else:
+          out[key.replace(".", "/")] = value
+        continue
+      simple = {
+          "embeddings.word_embeddings.weight": "token_embed/embedding",
+          "embeddings.position_embeddings.weight": "position_embed/embedding",
+          "embeddings.token_type_embeddings.weight": "type_embed/embedding",
+          "pooler.dense.weight": "pooler/kernel",
+          "pooler.dense.bias": "pooler/bias",
+      }
+      if key in simple:
+        out[simple[key]] = value.T if key == "pooler.dense.weight" else value
+      elif key.startswith("embeddings.LayerNorm."):
+        out[f"embed_norm/{_ln(key.rsplit('.', 1)[1])}"] = value
       else:
         out[key.replace(".", "/")] = value
-      continue
-    simple = {
-        "embeddings.word_embeddings.weight": "token_embed/embedding",
-        "embeddings.position_embeddings.weight": "position_embed/embedding",
-        "embeddings.token_type_embeddings.weight": "type_embed/embedding",
-        "pooler.dense.weight": "pooler/kernel",
-        "pooler.dense.bias": "pooler/bias",
-    }
-    if key in simple:
-      out[simple[key]] = value.T if key == "pooler.dense.weight" else value
-    elif key.startswith("embeddings.LayerNorm."):
-      out[f"embed_norm/{_ln(key.rsplit('.', 1)[1])}"] = value
-    else:
-      out[key.replace(".", "/")] = value
   return out
 
 
@@ -238,39 +259,40 @@ def timm_to_vit(sd: Mapping[str, np.ndarray]) -> Flat:
   out: Flat = {}
   block = re.compile(r"blocks\.(\d+)\.(.+)\.(weight|bias)$")
   for name, value in sd.items():
-    value = np.asarray(value)
-    m = block.match(name)
-    if m:
-      i, part, kind = m.groups()
-      p = f"encoder/layer_{i}/"
-      leaf = "kernel" if kind == "weight" else "bias"
-      if part == "attn.qkv":
-        # [3D, D] rows are query | key | value, each [H*Dh]; heads inferred from proj below.
-        out[p + f"attn/qkv/{leaf}"] = value
-      elif part == "attn.proj":
-        out[p + f"attn/out/{leaf}"] = value.T if kind == "weight" else value
-      elif part in ("norm1", "norm2"):
-        out[p + f"norm_{'attn' if part == 'norm1' else 'mlp'}/{_ln(kind)}"] = value
-      elif part in ("mlp.fc1", "mlp.fc2"):
-        out[p + f"mlp/fc_{'in' if part == 'mlp.fc1' else 'out'}/{leaf}"] = (
-            value.T if kind == "weight" else value)
+    with naming(name):
+      value = np.asarray(value)
+      m = block.match(name)
+      if m:
+        i, part, kind = m.groups()
+        p = f"encoder/layer_{i}/"
+        leaf = "kernel" if kind == "weight" else "bias"
+        if part == "attn.qkv":
+          # [3D, D] rows are query | key | value, each [H*Dh]; heads inferred from proj below.
+          out[p + f"attn/qkv/{leaf}"] = value
+        elif part == "attn.proj":
+          out[p + f"attn/out/{leaf}"] = value.T if kind == "weight" else value
+        elif part in ("norm1", "norm2"):
+          out[p + f"norm_{'attn' if part == 'norm1' else 'mlp'}/{_ln(kind)}"] = value
+        elif part in ("mlp.fc1", "mlp.fc2"):
+          out[p + f"mlp/fc_{'in' if part == 'mlp.fc1' else 'out'}/{leaf}"] = (
+              value.T if kind == "weight" else value)
+        else:
+          out[name.replace(".", "/")] = value
+      elif name == "patch_embed.proj.weight":  # [D, 3, p, p] -> [p, p, 3, D] -> [p*p*3, D]
+        out["patch_embed/kernel"] = value.transpose(2, 3, 1, 0).reshape(-1, value.shape[0])
+      elif name == "patch_embed.proj.bias":
+        out["patch_embed/bias"] = value
+      elif name == "cls_token":
+        out["cls"] = value.reshape(1, 1, -1)
+      elif name == "pos_embed":
+        out["pos_embed"] = value.reshape(-1, value.shape[-1])
+      elif name in ("norm.weight", "norm.bias"):
+        out[f"final_norm/{_ln(name.split('.')[1])}"] = value
+      elif name in ("head.weight", "head.bias"):
+        out[f"head/{'kernel' if name.endswith('weight') else 'bias'}"] = (
+            value.T if name.endswith("weight") else value)
       else:
         out[name.replace(".", "/")] = value
-    elif name == "patch_embed.proj.weight":  # [D, 3, p, p] -> [p, p, 3, D] -> [p*p*3, D]
-      out["patch_embed/kernel"] = value.transpose(2, 3, 1, 0).reshape(-1, value.shape[0])
-    elif name == "patch_embed.proj.bias":
-      out["patch_embed/bias"] = value
-    elif name == "cls_token":
-      out["cls"] = value.reshape(1, 1, -1)
-    elif name == "pos_embed":
-      out["pos_embed"] = value.reshape(-1, value.shape[-1])
-    elif name in ("norm.weight", "norm.bias"):
-      out[f"final_norm/{_ln(name.split('.')[1])}"] = value
-    elif name in ("head.weight", "head.bias"):
-      out[f"head/{'kernel' if name.endswith('weight') else 'bias'}"] = (
-          value.T if name.endswith("weight") else value)
-    else:
-      out[name.replace(".", "/")] = value
   return out
 
 
@@ -279,15 +301,16 @@ def _split_heads(flat: Flat, heads: int) -> Flat:
   and its attention output [D_in, D] into [H, Dh, D]."""
   out = {}
   for k, v in flat.items():
-    if k.endswith("/attn/out/kernel") and v.ndim == 2:
-      out[k] = v.reshape(heads, -1, v.shape[-1])
-      continue
-    if "/attn/qkv/" not in k:
-      out[k] = v
-      continue
-    prefix, leaf = k.split("/attn/qkv/")
-    for name, part in zip(("query", "key", "value"), np.split(v, 3, axis=0)):
-      out[f"{prefix}/attn/{name}/{leaf}"] = _heads(part, heads)
+    with naming(k):
+      if k.endswith("/attn/out/kernel") and v.ndim == 2:
+        out[k] = v.reshape(heads, -1, v.shape[-1])
+        continue
+      if "/attn/qkv/" not in k:
+        out[k] = v
+        continue
+      prefix, leaf = k.split("/attn/qkv/")
+      for name, part in zip(("query", "key", "value"), np.split(v, 3, axis=0)):
+        out[f"{prefix}/attn/{name}/{leaf}"] = _heads(part, heads)
   return out
 
 
@@ -309,8 +332,9 @@ def big_vision_to_vit(npz: Mapping[str, np.ndarray], cls_token: bool) -> Flat:
   # Scanned blocks -> one entry per block.
   for key in [k for k in raw if k.startswith("Transformer/encoderblock/")]:
     stacked = raw.pop(key)
-    for i in range(stacked.shape[0]):
-      raw[key.replace("encoderblock/", f"encoderblock_{i}/")] = stacked[i]
+    with naming(key):
+      for i in range(stacked.shape[0]):
+        raw[key.replace("encoderblock/", f"encoderblock_{i}/")] = stacked[i]
   norms: dict[str, list[str]] = {}
   for key in raw:
     m = re.match(r"Transformer/encoderblock_(\d+)/(LayerNorm_\d+)/", key)
@@ -320,31 +344,32 @@ def big_vision_to_vit(npz: Mapping[str, np.ndarray], cls_token: bool) -> Flat:
         norms[m.group(1)].append(m.group(2))
   out: Flat = {}
   for key, value in raw.items():
-    m = re.match(r"Transformer/encoderblock_(\d+)/([^/]+)/(.+)$", key)
-    if m:
-      i, module, rest = m.groups()
-      p = f"encoder/layer_{i}/"
-      if module.startswith("LayerNorm_"):
-        order = sorted(norms[i], key=lambda n: int(n.split("_")[1]))
-        out[p + ("norm_attn/" if module == order[0] else "norm_mlp/") + rest] = value
-      elif module.startswith("MultiHeadDotProductAttention_"):
-        out[p + "attn/" + rest] = value
-      elif module.startswith("MlpBlock_"):
-        out[p + "mlp/" + rest.replace("Dense_0", "fc_in").replace("Dense_1", "fc_out")] = value
+    with naming(key):
+      m = re.match(r"Transformer/encoderblock_(\d+)/([^/]+)/(.+)$", key)
+      if m:
+        i, module, rest = m.groups()
+        p = f"encoder/layer_{i}/"
+        if module.startswith("LayerNorm_"):
+          order = sorted(norms[i], key=lambda n: int(n.split("_")[1]))
+          out[p + ("norm_attn/" if module == order[0] else "norm_mlp/") + rest] = value
+        elif module.startswith("MultiHeadDotProductAttention_"):
+          out[p + "attn/" + rest] = value
+        elif module.startswith("MlpBlock_"):
+          out[p + "mlp/" + rest.replace("Dense_0", "fc_in").replace("Dense_1", "fc_out")] = value
+        else:
+          out[key] = value
+      elif key == "embedding/kernel":
+        out["patch_embed/kernel"] = value.reshape(-1, value.shape[-1])
+      elif key == "embedding/bias":
+        out["patch_embed/bias"] = value
+      elif key == "cls":
+        out["cls"] = value.reshape(1, 1, -1)
+      elif key in ("Transformer/posembed_input/pos_embedding", "pos_embedding"):
+        out["pos_embed"] = value.reshape(-1, value.shape[-1])
+      elif key.startswith("Transformer/encoder_norm/"):
+        out["final_norm/" + key.rsplit("/", 1)[1]] = value
       else:
         out[key] = value
-    elif key == "embedding/kernel":
-      out["patch_embed/kernel"] = value.reshape(-1, value.shape[-1])
-    elif key == "embedding/bias":
-      out["patch_embed/bias"] = value
-    elif key == "cls":
-      out["cls"] = value.reshape(1, 1, -1)
-    elif key in ("Transformer/posembed_input/pos_embedding", "pos_embedding"):
-      out["pos_embed"] = value.reshape(-1, value.shape[-1])
-    elif key.startswith("Transformer/encoder_norm/"):
-      out["final_norm/" + key.rsplit("/", 1)[1]] = value
-    else:
-      out[key] = value
   # big_vision puts no position on its CLS token (its grid is a perfect square): add a zero row.
   if cls_token and "pos_embed" in out:
     n = out["pos_embed"].shape[0]
@@ -362,7 +387,6 @@ def resize_pos_embed(pos: np.ndarray, num_prefix: int, new_grid: int,
   Uses `jax.image.resize` (half-pixel centres, no antialiasing: the torch
   `interpolate(align_corners=False)` convention). Prefix rows (CLS) are kept.
   """
-  import jax  # noqa: PLC0415
   grid_rows = pos.shape[0] - num_prefix
   old = math.isqrt(grid_rows)
   if old * old != grid_rows:
@@ -389,7 +413,8 @@ def _stack_scanned(converted: Flat, target_keys) -> Flat:
     else:
       out[k] = v
   for k, by_layer in stacks.items():
-    out[k] = np.stack([by_layer[i] for i in sorted(by_layer)])
+    with naming(k.replace("encoder/layers/", "encoder/layer_*/")):
+      out[k] = np.stack([by_layer[i] for i in sorted(by_layer)])
   return out
 
 
@@ -422,6 +447,11 @@ def _listing(keys, limit: int = 12) -> str:
   return ", ".join(keys[:limit]) + more
 
 
+def _is_float(dtype) -> bool:
+  """Floating point, bfloat16 included (NumPy alone does not count it)."""
+  return jax.dtypes.issubdtype(dtype, np.floating)
+
+
 def match_to_tower(tower_params: Mapping, converted: Flat, *, skip=(), allow_unused=(),
                    pos_resize: str = "none", num_prefix: int = 0,
                    where: str = "init_from") -> Flat:
@@ -433,7 +463,7 @@ def match_to_tower(tower_params: Mapping, converted: Flat, *, skip=(), allow_unu
   missing = [k for k in target if k not in converted and k not in skipped]
   unexpected = [k for k in converted if k not in target
                 and not any(fnmatch.fnmatchcase(k, p) for p in allow_unused)]
-  values, misshaped = {}, []
+  values, misshaped, mistyped, nonfinite = {}, [], [], []
   for k, t in target.items():
     if k in skipped or k not in converted:
       continue
@@ -454,7 +484,14 @@ def match_to_tower(tower_params: Mapping, converted: Flat, *, skip=(), allow_unu
     if tuple(v.shape) != want:
       misshaped.append(f"{k}: checkpoint {tuple(v.shape)} vs model {want}")
       continue
-    values[k] = np.asarray(v, dtype=np.dtype(t.dtype))
+    if _is_float(v.dtype) != _is_float(t.dtype) or not (_is_float(v.dtype) or v.dtype == t.dtype):
+      mistyped.append(f"{k}: checkpoint {v.dtype} vs model {np.dtype(t.dtype)}")
+      continue
+    with np.errstate(over="ignore", invalid="ignore"):
+      values[k] = np.asarray(v, dtype=np.dtype(t.dtype))
+    if _is_float(t.dtype) and not np.isfinite(values[k]).all():
+      nonfinite.append(f"{k} ({np.size(values[k]) - np.isfinite(values[k]).sum()} of "
+                       f"{np.size(values[k])} as {np.dtype(t.dtype)})")
   problems = []
   if missing:
     problems.append(f"{len(missing)} model params missing from the checkpoint (add them to "
@@ -464,9 +501,25 @@ def match_to_tower(tower_params: Mapping, converted: Flat, *, skip=(), allow_unu
                     f"them to `allow_unused` to drop them): {_listing(unexpected)}")
   if misshaped:
     problems.append(f"{len(misshaped)} shapes differ: {_listing(misshaped)}")
+  if mistyped:
+    problems.append(f"{len(mistyped)} tensors are not the model's kind of number (an integer "
+                    f"or bool tensor is never cast to weights): {_listing(mistyped)}")
+  if nonfinite:
+    problems.append(f"{len(nonfinite)} tensors hold non-finite values (NaN or inf): "
+                    f"{_listing(nonfinite)}")
   if problems:
     raise ConfigError(where, "; ".join(problems))
   return values
+
+
+def _mapped(path, convert):
+  """`convert()`, with a tensor that does not fit the layout named with its file."""
+  try:
+    return convert()
+  except DataError as e:
+    raise DataError(f"{path}: {e}") from e
+  except (ValueError, IndexError) as e:  # a converter without per-tensor naming
+    raise DataError(f"{path}: its tensors do not fit the tower's layout ({e})") from e
 
 
 def convert_checkpoint(init: ml_collections.ConfigDict, tower: str,
@@ -477,10 +530,12 @@ def convert_checkpoint(init: ml_collections.ConfigDict, tower: str,
       raise ConfigError("model.text.init_from.format", f"must be one of {TEXT_FORMATS}, "
                         f"got {init.format!r}")
     path = resolve_checkpoint(init.path, "model.safetensors", init.sha256)
-    return bert_to_text_tower(read_safetensors(path), tower_config.heads)
+    sd = read_safetensors(path)
+    return _mapped(path, lambda: bert_to_text_tower(sd, tower_config.heads))
   if init.format == "timm_safetensors":
     path = resolve_checkpoint(init.path, "model.safetensors", init.sha256)
-    return _split_heads(timm_to_vit(read_safetensors(path)), tower_config.heads)
+    sd = read_safetensors(path)
+    return _mapped(path, lambda: _split_heads(timm_to_vit(sd), tower_config.heads))
   if init.format == "efficientnet_lite0_pth":
     from esspr_jax.models import efficientnet, torch_pickle  # noqa: PLC0415
     if init.path == EFFICIENTNET_NAME:  # the pinned package file
@@ -488,13 +543,15 @@ def convert_checkpoint(init: ml_collections.ConfigDict, tower: str,
       _verify_sha256(path, init.sha256 or EFFICIENTNET_SHA256)
     else:
       path = resolve_checkpoint(init.path, "", init.sha256)
-    return efficientnet.from_torch_state_dict(torch_pickle.load_state_dict(path))
+    sd = torch_pickle.load_state_dict(path)
+    return _mapped(path, lambda: efficientnet.from_torch_state_dict(sd))
   if init.format == "big_vision_npz":
     path = pathlib.Path(init.path)
     if path.is_dir():
       raise DataError(f"{path}: big_vision_npz needs the .npz file itself")
     path = resolve_checkpoint(init.path, "", init.sha256)
-    return big_vision_to_vit(read_npz(path), bool(tower_config.cls_token))
+    npz = read_npz(path)
+    return _mapped(path, lambda: big_vision_to_vit(npz, bool(tower_config.cls_token)))
   raise ConfigError("model.image.init_from.format",
                     f"must be one of {IMAGE_FORMATS}, got {init.format!r}")
 
@@ -554,10 +611,13 @@ def dual_side_values(params: Mapping, model_config: ml_collections.ConfigDict,
     path = pathlib.Path(init.path)
     if path.is_dir():
       raise DataError(f"{path}: big_vision_siglip needs the .npz file itself")
-    ckpt = read_npz(resolve_checkpoint(init.path, "", init.sha256))
+    path = resolve_checkpoint(init.path, "", init.sha256)
+    ckpt = read_npz(path)
   else:
-    ckpt = read_safetensors(resolve_checkpoint(init.path, "model.safetensors", init.sha256))
-  converted = pretrained_dual.convert_side(ckpt, init.format, tower, section.heads)
+    path = resolve_checkpoint(init.path, "model.safetensors", init.sha256)
+    ckpt = read_safetensors(path)
+  converted = _mapped(path, lambda: pretrained_dual.convert_side(ckpt, init.format, tower,
+                                                                 section.heads))
   num_prefix = int(bool(section.get("cls_token", False))) if tower == "image" else 0
   return match_to_tower(_dual_side_target(params, tower, init.format), converted,
                         skip=tuple(init.skip), allow_unused=tuple(init.allow_unused),

@@ -27,10 +27,13 @@ Layouts (ours in models/layers.py, models/vit.py, models/text.py):
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Mapping
 
 import numpy as np
+
+from esspr_jax.errors import DataError
 
 Flat = dict[str, np.ndarray]
 SIDE_PREFIXES = {  # checkpoint prefixes each side reads; the rest belongs to the other side
@@ -39,6 +42,19 @@ SIDE_PREFIXES = {  # checkpoint prefixes each side reads; the rest belongs to th
     ("big_vision", "image"): ("img/",),
     ("big_vision", "text"): ("txt/", "t", "b"),
 }
+
+
+@contextlib.contextmanager
+def naming(name: str):
+  """Turns a reshape / split / index that fails on checkpoint tensor `name` (a head count
+  that does not divide it, another rank) into a DataError naming it; the loader adds the
+  file."""
+  try:
+    yield
+  except DataError:
+    raise
+  except (ValueError, IndexError) as e:
+    raise DataError(f"tensor {name} does not fit the tower's layout ({e})") from e
 
 
 def _ln(kind: str) -> str:
@@ -90,35 +106,36 @@ def hf_image_side(sd: Mapping[str, np.ndarray], heads: int) -> Flat:
   """CLIPModel / SiglipModel vision weights -> `image/...` and `dual/image_out/...`."""
   out: Flat = {}
   for name, value in sd.items():
-    value = np.asarray(value)
-    if name.endswith("position_ids"):
-      continue  # a buffer, not a weight
-    if name == "visual_projection.weight":  # [E, D], CLIP has no bias
-      out["dual/image_out/kernel"] = value.T
-      out["dual/image_out/bias"] = np.zeros((value.shape[0],), value.dtype)
-      continue
-    key = name[len("vision_model."):] if name.startswith("vision_model.") else name
-    block = _hf_block(key, value, heads)
-    if block:
-      out["image/" + block[0]] = block[1]
-      continue
-    head = re.match(r"head\.(.+)$", key)
-    if key == "embeddings.patch_embedding.weight":
-      out["image/patch_embed/kernel"] = value.transpose(2, 3, 1, 0).reshape(-1, value.shape[0])
-    elif key == "embeddings.patch_embedding.bias":
-      out["image/patch_embed/bias"] = value
-    elif key == "embeddings.class_embedding":
-      out["image/cls"] = value.reshape(1, 1, -1)
-    elif key == "embeddings.position_embedding.weight":
-      out["image/pos_embed"] = value
-    elif key.startswith("pre_layrnorm."):
-      out[f"image/pre_norm/{_ln(key.rsplit('.', 1)[1])}"] = value
-    elif key.startswith("post_layernorm."):
-      out[f"image/final_norm/{_ln(key.rsplit('.', 1)[1])}"] = value
-    elif head:
-      out.update(_hf_map_head(head.group(1), value, heads))
-    else:
-      out["image/" + key.replace(".", "/")] = value
+    with naming(name):
+      value = np.asarray(value)
+      if name.endswith("position_ids"):
+        continue  # a buffer, not a weight
+      if name == "visual_projection.weight":  # [E, D], CLIP has no bias
+        out["dual/image_out/kernel"] = value.T
+        out["dual/image_out/bias"] = np.zeros((value.shape[0],), value.dtype)
+        continue
+      key = name[len("vision_model."):] if name.startswith("vision_model.") else name
+      block = _hf_block(key, value, heads)
+      if block:
+        out["image/" + block[0]] = block[1]
+        continue
+      head = re.match(r"head\.(.+)$", key)
+      if key == "embeddings.patch_embedding.weight":
+        out["image/patch_embed/kernel"] = value.transpose(2, 3, 1, 0).reshape(-1, value.shape[0])
+      elif key == "embeddings.patch_embedding.bias":
+        out["image/patch_embed/bias"] = value
+      elif key == "embeddings.class_embedding":
+        out["image/cls"] = value.reshape(1, 1, -1)
+      elif key == "embeddings.position_embedding.weight":
+        out["image/pos_embed"] = value
+      elif key.startswith("pre_layrnorm."):
+        out[f"image/pre_norm/{_ln(key.rsplit('.', 1)[1])}"] = value
+      elif key.startswith("post_layernorm."):
+        out[f"image/final_norm/{_ln(key.rsplit('.', 1)[1])}"] = value
+      elif head:
+        out.update(_hf_map_head(head.group(1), value, heads))
+      else:
+        out["image/" + key.replace(".", "/")] = value
   if "dual/image_out/kernel" not in out and "image/map/probe" in out:
     out.update(_identity_projection(out["image/map/probe"].shape[-1]))  # SigLIP
   return out
@@ -151,32 +168,33 @@ def hf_text_side(sd: Mapping[str, np.ndarray], heads: int) -> Flat:
   """CLIPModel / SiglipModel text weights -> `text/...`, `dual/text_out/...`, logits."""
   out: Flat = {}
   for name, value in sd.items():
-    value = np.asarray(value)
-    if name.endswith("position_ids"):
-      continue
-    if name in ("logit_scale", "logit_bias"):
-      out[name] = value.reshape(())
-      continue
-    if name == "text_projection.weight":  # [E, Dt], CLIP has no bias
-      out["dual/text_out/kernel"] = value.T
-      out["dual/text_out/bias"] = np.zeros((value.shape[0],), value.dtype)
-      continue
-    key = name[len("text_model."):] if name.startswith("text_model.") else name
-    block = _hf_block(key, value, heads)
-    if block:
-      out["text/" + block[0]] = block[1]
-    elif key == "embeddings.token_embedding.weight":
-      out["text/token_embed/embedding"] = value
-    elif key == "embeddings.position_embedding.weight":
-      out["text/position_embed/embedding"] = value
-    elif key.startswith("final_layer_norm."):
-      out[f"text/final_norm/{_ln(key.rsplit('.', 1)[1])}"] = value
-    elif key == "head.weight":  # SigLIP's text head [E, Dt] (+ bias)
-      out["dual/text_out/kernel"] = value.T
-    elif key == "head.bias":
-      out["dual/text_out/bias"] = value
-    else:
-      out["text/" + key.replace(".", "/")] = value
+    with naming(name):
+      value = np.asarray(value)
+      if name.endswith("position_ids"):
+        continue
+      if name in ("logit_scale", "logit_bias"):
+        out[name] = value.reshape(())
+        continue
+      if name == "text_projection.weight":  # [E, Dt], CLIP has no bias
+        out["dual/text_out/kernel"] = value.T
+        out["dual/text_out/bias"] = np.zeros((value.shape[0],), value.dtype)
+        continue
+      key = name[len("text_model."):] if name.startswith("text_model.") else name
+      block = _hf_block(key, value, heads)
+      if block:
+        out["text/" + block[0]] = block[1]
+      elif key == "embeddings.token_embedding.weight":
+        out["text/token_embed/embedding"] = value
+      elif key == "embeddings.position_embedding.weight":
+        out["text/position_embed/embedding"] = value
+      elif key.startswith("final_layer_norm."):
+        out[f"text/final_norm/{_ln(key.rsplit('.', 1)[1])}"] = value
+      elif key == "head.weight":  # SigLIP's text head [E, Dt] (+ bias)
+        out["dual/text_out/kernel"] = value.T
+      elif key == "head.bias":
+        out["dual/text_out/bias"] = value
+      else:
+        out["text/" + key.replace(".", "/")] = value
   return out
 
 
@@ -197,11 +215,12 @@ def _bv_unscan(raw: Flat, encoder: str) -> Flat:
   """`<encoder>/encoderblock/x` [depth, ...] -> `<encoder>/encoderblock_{i}/x`."""
   out = {}
   for key, value in raw.items():
-    if key.startswith(f"{encoder}/encoderblock/"):
-      for i in range(value.shape[0]):
-        out[key.replace("encoderblock/", f"encoderblock_{i}/")] = value[i]
-    else:
-      out[key] = value
+    with naming(key):
+      if key.startswith(f"{encoder}/encoderblock/"):
+        for i in range(value.shape[0]):
+          out[key.replace("encoderblock/", f"encoderblock_{i}/")] = value[i]
+      else:
+        out[key] = value
   return out
 
 
@@ -224,28 +243,29 @@ def big_vision_image_side(npz: Mapping[str, np.ndarray]) -> Flat:
                    "Transformer")
   out: Flat = {}
   for key, value in raw.items():
-    block = re.match(r"Transformer/encoderblock_(\d+)/(.+)$", key)
-    mapped = _bv_module(block.group(2)) if block else None
-    if block and mapped:
-      out[f"image/encoder/layer_{block.group(1)}/{mapped}"] = value
-    elif key.startswith("MAPHead_0/") and key != "MAPHead_0/probe":
-      mapped = _bv_module(key[len("MAPHead_0/"):])
-      mapped = mapped.replace("norm_attn/", "norm/") if mapped else None
-      out["image/map/" + mapped if mapped else "image/" + key] = value
-    elif key == "MAPHead_0/probe":
-      out["image/map/probe"] = value.reshape(1, 1, -1)
-    elif key == "embedding/kernel":
-      out["image/patch_embed/kernel"] = value.reshape(-1, value.shape[-1])
-    elif key == "embedding/bias":
-      out["image/patch_embed/bias"] = value
-    elif key == "pos_embedding":
-      out["image/pos_embed"] = value.reshape(-1, value.shape[-1])
-    elif key.startswith("Transformer/encoder_norm/"):
-      out["image/final_norm/" + key.rsplit("/", 1)[1]] = value
-    elif key.startswith("head/"):
-      out["dual/image_out/" + key[len("head/"):]] = value
-    else:
-      out["image/" + key] = value
+    with naming(key):
+      block = re.match(r"Transformer/encoderblock_(\d+)/(.+)$", key)
+      mapped = _bv_module(block.group(2)) if block else None
+      if block and mapped:
+        out[f"image/encoder/layer_{block.group(1)}/{mapped}"] = value
+      elif key.startswith("MAPHead_0/") and key != "MAPHead_0/probe":
+        mapped = _bv_module(key[len("MAPHead_0/"):])
+        mapped = mapped.replace("norm_attn/", "norm/") if mapped else None
+        out["image/map/" + mapped if mapped else "image/" + key] = value
+      elif key == "MAPHead_0/probe":
+        out["image/map/probe"] = value.reshape(1, 1, -1)
+      elif key == "embedding/kernel":
+        out["image/patch_embed/kernel"] = value.reshape(-1, value.shape[-1])
+      elif key == "embedding/bias":
+        out["image/patch_embed/bias"] = value
+      elif key == "pos_embedding":
+        out["image/pos_embed"] = value.reshape(-1, value.shape[-1])
+      elif key.startswith("Transformer/encoder_norm/"):
+        out["image/final_norm/" + key.rsplit("/", 1)[1]] = value
+      elif key.startswith("head/"):
+        out["dual/image_out/" + key[len("head/"):]] = value
+      else:
+        out["image/" + key] = value
   if "dual/image_out/kernel" not in out and "image/map/probe" in out:
     out.update(_identity_projection(out["image/map/probe"].shape[-1]))
   return out
@@ -259,22 +279,24 @@ def big_vision_text_side(npz: Mapping[str, np.ndarray]) -> Flat:
   out: Flat = {}
   for name, target in (("t", "logit_scale"), ("b", "logit_bias")):
     if name in stripped:
-      out[target] = stripped[name].reshape(())
+      with naming(name):
+        out[target] = stripped[name].reshape(())
   for key, value in raw.items():
-    block = re.match(r"Encoder_0/encoderblock_(\d+)/(.+)$", key)
-    mapped = _bv_module(block.group(2)) if block else None
-    if block and mapped:
-      out[f"text/encoder/layer_{block.group(1)}/{mapped}"] = value
-    elif key == "Embed_0/embedding":
-      out["text/token_embed/embedding"] = value
-    elif key == "pos_embedding":
-      out["text/position_embed/embedding"] = value.reshape(-1, value.shape[-1])
-    elif key.startswith("Encoder_0/encoder_norm/"):
-      out["text/final_norm/" + key.rsplit("/", 1)[1]] = value
-    elif key.startswith("head/"):
-      out["dual/text_out/" + key[len("head/"):]] = value
-    else:
-      out["text/" + key] = value
+    with naming(key):
+      block = re.match(r"Encoder_0/encoderblock_(\d+)/(.+)$", key)
+      mapped = _bv_module(block.group(2)) if block else None
+      if block and mapped:
+        out[f"text/encoder/layer_{block.group(1)}/{mapped}"] = value
+      elif key == "Embed_0/embedding":
+        out["text/token_embed/embedding"] = value
+      elif key == "pos_embedding":
+        out["text/position_embed/embedding"] = value.reshape(-1, value.shape[-1])
+      elif key.startswith("Encoder_0/encoder_norm/"):
+        out["text/final_norm/" + key.rsplit("/", 1)[1]] = value
+      elif key.startswith("head/"):
+        out["dual/text_out/" + key[len("head/"):]] = value
+      else:
+        out["text/" + key] = value
   return out
 
 

@@ -3,6 +3,7 @@ import math
 
 import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
@@ -433,3 +434,82 @@ def test_bad_init_from_config_is_a_config_error(tmp_path):
   with pytest.raises(ConfigError, match=r"model.image.init_from.path"):
     pretrained.validate_init_from(cfg, "image")
 
+
+
+# ----------------------------------------------------------------------------- bad files
+
+def _bert_with(**changes):
+  """A BERT state dict (bert. prefix) with `changes` ({short name: array}) applied."""
+  sd = _random_bert(prefix="bert.")
+  short = {"word": "embeddings.word_embeddings.weight", "ln": "embeddings.LayerNorm.weight",
+           "query": "encoder.layer.0.attention.self.query.weight",
+           "bias": "encoder.layer.1.output.dense.bias"}
+  sd.update({"bert." + short[k]: v for k, v in changes.items()})
+  return sd
+
+
+def _timm_with(**changes):
+  sd = _random_timm_vit()
+  sd.update({k.replace("__", "."): v for k, v in changes.items()})
+  return sd
+
+
+D = TEXT["D"]
+BAD_FILES = {  # name: (format, state dict, fragments the one error line holds)
+    "int8_weights": ("hf_bert", _bert_with(word=np.ones((TEXT["V"], D), np.int8)),
+                     ["token_embed/embedding", "int8", "float32"]),
+    "bool_weights": ("hf_bert", _bert_with(ln=np.ones(D, bool)), ["embed_norm/scale", "bool"]),
+    "all_nan": ("hf_bert", _bert_with(query=np.full((D, D), np.nan, np.float32)),
+                ["encoder/layer_0/attn/query/kernel", "non-finite"]),
+    "inf_after_the_cast": ("hf_bert", _bert_with(bias=np.full(D, 1e300)),
+                           ["encoder/layer_1/mlp/fc_out/bias", "non-finite"]),
+    "heads_do_not_divide": ("hf_bert", _bert_with(query=_normal(D - 1, D)),
+                            ["bert.encoder.layer.0.attention.self.query.weight"]),
+    "patch_kernel_of_another_rank": (
+        "timm_safetensors", _timm_with(patch_embed__proj__weight=_normal(VIT["D"], 192)),
+        ["patch_embed.proj.weight"]),
+    "qkv_not_three_parts": (
+        "timm_safetensors", _timm_with(blocks__0__attn__qkv__weight=_normal(95, VIT["D"])),
+        ["encoder/layer_0/attn/qkv/kernel"]),
+    "object_array_npz": ("big_vision_npz", {"embedding/bias": np.array([{}, None], object)},
+                         ["embedding/bias", "object"]),
+    "int_npz": ("big_vision_npz", _to_big_vision(_timm_with(norm__bias=np.ones(VIT["D"], np.int8))),
+                ["final_norm/bias", "int8"]),
+}
+
+
+@pytest.fixture(scope="module")
+def text_params():
+  text = _init_from("unset", "hf_bert", allow_unused=("pooler/*",))
+  model_config = _model_config(text=text, image_enabled=False)
+  model_config.text.update(vocab_size=TEXT["V"], width=TEXT["D"], heads=TEXT["H"],
+                           mlp_dim=TEXT["F"])
+  model_config.fused.update(width=32)
+  return model_config, init_params(build_model(model_config), jax.random.key(1))
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_a_bad_pretrained_file_is_one_error_naming_file_and_tensor(case, tmp_path, text_params):
+  fmt, sd, fragments = BAD_FILES[case]
+  if fmt == "big_vision_npz":
+    path = tmp_path / f"{case}.npz"
+    np.savez(path, **sd)
+  else:
+    path = tmp_path / f"{case}.safetensors"
+    save_file(sd, str(path))
+  with pytest.raises((ConfigError, DataError)) as err:
+    if fmt == "hf_bert":
+      model_config, params = text_params
+      model_config = model_config.copy_and_resolve_references()
+      model_config.text.init_from.path = str(path)
+      pretrained.apply_init_from(params, model_config)
+    else:
+      tower = _vit()
+      images = np.zeros((1, tower.image_size, tower.image_size, 3), np.uint8)
+      params = nn.unbox(tower.init(jax.random.key(0), images)["params"])
+      pretrained.load_tower(params, _init_from(path, fmt, allow_unused=("head/*",)), "image",
+                            ml_collections.ConfigDict(dict(heads=VIT["H"], cls_token=True)))
+  message = str(err.value)
+  assert str(path) in message and "\n" not in message, message
+  for fragment in fragments:
+    assert fragment in message, message
