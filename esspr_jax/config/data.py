@@ -108,6 +108,10 @@ def fetch_config(preset: str) -> ml_collections.ConfigDict:
   c.min_side = 8                       # smaller images fail as too_small
   c.jpeg_quality = 90
   c.user_agent = "esspr-jax-fetch-images/0.1"
+  # URL lists come from third parties: hosts (and redirect targets) resolving to loopback,
+  # link-local, private or other non-public addresses are refused unless this is True
+  # (an internal mirror, or a test server on 127.0.0.1).
+  c.allow_private_hosts = False
   del preset
   return c
 
@@ -194,6 +198,8 @@ def validate_fetch(f, prefix: str = "data.fetch") -> None:
            f"must be >= 0 seconds, got {f[key]!r}")
   _check(isinstance(f.user_agent, str) and f.user_agent.strip() != "", f"{prefix}.user_agent",
          "must be a non-empty string")
+  _check(isinstance(f.allow_private_hosts, bool), f"{prefix}.allow_private_hosts",
+         f"must be True or False, got {f.allow_private_hosts!r}")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

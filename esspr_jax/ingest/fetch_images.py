@@ -11,15 +11,24 @@ OUT.fetch_manifest.csv: one line per URL with its status and, for a failure, why
   one host and `min_host_interval_s` between request starts to it.
 - Retries with exponential backoff for transient failures only (timeouts, connection
   errors, truncated bodies, 429 and 5xx, honouring Retry-After up to `max_backoff_s`); a
-  404 or an HTML page is final. Each attempt has connect/read timeouts and a deadline for
-  the whole body (a server that trickles bytes cannot hold a worker forever).
+  404 or an HTML page is final. Each request has connect/read timeouts and a deadline
+  (`total_timeout_s`) for all of it, headers and body: when it passes, a watchdog shuts
+  the socket down, so a server that trickles bytes cannot hold a worker forever.
+- Redirects (at most MAX_REDIRECTS) are followed by hand, each hop a request of its own
+  through its host's politeness gate. A URL list comes from a third party: unless
+  `allow_private_hosts`, a host is resolved before connecting and refused when any of
+  its addresses is not public (loopback, link-local, private, ...; see
+  is_public_address), the connection then made to the checked address. Refusals count
+  as `blocked_host` (a listed URL) or `blocked_redirect` (a hop, also any hop that leaves
+  http(s)). A URL that does not parse is `bad_url`.
 - Resumable: every image is written atomically (temp file + rename), so after a kill a
   file under its final name is whole; a rerun skips URLs whose file exists.
 
 HTTP is urllib3 (already a dependency through requests/Beam): pooled keep-alive
 connections per host, explicit connect/read timeouts, and streamed bodies we can cut off
-at a byte limit or deadline; retries are ours, so they cover the body as well as the
-headers. Pillow decodes and resizes.
+at a byte limit; retries and redirects are ours, so they cover the body as well as the
+headers. Its connection classes are subclassed (_Guarded) for the address check and the
+deadline. Pillow decodes and resizes.
 
 CLI:
   python -m esspr_jax.ingest.fetch_images --config=configs/demo.py --pairs=RELEASE.csv \\
@@ -31,7 +40,9 @@ import csv
 import dataclasses
 import hashlib
 import io
+import ipaddress
 import pathlib
+import socket
 import sys
 import threading
 import time
@@ -49,12 +60,15 @@ from esspr_jax.ingest.skips import SkipCounter
 
 MANIFEST_FIELDS = ("url", "status", "reason", "detail", "file", "attempts", "bytes")
 # Failure reasons, final unless in TRANSIENT.
-REASONS = ("unsupported_url", "timeout", "connection_error", "truncated", "too_large",
-           "http_error", "bad_content_type", "bad_magic", "undecodable", "too_small")
+REASONS = ("unsupported_url", "bad_url", "blocked_host", "blocked_redirect", "timeout",
+           "connection_error", "truncated", "too_large", "http_error", "bad_content_type",
+           "bad_magic", "undecodable", "too_small")
 TRANSIENT = frozenset({"timeout", "connection_error", "truncated", "http_retry"})
 _MAGIC = ((b"\xff\xd8\xff", "jpeg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF87a", "gif"),
           (b"GIF89a", "gif"), (b"BM", "bmp"))
 _SIDES = ("trigger", "recall")
+MAX_REDIRECTS = 5
+_REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 
 
 class FetchFailure(Exception):
@@ -144,6 +158,148 @@ def to_jpeg(data: bytes, max_side: int, min_side: int, quality: int) -> bytes:
   return buf.getvalue()
 
 
+def is_public_address(address: str) -> bool:
+  """Whether an IP address is globally routable. Loopback, link-local (169.254/16,
+  fe80::/10), private, shared (100.64/10), unspecified, reserved and multicast addresses
+  are not; an IPv4-mapped IPv6 address is judged by its IPv4 address."""
+  ip = ipaddress.ip_address(address.split("%")[0])  # drop an IPv6 zone (fe80::1%eth0)
+  if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+    ip = ip.ipv4_mapped
+  return ip.is_global and not ip.is_multicast
+
+
+class _Blocked(Exception):
+  """A host that resolves to a non-public address; passes through urllib3 untouched."""
+
+
+class _Request:
+  """One HTTP request's guard, found by the connection through a thread-local: whether it
+  may reach private addresses, and its deadline. When the deadline passes, the socket is
+  shut down, waking a read that a trickling server keeps alive (headers or body)."""
+
+  _current = threading.local()
+
+  def __init__(self, seconds: float, allow_private: bool):
+    self.allow_private = allow_private
+    self.expired = False
+    self._conn = None
+    self._lock = threading.Lock()
+    self._timer = threading.Timer(seconds, self._expire)
+    self._timer.daemon = True
+
+  @classmethod
+  def current(cls) -> "_Request | None":
+    return getattr(cls._current, "request", None)
+
+  def __enter__(self):
+    _Request._current.request = self
+    self._timer.start()
+    return self
+
+  def __exit__(self, *exc):
+    self._timer.cancel()
+    with self._lock:
+      self._conn = None
+    _Request._current.request = None
+
+  def watch(self, conn) -> None:
+    """The connection this request runs on (cut at once if the deadline has passed)."""
+    with self._lock:
+      self._conn = conn
+      if self.expired:
+        _shut(conn.sock)
+
+  def _expire(self) -> None:
+    with self._lock:
+      self.expired = True
+      if self._conn is not None:
+        _shut(self._conn.sock)
+
+
+def _shut(sock) -> None:
+  if sock is not None:
+    try:  # the plain socket's shutdown: wakes a blocked read, TLS or not
+      socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+      pass
+
+
+class _Guarded:
+  """Mixin for urllib3's connection classes: applies the current _Request's address check
+  on connect (overriding urllib3's `_new_conn`, pinned urllib3 2.8) and its deadline."""
+
+  def _new_conn(self):
+    request = _Request.current()
+    if request is None:
+      return super()._new_conn()
+    request.watch(self)
+    if request.allow_private:
+      sock = super()._new_conn()
+    else:
+      sock = self._connect_public()
+    if request.expired:
+      _shut(sock)
+    return sock
+
+  def _connect_public(self):
+    """Resolves the host, refuses it if any address is not public, then connects to the
+    checked addresses themselves (no second lookup a rebinding DNS could answer)."""
+    name = self._dns_host
+    try:
+      infos = socket.getaddrinfo(name, self.port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+      raise urllib3.exceptions.NameResolutionError(self.host, self, e) from e
+    addresses = list(dict.fromkeys(info[4][0] for info in infos))
+    private = [a for a in addresses if not is_public_address(a)]
+    if private:
+      raise _Blocked(f"{self.host} is {private[0]}, not a public address (set "
+                     "data.fetch.allow_private_hosts to fetch from it)")
+    error = None
+    for address in addresses:
+      self._dns_host = address
+      try:
+        return super()._new_conn()
+      except urllib3.exceptions.ConnectTimeoutError as e:  # NewConnectionError too
+        error = e
+      finally:
+        self._dns_host = name
+    raise error
+
+  def request(self, *args, **kwargs):
+    request = _Request.current()
+    if request is not None:
+      request.watch(self)  # a pooled connection is reused without a new connect
+    return super().request(*args, **kwargs)
+
+
+class _HTTPConnection(_Guarded, urllib3.connection.HTTPConnection):
+  pass
+
+
+class _HTTPSConnection(_Guarded, urllib3.connection.HTTPSConnection):
+  pass
+
+
+class _HTTPPool(urllib3.HTTPConnectionPool):
+  ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(urllib3.HTTPSConnectionPool):
+  ConnectionCls = _HTTPSConnection
+
+
+def _parse(url: str) -> urllib.parse.SplitResult:
+  """The parts of an http(s) URL; FetchFailure(bad_url) when it does not parse."""
+  try:
+    parts = urllib.parse.urlsplit(url)
+    parts.port  # noqa: B018  # raises ValueError for a port out of range
+  except ValueError as e:
+    raise FetchFailure("bad_url", f"{url}: {e}") from None
+  if not parts.hostname:
+    raise FetchFailure("bad_url", f"{url}: no host")
+  return parts
+
+
 class HostGate:
   """Per-host politeness: at most `per_host` requests in flight to a host, and request
   starts to one host at least `interval` seconds apart."""
@@ -183,39 +339,50 @@ class Fetcher:
 
   def __init__(self, cfg):
     self.cfg = cfg
-    # urllib3 retries nothing itself (the loop in fetch() does, body included) but
-    # follows up to 5 redirects (CDNs redirect http -> https or to a mirror).
-    no_retries_but_redirects = urllib3.Retry(total=None, connect=0, read=0, status=0,
-                                             other=0, redirect=5)
+    # urllib3 retries nothing and follows no redirect itself: fetch() retries (body
+    # included) and _download follows redirects, each hop checked and gated.
     self._http = urllib3.PoolManager(
-        maxsize=int(cfg.per_host), retries=no_retries_but_redirects,
+        maxsize=int(cfg.per_host), retries=urllib3.Retry(False),
         timeout=urllib3.Timeout(connect=float(cfg.connect_timeout_s),
                                 read=float(cfg.read_timeout_s)),
         headers={"User-Agent": cfg.user_agent, "Accept": "image/*"})
+    self._http.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
     self._gate = HostGate(int(cfg.per_host), float(cfg.min_host_interval_s))
 
   def _download(self, url: str) -> bytes:
-    """One attempt: the body of a 200 image/* response, within the byte and time limits."""
+    """One attempt: the body of a 200 image/* response, redirects followed hop by hop."""
+    for hop in range(MAX_REDIRECTS + 1):
+      result = self._request(url, hop)
+      if isinstance(result, bytes):
+        return result
+      url = result
+    raise FetchFailure("http_error", f"more than {MAX_REDIRECTS} redirects")
+
+  def _request(self, url: str, hop: int) -> bytes | str:
+    """One request within the byte and time limits: the body, or where it redirects to."""
     cfg = self.cfg
-    host = urllib.parse.urlsplit(url).netloc
-    with self._gate(host):
-      deadline = time.monotonic() + float(cfg.total_timeout_s)
+    with self._gate(_parse(url).netloc.lower()), _Request(
+        float(cfg.total_timeout_s), bool(cfg.allow_private_hosts)) as request:
+      late = FetchFailure("timeout", f"request not done in total_timeout_s={cfg.total_timeout_s}")
       try:
-        resp = self._http.request("GET", url, preload_content=False, redirect=True)
-      except urllib3.exceptions.TimeoutError as e:
-        raise FetchFailure("timeout", str(e)) from None
-      except urllib3.exceptions.MaxRetryError as e:  # what a failed connect arrives as
-        # NewConnectionError (refused, unresolvable) subclasses ConnectTimeoutError.
-        if isinstance(e.reason, urllib3.exceptions.TimeoutError) and not isinstance(
-            e.reason, urllib3.exceptions.NewConnectionError):
-          raise FetchFailure("timeout", str(e.reason)) from None
-        if "redirect" in str(e).lower():
-          raise FetchFailure("http_error", "too many redirects") from None
-        raise FetchFailure("connection_error", str(e.reason)) from None
+        resp = self._http.request("GET", url, preload_content=False, redirect=False)
+      except _Blocked as e:
+        raise FetchFailure("blocked_redirect" if hop else "blocked_host", str(e)) from None
+      except urllib3.exceptions.LocationValueError as e:  # a host urllib3 cannot parse
+        raise FetchFailure("bad_url", f"{url}: {e}") from None
       except urllib3.exceptions.HTTPError as e:
-        raise FetchFailure("connection_error", str(e)) from None
+        if request.expired:
+          raise late from None
+        reason = e.reason if isinstance(e, urllib3.exceptions.MaxRetryError) else e
+        # NewConnectionError (refused, unresolvable) subclasses ConnectTimeoutError.
+        if isinstance(reason, urllib3.exceptions.TimeoutError) and not isinstance(
+            reason, urllib3.exceptions.NewConnectionError):
+          raise FetchFailure("timeout", str(reason)) from None
+        raise FetchFailure("connection_error", str(reason)) from None
       whole = False
       try:
+        if resp.status in _REDIRECT_STATUS and resp.headers.get("Location"):
+          return self._redirect_target(url, resp.headers["Location"])
         if resp.status != 200:
           retry_after = _retry_after(resp.headers.get("Retry-After"))
           if resp.status == 429 or resp.status >= 500:
@@ -229,18 +396,16 @@ class Fetcher:
           raise FetchFailure("too_large", f"Content-Length {length} > max_bytes")
         body = bytearray()
         try:
-          # read1: at most one socket read per call, so a trickling server still meets
-          # the deadline check (a sized read would wait for all of its bytes).
           while chunk := resp.read1(64 * 1024):
             body += chunk
             if len(body) > int(cfg.max_bytes):
               raise FetchFailure("too_large", f"more than max_bytes={cfg.max_bytes}")
-            if time.monotonic() > deadline:
-              raise FetchFailure("timeout", f"body not done in {cfg.total_timeout_s}s")
         except urllib3.exceptions.ProtocolError as e:  # IncompleteRead: short body
-          raise FetchFailure("truncated", str(e)) from None
+          raise late if request.expired else FetchFailure("truncated", str(e)) from None
         except urllib3.exceptions.TimeoutError as e:
-          raise FetchFailure("timeout", str(e)) from None
+          raise late if request.expired else FetchFailure("timeout", str(e)) from None
+        if request.expired:  # cut off with no Content-Length to show it
+          raise late
         whole = True
         return bytes(body)
       finally:
@@ -248,14 +413,29 @@ class Fetcher:
           resp.close()
         resp.release_conn()
 
+  @staticmethod
+  def _redirect_target(url: str, location: str) -> str:
+    """The absolute URL a redirect leads to; FetchFailure(blocked_redirect) off http(s)."""
+    try:
+      target = urllib.parse.urljoin(url, location)
+    except ValueError as e:
+      raise FetchFailure("bad_url", f"redirect to {location!r}: {e}") from None
+    if urllib.parse.urlsplit(target).scheme.lower() not in ("http", "https"):
+      raise FetchFailure("blocked_redirect", f"redirect to {target} (only http(s) is followed)")
+    return target
+
   def fetch(self, url: str, image_dir: pathlib.Path) -> Outcome:
     cfg = self.cfg
     rel = image_file(url)
     target = image_dir / rel
     if target.is_file() and target.stat().st_size > 0:
       return Outcome(url, "already_fetched", file=rel, bytes=target.stat().st_size)
-    if urllib.parse.urlsplit(url).scheme.lower() not in ("http", "https"):
+    if url.split(":")[0].lower() not in ("http", "https"):
       return Outcome(url, "failed", "unsupported_url", url.split(":")[0] + ":")
+    try:
+      _parse(url)
+    except FetchFailure as e:
+      return Outcome(url, "failed", e.reason, e.detail)
     attempts, failure = 0, None
     while attempts <= int(cfg.retries):
       attempts += 1

@@ -28,6 +28,11 @@ from esspr_jax.config.constants import RESIZE_MODES
 
 _PAD_FILL = (255, 255, 255)  # product photos are mostly shot on white
 _RESAMPLE = Image.Resampling.BILINEAR
+# Largest image file any reader opens (build, export, search queries): judged from the
+# file's size before a byte is read, so a huge or sparse "jpg" costs nothing. Fetched
+# images have their own cap (data.fetch.max_bytes). Pixels are capped by Pillow's
+# Image.MAX_IMAGE_PIXELS (about 89 Mpx): a larger picture is image_too_large.
+MAX_IMAGE_BYTES = 64 * 1024 * 1024
 
 
 class BadImage(Exception):
@@ -68,11 +73,13 @@ def resolve_image_path(image_dir: str | pathlib.Path, ref: str) -> pathlib.Path:
   return path
 
 
-def read_regular_file(path: str | pathlib.Path) -> bytes:
-  """The bytes of `path` if it is a regular file. A FIFO, device, socket or directory is
-  refused as bad_image_path without reading (a FIFO would block forever): the file is
-  opened non-blocking and checked on the open descriptor, so a swap after a check
-  cannot slip one through."""
+def read_regular_file(path: str | pathlib.Path, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+  """The bytes of `path` if it is a regular file of at most `max_bytes`. A FIFO, device,
+  socket or directory is refused as bad_image_path without reading (a FIFO would block
+  forever, /dev/zero never ends); a larger file as image_too_large, judged by its size
+  before reading. The file is opened non-blocking and checked on the open descriptor, so
+  a swap after a check cannot slip one through; a file growing meanwhile is cut off at
+  the cap too."""
   try:
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
   except (FileNotFoundError, NotADirectoryError):
@@ -86,24 +93,36 @@ def read_regular_file(path: str | pathlib.Path) -> bytes:
               else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else
               "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
       raise BadImage("bad_image_path", f"{path} is {kind}, not an image file")
+    size = os.fstat(fd).st_size
+    if size > max_bytes:
+      raise _too_many_bytes(path, size, max_bytes)
     os.set_blocking(fd, True)
     with os.fdopen(fd, "rb", closefd=False) as f:
-      return f.read()
+      data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+      raise _too_many_bytes(path, len(data), max_bytes)
+    return data
   except OSError as e:
     raise BadImage("missing_image", f"{path}: {e.strerror or e}") from None
   finally:
     os.close(fd)
 
 
-def _open_fully(data: bytes, name: str) -> Image.Image:
-  """Opens and decodes every pixel, mapping Pillow's failure kinds to skip reasons."""
+def _too_many_bytes(path, size: int, max_bytes: int) -> BadImage:
+  return BadImage("image_too_large", f"{path}: {size:,} bytes > {max_bytes:,} "
+                  "(images.MAX_IMAGE_BYTES)")
+
+
+def open_fully(data: bytes, name: str) -> Image.Image:
+  """Opens and decodes every pixel, mapping Pillow's failure kinds to skip reasons; a
+  picture over Image.MAX_IMAGE_PIXELS is image_too_large before it is decoded."""
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("error", Image.DecompressionBombWarning)
       img = Image.open(io.BytesIO(data))
       img.load()
   except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-    raise BadImage("image_too_large", f"{name}: {e}") from None
+    raise BadImage("image_too_large", f"{name}: too many pixels: {e}") from None
   except Image.UnidentifiedImageError:
     raise BadImage("corrupt_image", f"{name}: not a readable image") from None
   except OSError as e:
@@ -145,7 +164,7 @@ def prepare_for_dataset(path: str | pathlib.Path, max_side: int | None = 512,
   data = read_regular_file(path)
   if not data:
     raise BadImage("corrupt_image", f"{path}: empty file")
-  img = _open_fully(data, str(path))
+  img = open_fully(data, str(path))
   if min(img.size) < min_side:
     raise BadImage("image_too_small", f"{path}: {img.size[0]}x{img.size[1]} < {min_side} px")
   orientation = img.getexif().get(0x0112, 1)

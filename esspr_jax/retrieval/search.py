@@ -345,12 +345,20 @@ class Searcher:
 
 
 def _load_image(image, size: int, resize_mode: str) -> np.ndarray:
-  """A query image (path or bytes) as uint8 [size, size, 3], or a DataError naming it."""
+  """A query image (path or bytes) as uint8 [size, size, 3], or a DataError naming it.
+  Read and checked as the build reads images: a regular file only, within the byte and
+  pixel caps (a FIFO or /dev/zero would otherwise hang or fill memory)."""
   from esspr_jax.input import images  # noqa: PLC0415
   name = "<bytes>" if isinstance(image, (bytes, bytearray)) else str(image)
   try:
-    data = bytes(image) if isinstance(image, (bytes, bytearray)) else pathlib.Path(image).read_bytes()
-    img = images.decode_rgb(data, size)
+    if isinstance(image, (bytes, bytearray)):
+      if len(image) > images.MAX_IMAGE_BYTES:
+        raise images.BadImage("image_too_large", f"{len(image):,} bytes > "
+                              f"{images.MAX_IMAGE_BYTES:,} (images.MAX_IMAGE_BYTES)")
+      data = bytes(image)
+    else:
+      data = images.read_regular_file(image)
+    img = images.to_rgb(images.open_fully(data, name))
     return images.fit_square(img, size, resize_mode)
   except (OSError, ValueError, images.BadImage) as e:
     raise DataError(f"cannot read query image {name}: {e}") from e

@@ -40,7 +40,9 @@ class _Server:
     self.peak = collections.Counter()
     self.peak_total = 0
     self.starts = collections.defaultdict(list)
+    self.redirects = []       # targets of /to/<n>
     self.delay = delay
+    self.hung_up = set()      # paths whose client went away before the headers were sent
     self._lock = threading.Lock()
     server = self
 
@@ -109,6 +111,23 @@ class _Server:
       return self._send(h, 200, "image/jpeg", JPEG[:len(JPEG) // 2])
     if path == "/moved.jpg":
       return self._send(h, 302, "text/plain", b"", {"Location": "/ok/moved.jpg"})
+    if path.startswith("/to/"):  # /to/<n>: a redirect to self.redirects[n]
+      return self._send(h, 302, "text/plain", b"", {"Location": self.redirects[int(path[4:])]})
+    if path == "/loop.jpg":
+      return self._send(h, 301, "text/plain", b"", {"Location": "/loop.jpg"})
+    if path == "/slow-headers.jpg":  # one header byte a second: each read is quick
+      head = (f"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\n"
+              f"Content-Length: {len(JPEG)}\r\n\r\n").encode()
+      for i in range(len(head)):
+        try:
+          h.wfile.write(head[i:i + 1])
+          h.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+          self.hung_up.add(path)
+          return None
+        time.sleep(1.0)
+      h.wfile.write(JPEG)
+      return None
     if path == "/flaky.jpg" and self.hits[h.path] == 1:
       return self._send(h, 503, "text/plain", b"busy", {"Retry-After": "0"})
     if path == "/flaky.jpg":
@@ -150,6 +169,7 @@ def _cfg(**overrides):
   cfg.connect_timeout_s, cfg.read_timeout_s, cfg.total_timeout_s = 1.0, 1.0, 1.0
   cfg.retries, cfg.backoff_s = 2, 0.01
   cfg.max_side = 64
+  cfg.allow_private_hosts = True  # the test server is on 127.0.0.1
   for k, v in overrides.items():
     cfg[k] = v
   return cfg
@@ -279,3 +299,90 @@ def test_bad_fetch_config_names_the_key(tmp_path):
   src = _write_pairs(tmp_path / "release.csv", [])
   with pytest.raises(ConfigError, match="data.fetch.per_host"):
     fetch_images.fetch_images(src, tmp_path / "o.csv", tmp_path / "i", _cfg(per_host=0))
+  cfg = _cfg()
+  with cfg.ignore_type():
+    cfg.allow_private_hosts = "yes"
+  with pytest.raises(ConfigError, match="data.fetch.allow_private_hosts"):
+    fetch_images.fetch_images(src, tmp_path / "o.csv", tmp_path / "i", cfg)
+  assert fetch_config("demo").allow_private_hosts is False
+
+
+def test_private_hosts_are_refused_before_connecting_unless_allowed(server, tmp_path):
+  """A third party's URL list must not make the fetcher read local services: loopback
+  (by name, IPv4, IPv6, 0.0.0.0, IPv4-mapped IPv6) is refused without a request."""
+  port = server.port
+  urls = [server.url("/ok/1.jpg"), server.url("/ok/2.jpg", "localhost"),
+          f"http://[::1]:{port}/ok/3.jpg", f"http://0.0.0.0:{port}/ok/4.jpg",
+          f"http://[::ffff:127.0.0.1]:{port}/ok/5.jpg", server.url("/moved.jpg")]
+  src = _write_pairs(tmp_path / "release.csv", list(zip(urls[::2], urls[1::2])))
+  report = fetch_images.fetch_images(src, tmp_path / "out.csv", tmp_path / "img",
+                                     _cfg(allow_private_hosts=False), verbose=False)
+  assert report.failed == {"blocked_host": len(urls)} and report.fetched == 0
+  assert not server.hits  # not one request reached the server
+  detail = _manifest(report)[urls[0]]["detail"]
+  assert "127.0.0.1" in detail and "data.fetch.allow_private_hosts" in detail
+
+
+@pytest.mark.parametrize("address, public", [
+    ("8.8.8.8", True), ("2606:4700::1111", True), ("127.0.0.1", False), ("127.9.9.9", False),
+    ("::1", False), ("0.0.0.0", False), ("169.254.169.254", False), ("fe80::1", False),
+    ("fe80::1%2", False), ("10.0.0.1", False), ("172.16.5.4", False), ("192.168.1.1", False),
+    ("fc00::1", False), ("100.64.0.1", False), ("224.0.0.1", False),
+    ("::ffff:127.0.0.1", False), ("::ffff:8.8.8.8", True)])
+def test_which_addresses_count_as_private(address, public):
+  assert fetch_images.is_public_address(address) is public
+
+
+def test_redirects_are_followed_hop_by_hop_through_each_hosts_gate(tmp_path):
+  """Each hop is its own request: through its host's politeness gate, and refused
+  (blocked_redirect) when it leaves http(s); a loop ends as http_error."""
+  server = _Server(delay=0.1)
+  try:
+    server.redirects = [server.url(f"/ok/r{i}.jpg", "localhost") for i in range(4)]
+    server.redirects += ["file:///etc/passwd", "ftp://127.0.0.1/x.jpg", "gopher://x/y"]
+    via = [server.url(f"/to/{i}") for i in range(4)]
+    direct = [server.url(f"/ok/d{i}.jpg", "localhost") for i in range(4)]
+    blocked = [server.url(f"/to/{i}") for i in range(4, 7)]
+    loop = server.url("/loop.jpg")
+    pairs = list(zip(via, direct)) + [(direct[0], u) for u in blocked + [loop]]
+    src = _write_pairs(tmp_path / "release.csv", pairs)
+    report = fetch_images.fetch_images(src, tmp_path / "out.csv", tmp_path / "img",
+                                       _cfg(workers=8, per_host=1), verbose=False)
+    assert report.fetched == 8
+    assert report.failed == {"blocked_redirect": 3, "http_error": 1}
+    # The redirected requests went through localhost's gate with the direct ones.
+    assert server.peak["localhost"] == 1 and len(server.starts["localhost"]) == 8
+    manifest = _manifest(report)
+    assert "file:///etc/passwd" in manifest[blocked[0]]["detail"]
+    assert "redirects" in manifest[loop]["detail"]
+    assert server.hits["/loop.jpg"] == 6  # the first request and 5 redirects
+  finally:
+    server.close()
+
+
+def test_a_server_trickling_its_headers_is_cut_at_the_deadline(server, tmp_path):
+  """One header byte a second never trips the per-read timeout; the whole-request
+  deadline (total_timeout_s) ends it, counted as a timeout."""
+  url = server.url("/slow-headers.jpg")
+  src = _write_pairs(tmp_path / "release.csv", [(server.url("/ok/1.jpg"), url)])
+  report = fetch_images.fetch_images(
+      src, tmp_path / "out.csv", tmp_path / "img",
+      _cfg(read_timeout_s=5.0, total_timeout_s=2.0, retries=0), verbose=False)
+  assert report.failed == {"timeout": 1} and report.fetched == 1
+  assert "total_timeout_s" in _manifest(report)[url]["detail"]
+  deadline = time.monotonic() + 30  # the server notices at its next byte
+  while "/slow-headers.jpg" not in server.hung_up and time.monotonic() < deadline:
+    time.sleep(0.1)
+  assert "/slow-headers.jpg" in server.hung_up  # we hung up before the headers were done
+
+
+def test_a_malformed_url_is_counted_and_the_rest_fetched(server, tmp_path):
+  bad = ["http://[::1/x.jpg", "http://127.0.0.1:99999/x.jpg", "http:///x.jpg",
+         "http://exa mple.com/x.jpg"]
+  good = server.url("/ok/1.jpg")
+  src = _write_pairs(tmp_path / "release.csv", [(good, u) for u in bad] + [(good, good)])
+  report = fetch_images.fetch_images(src, tmp_path / "out.csv", tmp_path / "img", _cfg(),
+                                     verbose=False)
+  assert report.failed == {"bad_url": len(bad)} and report.fetched == 1
+  assert (report.rows_written, report.rows_dropped) == (1, len(bad))
+  assert not server.hits.keys() - {"/ok/1.jpg"}

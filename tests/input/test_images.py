@@ -191,3 +191,20 @@ def test_fifos_directories_and_devices_are_refused_without_reading(tmp_path):
         images.resolve_image_path(tmp_path, name)))
     assert isinstance(error, images.BadImage) and error.reason == "bad_image_path", (name, error)
     assert "not an image file" in error.detail
+
+
+def test_files_over_the_byte_cap_are_refused_by_size_without_reading(tmp_path):
+  """A sparse file one byte over the cap: refused from its size, before a byte is read."""
+  import os
+  huge = tmp_path / "huge.jpg"
+  huge.touch()
+  os.truncate(huge, images.MAX_IMAGE_BYTES + 1)
+  error = _within(5, lambda: images.prepare_for_dataset(huge))
+  assert isinstance(error, images.BadImage) and error.reason == "image_too_large", error
+  assert f"{images.MAX_IMAGE_BYTES + 1:,} bytes" in error.detail
+  at_cap = tmp_path / "at_cap.jpg"
+  at_cap.touch()
+  os.truncate(at_cap, images.MAX_IMAGE_BYTES)
+  with pytest.raises(images.BadImage) as info:  # read: it is within the cap
+    images.prepare_for_dataset(at_cap)
+  assert info.value.reason == "corrupt_image"

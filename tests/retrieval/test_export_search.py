@@ -1,12 +1,18 @@
 """Export round trip (kill + resume gives identical ids and vectors), search API and errors."""
 import json
+import os
+import pathlib
+import re
 import shutil
+import threading
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from esspr_jax.ingest.catalog import Listing
 from esspr_jax.errors import ConfigError, DataError
+from esspr_jax.input import images
 from esspr_jax.retrieval import export, search
 
 
@@ -209,6 +215,41 @@ def test_search_errors_name_the_problem(searcher, exported, tiny, tmp_path):
   other.model.embed_dim = 48
   with pytest.raises(ConfigError, match="model.embed_dim.*another model config"):
     search.Searcher(exported[0], model=tiny.model, params=tiny.params, config=other)
+
+
+def _within(seconds, fn):
+  """fn()'s exception, or AssertionError if it does not return within `seconds`."""
+  box = {}
+
+  def run():
+    try:
+      fn()
+    except BaseException as e:  # noqa: BLE001
+      box["error"] = e
+  thread = threading.Thread(target=run, daemon=True)
+  thread.start()
+  thread.join(seconds)
+  assert not thread.is_alive(), "hung reading the query image"
+  return box.get("error")
+
+
+def test_query_images_are_read_like_the_build_regular_and_capped(searcher, tmp_path):
+  """A FIFO, a device, a sparse file over the byte cap, bytes over it and a picture over
+  the pixel cap: each a DataError naming why, never a hang or a read until memory runs out."""
+  os.mkfifo(tmp_path / "pipe.jpg")
+  huge = tmp_path / "huge.jpg"
+  huge.touch()
+  os.truncate(huge, images.MAX_IMAGE_BYTES + 1)
+  many_pixels = tmp_path / "144mpx.png"  # 12000 x 12000, 1-bit: a small file
+  Image.new("1", (12000, 12000)).save(many_pixels)
+  cases = {tmp_path / "pipe.jpg": "a FIFO", pathlib.Path("/dev/zero"): "a device",
+           huge: "image_too_large.*bytes", many_pixels: "image_too_large.*pixels",
+           b"\xff\xd8" * (images.MAX_IMAGE_BYTES // 2 + 1): "image_too_large.*bytes"}
+  for query, why in cases.items():
+    error = _within(20, lambda q=query: searcher.by_image(q))
+    assert isinstance(error, DataError), (query if isinstance(query, pathlib.Path) else "bytes",
+                                          error)
+    assert re.search(f"cannot read query image .*{why}", str(error)), str(error)
 
 
 def test_command_entry_prints_hits_and_duplicates(exported, tiny, capsys, tmp_path):
