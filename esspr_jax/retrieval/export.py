@@ -499,8 +499,11 @@ def finish_export(out_dir, config, *, modalities, dtype, processes, checkpoint_i
   }
   del ids, first
   wanted = {*manifest["listings"], *(n for names in manifest["shards"].values() for n in names)}
-  for stale in out_dir.iterdir():  # shards of an earlier export with another process count
-    if _SHARD.match(stale.name) and stale.name not in wanted:
+  for stale in out_dir.iterdir():
+    # Shards of an earlier export with another process count, and temporaries of
+    # writers killed in an earlier run (every process has finished writing by now).
+    if stale.is_file() and ((_SHARD.match(stale.name) and stale.name not in wanted)
+                            or (stale.name.endswith(".tmp") and _ours(stale.name))):
       stale.unlink()
   manifest["index_seconds"] = time.perf_counter() - start
   manifest["seconds"] = seconds + manifest["index_seconds"]

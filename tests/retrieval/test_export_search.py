@@ -352,6 +352,18 @@ def test_an_export_dir_that_is_not_an_export_is_refused_and_left_alone(tiny, tmp
   assert export.MARKER in json.loads((out / "manifest.json").read_text())["assets"]
 
 
+def test_temporaries_of_a_killed_export_are_removed_not_listed(tiny, tmp_path):
+  """25.21: a shard writer killed mid-file leaves `<shard>.<random>.tmp`; the next export
+  removes it instead of listing it in the manifest."""
+  out = tmp_path / "out"
+  _small_export(tiny, out)
+  stale = out / (export.shard_name("ids", 0, 1) + ".k1ll3d.tmp")
+  stale.write_bytes(b"half a shard")
+  manifest = _small_export(tiny, out, seed=3)
+  assert not stale.exists() and stale.name not in manifest["assets"]
+  assert sorted(search.Searcher(out).ids.tolist()) == sorted(f"v{i}" for i in range(20))
+
+
 def test_an_export_from_before_the_marker_is_still_rewritten(tiny, tmp_path):
   """25.7: exports made before the marker (a manifest.json of this format) and
   interrupted ones (a progress record of it) are taken as ours; the marker is added."""
