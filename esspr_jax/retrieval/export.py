@@ -310,7 +310,7 @@ def check_out_dir(out_dir) -> pathlib.Path:
   out_dir = pathlib.Path(out_dir)
   if not out_dir.exists():
     return out_dir
-  if not out_dir.is_dir() or out_dir.is_symlink():
+  if not out_dir.is_dir():
     raise DataError(f"export dir {out_dir} is not a directory")
   # (another process of a multi-process export may be writing the marker right now)
   names = sorted(p.name for p in out_dir.iterdir() if not p.name.startswith(MARKER + "."))
