@@ -49,8 +49,13 @@ def workdir_path(workdir, flag: str = "--workdir") -> epath.Path:
     scheme = text.split("://", 1)[0]
     if scheme not in ("gs", "s3"):
       raise ConfigError(flag, f"{text!r}: only gs:// (and s3://) URLs are supported")
-    if not text.split("://", 1)[1].strip("/"):
+    rest = text.split("://", 1)[1]
+    if not rest.strip("/") or rest.startswith("/"):
       raise ConfigError(flag, f"{text!r} names no bucket")
+    if "?" in rest or "#" in rest:
+      # The object store's clients would read the rest as a query or fragment, and every
+      # checkpoint would land in one database at the part before it.
+      raise ConfigError(flag, f"{text!r}: '?' and '#' are not allowed in a workdir URL")
     backend = {"gs": "gcsfs", "s3": "s3fs"}[scheme]
     if importlib.util.find_spec(backend) is None:
       raise ConfigError(flag, f"{text!r} needs the fsspec backend {backend} "

@@ -314,6 +314,10 @@ def test_the_tpu_pod_launchers_gs_command_is_accepted_by_main(capsys, tmp_path, 
 @pytest.mark.parametrize("url, fragment", [
     ("gs://", "names no bucket"),
     ("ftp://host/run", "only gs:// (and s3://) URLs"),
+    ("gs:///run", "names no bucket"),  # 25.10: not bucket "run"
+    ("gs://bkt/run?x=1#frag", "'?' and '#' are not allowed"),
+    ("gs://bkt/run#frag", "'?' and '#' are not allowed"),
+    ("s3://bkt/run?versionId=1", "'?' and '#' are not allowed"),
 ])
 def test_bad_workdir_urls_are_config_errors_naming_the_flag(url, fragment):
   from esspr_jax import workdir as workdir_lib

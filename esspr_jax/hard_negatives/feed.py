@@ -8,10 +8,13 @@ those mined at or before its checkpoint step and so builds the batches the
 uninterrupted run built.
 """
 import dataclasses
+import hashlib
 import io
+import logging
 import pathlib
 import re
 import threading
+import time
 from typing import List, Optional
 
 import grain
@@ -19,6 +22,7 @@ import numpy as np
 
 from esspr_jax import atomic_io
 
+log = logging.getLogger(__name__)
 _NAME = re.compile(r"^mined-(\d{9})\.npz$")
 
 
@@ -60,15 +64,78 @@ class Versions:
 
 
 def save_version(directory, version: Version) -> pathlib.Path:
+  """mined-<step>.npz, then its sha256 beside it (a table without one is from before
+  the hash, or its writer died between the two: it is then checked without it)."""
   buffer = io.BytesIO()
   np.savez(buffer, table=version.table, first_batch=version.first_batch,
            mined_step=version.mined_step, next_step=version.next_step)
-  return atomic_io.atomic_write(pathlib.Path(directory) / f"mined-{version.mined_step:09d}.npz",
-                                buffer.getvalue())
+  data = buffer.getvalue()
+  path = atomic_io.atomic_write(pathlib.Path(directory) / f"mined-{version.mined_step:09d}.npz",
+                                data)
+  atomic_io.atomic_write(_hash_path(path), hashlib.sha256(data).hexdigest() + "\n")
+  return path
 
 
-def load_versions(directory, up_to_step: int) -> List[Version]:
-  """The saved versions mined at or before `up_to_step`, oldest first."""
+class DamagedTable(ValueError):
+  """A saved table that cannot be this run's: unreadable, altered, or out of range."""
+
+
+def _hash_path(path: pathlib.Path) -> pathlib.Path:
+  return path.with_name(path.name + ".sha256")
+
+
+def _scalar(f, key: str) -> int:
+  value = f[key]
+  if value.shape != () or value.dtype.kind not in "iu":
+    raise DamagedTable(f"{key} is {value.dtype} of shape {value.shape}, not an integer")
+  return int(value)
+
+
+def read_version(path, *, pairs: int, listings: int, per_trigger: int) -> Version:
+  """One saved table, checked whole: its hash, fields, shape, dtype and every row in
+  [0, listings). Anything else is a DamagedTable saying why."""
+  path = pathlib.Path(path)
+  data = path.read_bytes()
+  hash_path = _hash_path(path)
+  if hash_path.is_file() and hash_path.read_text().strip() != hashlib.sha256(data).hexdigest():
+    raise DamagedTable(f"its bytes differ from {hash_path.name}")
+  try:
+    with np.load(io.BytesIO(data), allow_pickle=False) as f:
+      version = Version(_scalar(f, "first_batch"), _scalar(f, "mined_step"),
+                        _scalar(f, "next_step"), f["table"])
+  except DamagedTable:
+    raise
+  except Exception as e:  # noqa: BLE001  (a damaged zip/npy fails in many ways)
+    raise DamagedTable(f"unreadable ({type(e).__name__}: {e})") from None
+  table = version.table
+  if table.dtype.kind not in "iu":
+    raise DamagedTable(f"the table is {table.dtype}, not integer rows")
+  if table.shape != (pairs, per_trigger):
+    raise DamagedTable(f"the table has shape {table.shape}; this run has {pairs} pairs x "
+                       f"{per_trigger} per trigger")
+  if table.size and (table.min() < 0 or table.max() >= listings):
+    raise DamagedTable(f"rows {int(table.min())}..{int(table.max())} leave the catalog's "
+                       f"{listings} listings")
+  if version.mined_step != int(_NAME.match(path.name).group(1)):
+    raise DamagedTable(f"it says it was mined at step {version.mined_step}")
+  return dataclasses.replace(version, table=np.asarray(table, np.int64))
+
+
+def set_aside(path: pathlib.Path) -> pathlib.Path:
+  """Moves a damaged table (and its hash) to <directory>.corrupt/, as damaged
+  checkpoints are, so the miner mines it afresh and nothing is deleted."""
+  target = path.parent.with_name(path.parent.name + ".corrupt") / f"{path.name}-{int(time.time())}"
+  target.parent.mkdir(parents=True, exist_ok=True)
+  if _hash_path(path).is_file():
+    _hash_path(path).rename(_hash_path(target))
+  path.rename(target)
+  return target
+
+
+def load_versions(directory, up_to_step: int, *, pairs: int, listings: int,
+                  per_trigger: int) -> List[Version]:
+  """The saved versions mined at or before `up_to_step`, oldest first. A damaged one is
+  named in a warning and set aside (set_aside); the miner then mines again."""
   directory = pathlib.Path(directory)
   if not directory.is_dir():
     return []
@@ -77,9 +144,11 @@ def load_versions(directory, up_to_step: int) -> List[Version]:
     match = _NAME.match(path.name)
     if not match or int(match.group(1)) > up_to_step:
       continue
-    with np.load(path) as f:
-      out.append(Version(int(f["first_batch"]), int(f["mined_step"]), int(f["next_step"]),
-                         np.asarray(f["table"], np.int64)))
+    try:
+      out.append(read_version(path, pairs=pairs, listings=listings, per_trigger=per_trigger))
+    except DamagedTable as e:
+      log.warning("hard negatives: %s is damaged (%s); moved to %s, mining again", path, e,
+                  set_aside(path))
   return sorted(out, key=lambda v: (v.first_batch, v.mined_step))
 
 

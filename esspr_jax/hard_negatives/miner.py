@@ -67,7 +67,8 @@ class Miner:
 
   def resume(self, start_step: int) -> int:
     """Reloads the versions mined at or before `start_step`; returns how many."""
-    saved = load_versions(self.directory, start_step)
+    saved = load_versions(self.directory, start_step, pairs=len(self.catalog.trigger_row),
+                          listings=len(self.catalog), per_trigger=self.per_trigger)
     for version in saved:
       self.versions.install(version)
     self.next_step = saved[-1].next_step if saved else start_step

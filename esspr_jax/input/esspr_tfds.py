@@ -23,6 +23,7 @@ pair; the first good row wins. Label-0 rows are dropped (not "bad") when
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -37,6 +38,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tensorflow_datasets.core import utils as tfds_utils
 
+from esspr_jax import dir_swap
 from esspr_jax.atomic_io import atomic_open
 from esspr_jax.input import images
 from esspr_jax.ingest import pair_files, release_format
@@ -50,6 +52,7 @@ SPLIT = "pairs"
 _CHECK_EVERY = 10_000  # rows between bad-fraction checks during a build
 _IMAGE_CACHE_SIZE = 4096  # prepared images kept in memory (triggers recur across rows)
 _SIDES = ("trigger", "recall")
+BUILDING = ".building"  # <data_dir>/.building/<name>: a build in progress (swapped in whole)
 
 
 @dataclasses.dataclass
@@ -398,7 +401,9 @@ def build_pairs_dataset(csv_path: str | pathlib.Path, image_dir: str | pathlib.P
   CSV's path and bytes, the image dir, the settings); otherwise it is rebuilt (it is
   derived data), with a warning naming what changed. A CSV that yields no example (a
   header only, label-0 rows only, every row bad) is a DataError saying which. Raises DataError on strict-mode bad
-  rows or too many bad rows; the dataset dir is then left without a partial build.
+  rows or too many bad rows. A build is made beside (`<data_dir>/.building/<name>`)
+  and swapped in whole, so a failed or killed rebuild leaves the previous dataset as it
+  was and never a partial one; the next build removes what a killed one left.
 
   `beam_runner` (e.g. 'DirectRunner', 'DataflowRunner') builds with Apache Beam:
   images are prepared by Beam workers, with `beam_options` as pipeline flags
@@ -419,6 +424,8 @@ def build_pairs_dataset(csv_path: str | pathlib.Path, image_dir: str | pathlib.P
       min_image_side=min_image_side, jpeg_quality=jpeg_quality, positives_only=positives_only,
       beam_stage_dir=stage, description=f"pairs from {csv_path}")
   path = dataset_path(data_dir, name)
+  building = pathlib.Path(data_dir) / BUILDING / name
+  _remove_leftovers(path, building, stage)
   if path.is_dir():
     stored = _read_metadata(path)
     if stored.get("fingerprint") == fingerprint(config):
@@ -426,10 +433,11 @@ def build_pairs_dataset(csv_path: str | pathlib.Path, image_dir: str | pathlib.P
       return open_pairs(path)
     before, now = stored.get("inputs") or {}, inputs(config)
     changed = [k for k in now if before.get(k) != now[k]] if before else ["its inputs"]
-    log.warning("dataset %s was built from other inputs (%s changed); rebuilding it", path,
-                ", ".join(changed))
-    shutil.rmtree(path)
-  builder = EssprPairs(config=config, data_dir=str(data_dir), file_format="array_record")
+    log.warning("dataset %s was built from other inputs (%s changed); rebuilding it (the old "
+                "one stays until the new one is built)", path, ", ".join(changed))
+  # Built beside (TFDS's temporaries with it), then swapped in whole: a failed or killed
+  # build leaves the previous dataset as it was.
+  builder = EssprPairs(config=config, data_dir=str(building), file_format="array_record")
   download_config = tfds.download.DownloadConfig()
   if beam_runner:
     from apache_beam.options.pipeline_options import PipelineOptions  # noqa: PLC0415
@@ -437,12 +445,28 @@ def build_pairs_dataset(csv_path: str | pathlib.Path, image_dir: str | pathlib.P
         beam_runner=beam_runner, beam_options=PipelineOptions(flags=list(beam_options)))
   try:
     builder.download_and_prepare(download_config=download_config)
+    if beam_runner:
+      _finish_beam_report(dataset_path(building, name), max_bad_fraction)
+    dir_swap.swap_in(dataset_path(building, name), path)
   finally:
     if stage and epath.Path(stage).exists():
       epath.Path(stage).rmtree()
-  if beam_runner:
-    _finish_beam_report(path, max_bad_fraction)
+    shutil.rmtree(building, ignore_errors=True)
+    with contextlib.suppress(OSError):
+      building.parent.rmdir()  # when no other build is under way
   return open_pairs(path)
+
+
+def _remove_leftovers(path: pathlib.Path, building: pathlib.Path, stage: str) -> None:
+  """What a killed build left: its build dir (and the old dataset a swap moved there),
+  its Beam rows, and TFDS temporaries beside the dataset from builds made in place."""
+  stale = [building] if building.exists() else []
+  stale += sorted(path.parent.glob("incomplete.*")) if path.parent.is_dir() else []
+  for leftover in stale:
+    log.warning("removing %s, left by an interrupted dataset build", leftover)
+    shutil.rmtree(leftover, ignore_errors=True)
+  if stage and epath.Path(stage).exists():
+    epath.Path(stage).rmtree()
 
 
 def _finish_beam_report(path: pathlib.Path, max_bad_fraction: float) -> None:

@@ -105,7 +105,8 @@ class Calibration:
 
 
 def check_pairs(scores, labels) -> tuple[np.ndarray, np.ndarray]:
-  """(float64 scores, bool labels); a clear error for NaN, bad labels or no positives."""
+  """(float64 scores, bool labels); a clear error for NaN, bad labels, or no positives
+  or no negatives (precision is then meaningless)."""
   s = np.asarray(scores, np.float64)
   y = np.asarray(labels)
   if s.ndim != 1 or y.shape != s.shape:
@@ -124,6 +125,10 @@ def check_pairs(scores, labels) -> tuple[np.ndarray, np.ndarray]:
   if not y.any():
     raise DataError(f"duplicate pairs: none of the {len(y)} pairs is labelled 1 (a duplicate); "
                     "precision and recall need positives")
+  if y.all():
+    raise DataError(f"duplicate pairs: none of the {len(y)} pairs is labelled 0 (not a "
+                    "duplicate); with positives only every threshold has precision 1, so a "
+                    "calibration would cluster everything")
   return s, y
 
 

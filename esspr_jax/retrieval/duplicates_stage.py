@@ -31,6 +31,7 @@ import numpy as np
 from esspr_jax import atomic_io
 from esspr_jax.errors import ConfigError, DataError
 from esspr_jax.ingest import release_format
+from esspr_jax.ingest.skips import SkipCounter
 from esspr_jax.retrieval import duplicates as dup
 from esspr_jax.retrieval import duplicates_clusters as dc
 from esspr_jax.retrieval import export as export_lib
@@ -70,11 +71,12 @@ def truth_pairs(vectors: np.ndarray, styles, top_k: int, rows=None) -> tuple:
   return arr[:, 0], arr[:, 1], arr[:, 2]
 
 
-def csv_pairs(path, row_of: dict) -> tuple:
+def csv_pairs(path, row_of: dict, skips: SkipCounter | None = None) -> tuple:
   """(a, b, labels) from a release-format pairs CSV (ingest/release_format.py reads it);
-  an id missing from the catalog is an error naming it."""
+  an id missing from the catalog is an error naming it. Rows it skips (a label other
+  than 0 or 1, ...) are counted in `skips`, which the report shows."""
   a, b, y, missing = [], [], [], []
-  for row in release_format.read_pairs(path):
+  for row in release_format.read_pairs(path, skips):
     for listing in (row.trigger_id, row.recall_id):
       if listing not in row_of:
         missing.append(f"{listing} (line {row.source_row})")
@@ -197,8 +199,10 @@ def cluster_records(clusters, ids, suppliers) -> str:
 def summary_lines(report: dict) -> list[str]:
   """The console lines of the mode (stages.duplicates prints them)."""
   p, cal = report["pairs"], report["calibration"]
+  skipped = p.get("skipped") or {}
   lines = [f"[duplicates] {p['count']} labelled pairs ({p['positives']} duplicates) from "
-           f"{p['source']}, view {report['view']}"]
+           f"{p['source']}, view {report['view']}"
+           + (f"; {sum(skipped.values())} rows skipped ({skipped})" if skipped else "")]
   if cal["reached"]:
     at = cal["at_threshold"]
     lines.append(f"[duplicates] threshold {cal['threshold']:.4f}: precision "
@@ -238,8 +242,9 @@ def run_duplicates(config, workdir, catalog, image_dir, out_dir, *, pairs=None,
   suppliers = np.asarray([getattr(x, "supplier_id", "") for x in rows], dtype=object)
   styles = np.asarray([getattr(x, "style_id", "") for x in rows], dtype=object)
 
+  skips = SkipCounter(f"duplicates: pairs {pairs}")
   if pairs:
-    a, b, y = csv_pairs(pairs, {i: r for r, i in enumerate(ids)})
+    a, b, y = csv_pairs(pairs, {i: r for r, i in enumerate(ids)}, skips)
     source = str(pairs)
   elif (styles != "").any():
     a, b, y = truth_pairs(vectors, styles, d.top_k, eval_style_rows(catalog, styles))
@@ -275,7 +280,7 @@ def run_duplicates(config, workdir, catalog, image_dir, out_dir, *, pairs=None,
   report = {
       "view": d.view, "target_precision": d.target_precision,
       "pairs": {"source": source, "count": int(len(y)), "positives": sw.positives,
-                "negatives": sw.negatives},
+                "negatives": sw.negatives, "skipped": dict(skips.reasons)},
       "calibration": cal.as_dict(), "best_f1": best.as_dict(),
       "table": [p.as_dict() for p in table], "curve": curve(sw), "clusters": cluster_info,
       "checkpoint": info.get("checkpoint"), "step": info.get("step"),

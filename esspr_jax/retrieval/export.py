@@ -13,6 +13,7 @@ Entry points:
     build_indexes(out_dir, config) -> manifest dict      (indexes for a finished export)
 
 Layout of out_dir (`manifest.json` is written last, so its presence means complete):
+    .esspr-export            the marker: this directory is an export's (see claim_dir)
     manifest.json            model checkpoint + step, model config and its hash, modalities,
                              dtype, count, dim, shard files, index reports, and the sha256
                              of every other file (integrity.py: checked before loading)
@@ -34,6 +35,12 @@ whose content is unchanged (a changed or reordered catalog restarts from the fir
 chunk that differs), so no id is duplicated, lost or mixed from two catalogs. A partial
 export made with another model, checkpoint or settings is refused.
 
+An export only writes into a directory that is new, empty, or already an export's (its
+marker, or from before the marker a manifest.json or progress record of this format);
+anything else, or an export dir holding files an export does not write, is refused
+before a file is touched, so nothing is deleted or listed in the manifest that the
+export did not write.
+
 Memory is bounded by one chunk: chunk files are streamed into the shards (memory-mapped
 .npy, Parquet row groups); only the index build holds a whole modality.
 """
@@ -42,6 +49,7 @@ import json
 import logging
 import math
 import pathlib
+import re
 import shutil
 import time
 from typing import Iterable, Mapping, Sequence
@@ -63,6 +71,11 @@ MANIFEST = integrity.MANIFEST
 TOKENIZER = "tokenizer.json"
 META_COLUMNS = ("listing_id", "title", "supplier_id", "category", "image")
 HASH_BYTES = 16
+MARKER = ".esspr-export"
+MARKER_TEXT = ("esspr_jax export: this directory is rewritten by --mode=export (index/, delta/, "
+               "work/, manifest.json and the shard files)\n")
+_SHARD = re.compile(r"^(ids|hash|emb_\w+|listings)\.process-\d{5}-of-\d{5}\.(npy|parquet)$")
+_OUR_DIRS = ("index", "delta", "work")
 
 
 def shard_name(kind: str, process: int, count: int, ext: str = "npy") -> str:
@@ -271,6 +284,59 @@ def _check_unique_ids(out_dir, processes: int) -> None:
       raise DataError(f"export {out_dir}: duplicate listing ids {dup[:5]} in the catalog")
 
 
+# ----------------------------------------------------------------------------- the directory
+def _ours(name: str) -> bool:
+  """A top-level name an export writes (atomic_io's temporaries of those included)."""
+  name = re.sub(r"\.[^.]+\.tmp$", "", name)
+  return name in (MANIFEST, MARKER, TOKENIZER, *_OUR_DIRS) or bool(_SHARD.match(name))
+
+
+def _from_before_the_marker(out_dir: pathlib.Path) -> bool:
+  """An export (or an interrupted one) made before exports wrote MARKER."""
+  for path in [out_dir / MANIFEST, *sorted((out_dir / "work").glob("progress.process-*.json"))]:
+    try:
+      record = json.loads(path.read_text())
+    except (OSError, ValueError):
+      continue
+    if isinstance(record, dict):
+      fmt = record.get("format") or (record.get("fingerprint") or {}).get("format")
+      if isinstance(fmt, str) and fmt.startswith("esspr-export/"):
+        return True
+  return False
+
+
+def check_out_dir(out_dir) -> pathlib.Path:
+  """Refuses an out_dir an export must not write into (see module doc); writes nothing."""
+  out_dir = pathlib.Path(out_dir)
+  if not out_dir.exists():
+    return out_dir
+  if not out_dir.is_dir():
+    raise DataError(f"export dir {out_dir} is not a directory")
+  # (another process of a multi-process export may be writing the marker right now)
+  names = sorted(p.name for p in out_dir.iterdir() if not p.name.startswith(MARKER + "."))
+  if not names:
+    return out_dir
+  if not (out_dir / MARKER).is_file() and not _from_before_the_marker(out_dir):
+    raise DataError(f"export dir {out_dir} is not empty and is not an export (no {MARKER}); an "
+                    f"export replaces index/, delta/, work/ and manifest.json, so it writes only "
+                    f"into a new or empty directory: choose another")
+  foreign = [n for n in names if not _ours(n)]
+  if foreign:
+    raise DataError(f"export dir {out_dir} holds files an export does not write: {foreign[:5]}"
+                    f"{' ...' if len(foreign) > 5 else ''}; move them away (they would not be "
+                    f"part of the export, and search refuses an export holding unlisted files)")
+  return out_dir
+
+
+def claim_dir(out_dir) -> pathlib.Path:
+  """check_out_dir, then creates the directory if need be and writes its marker."""
+  out_dir = check_out_dir(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  if not (out_dir / MARKER).is_file():
+    atomic_io.atomic_write(out_dir / MARKER, MARKER_TEXT)
+  return out_dir
+
+
 # ----------------------------------------------------------------------------- progress
 def _fingerprint(config, modalities, dtype, process, processes, checkpoint_info) -> dict:
   return {"format": FORMAT, "modalities": list(modalities), "dtype": dtype,
@@ -432,6 +498,13 @@ def finish_export(out_dir, config, *, modalities, dtype, processes, checkpoint_i
       "delta": None, **(extra or {}),
   }
   del ids, first
+  wanted = {*manifest["listings"], *(n for names in manifest["shards"].values() for n in names)}
+  for stale in out_dir.iterdir():
+    # Shards of an earlier export with another process count, and temporaries of
+    # writers killed in an earlier run (every process has finished writing by now).
+    if stale.is_file() and ((_SHARD.match(stale.name) and stale.name not in wanted)
+                            or (stale.name.endswith(".tmp") and _ours(stale.name))):
+      stale.unlink()
   manifest["index_seconds"] = time.perf_counter() - start
   manifest["seconds"] = seconds + manifest["index_seconds"]
   return write_manifest(out_dir, manifest)
@@ -440,8 +513,7 @@ def finish_export(out_dir, config, *, modalities, dtype, processes, checkpoint_i
 def _start(out_dir, config) -> tuple[pathlib.Path, tuple, np.dtype]:
   ex = config.eval.export
   modalities = eval_config.parse_modalities(ex.modalities, "eval.export.modalities")
-  out_dir = pathlib.Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
+  out_dir = claim_dir(out_dir)
   (out_dir / MANIFEST).unlink(missing_ok=True)  # an export being (re)made is not complete
   for stale in ("index", "delta"):
     shutil.rmtree(out_dir / stale, ignore_errors=True)
@@ -519,6 +591,8 @@ def export_catalog(config, workdir, catalog_csv, image_dir, out_dir, *, checkpoi
                    step=None, data_dir=None, update: bool = False) -> dict:
   """main.py --mode=export [--update]: restore the model, export (or update) the catalog."""
   from esspr_jax.input import pipeline  # noqa: PLC0415
+  if not update:
+    check_out_dir(out_dir)  # before the model is restored
   model, params, info = restore.load_model_and_params(config, checkpoint or workdir, step=step)
   if data_dir is None:
     from esspr_jax import workdir as workdir_lib  # noqa: PLC0415

@@ -6,13 +6,15 @@ for the eval table. `ScannIndex` wraps a ScaNN tree + asymmetric-hashing + exact
 reorder searcher whose query-time knobs (leaves to search, reorder depth) are tuned on
 a sample against exact search until recall@k reaches a target. `build_index` picks
 one by gallery size; `save_index` / `load_index` round-trip either through a directory
-(written to a temp dir and renamed, so a reader never sees half an index).
+(written to a temp dir and swapped in whole, so a reader never sees half an index or
+none; a save killed mid-way leaves a temp dir the next save removes).
 
 Both indexes return (ids int64 [Q, k], scores float32 [Q, k]); ids are row numbers of
 the indexed vectors, -1 where the gallery holds fewer than k items.
 """
 import dataclasses
 import functools
+import glob
 import json
 import logging
 import math
@@ -26,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from esspr_jax import dir_swap
 from esspr_jax.errors import DataError
 from esspr_jax.retrieval import metrics
 
@@ -416,21 +419,13 @@ def build_index(vectors, index_config, tune_queries=None, seed: int = 0):
   return index, report
 
 
-def _replace_dir(tmp: pathlib.Path, final: pathlib.Path) -> None:
-  """Moves a finished temp dir into place; the old one (if any) is removed after."""
-  old = None
-  if final.exists():
-    old = final.with_name(final.name + f".old-{os.getpid()}")
-    os.replace(final, old)
-  os.replace(tmp, final)
-  if old is not None:
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def save_index(index, directory) -> None:
   """Writes an index to `directory` atomically (temp dir + rename)."""
   final = pathlib.Path(directory)
   final.parent.mkdir(parents=True, exist_ok=True)
+  for stale in final.parent.glob(f"{glob.escape(final.name)}.tmp-*"):
+    log.warning("removing %s, left by an interrupted index save", stale)
+    shutil.rmtree(stale, ignore_errors=True)
   tmp = pathlib.Path(tempfile.mkdtemp(dir=final.parent, prefix=final.name + ".tmp-"))
   try:
     meta = {"kind": index.kind, "size": index.size, "dim": index.dim}
@@ -443,7 +438,7 @@ def save_index(index, directory) -> None:
       meta["query_chunk"] = index.query_chunk
       meta["gallery_chunk"] = int(index._gallery.shape[1])
     (tmp / INDEX_META).write_text(json.dumps(meta, indent=2))
-    _replace_dir(tmp, final)
+    dir_swap.swap_in(tmp, final)  # one atomic step; the old index then sits at tmp
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

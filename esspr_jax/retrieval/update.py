@@ -15,13 +15,15 @@ valid; its stray files are removed by the next update). The searcher merges the 
 index with an exact index over the delta and never returns a retired row
 (index.LiveIndex). When the delta plus the retired rows pass
 `eval.export.rebuild_fraction` of the live rows, the update folds everything into a
-new base instead (vectors reused, not re-embedded) and rebuilds the indexes.
+new base instead (vectors reused, not re-embedded) and rebuilds the indexes: built
+beside as `<out_dir>.fold-tmp` and exchanged with out_dir in one atomic step
+(dir_swap.py), so out_dir is always a whole export; the next update removes a staging
+dir a killed fold left.
 
 The model must be the one that made the export (same checkpoint, step, model config):
 mixing embeddings of two models in one index would be silently wrong.
 """
 import logging
-import os
 import pathlib
 import shutil
 import time
@@ -29,6 +31,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from esspr_jax import dir_swap
 from esspr_jax.errors import DataError
 from esspr_jax.retrieval import export as export_lib
 from esspr_jax.retrieval import integrity
@@ -54,8 +57,17 @@ def load_delta(out_dir, manifest: Mapping) -> dict | None:
   return state
 
 
+def _staging(out_dir: pathlib.Path) -> pathlib.Path:
+  return out_dir.with_name(out_dir.name + ".fold-tmp")
+
+
 def _remove_strays(out_dir: pathlib.Path, manifest: Mapping) -> None:
-  """Generations an interrupted update left behind (not the manifest's)."""
+  """What an interrupted update left: generations not the manifest's, and a fold's
+  staging dir (a new base not swapped in yet, or the old one swapped out). Called once
+  out_dir's manifest has been read, so out_dir is a whole export."""
+  if _staging(out_dir).is_dir():
+    log.warning("update: removing %s left by an interrupted fold", _staging(out_dir))
+    shutil.rmtree(_staging(out_dir), ignore_errors=True)
   keep = (manifest.get("delta") or {}).get("dir")
   for gen in sorted((out_dir / DELTA).glob("*")):
     if gen.relative_to(out_dir).as_posix() != keep:
@@ -231,7 +243,7 @@ def _fold(out_dir, manifest, config, base_ids, new, modalities, start, summary) 
       yield (new["ids"][sl], {m: new[f"emb_{m}"][sl] for m in modalities},
              {c: list(new["meta"][c][sl]) for c in export_lib.META_COLUMNS}, new["hash"][sl])
 
-  staging = out_dir.with_name(out_dir.name + ".fold-tmp")
+  staging = _staging(out_dir)
   shutil.rmtree(staging, ignore_errors=True)
   tokenizer = manifest.get("tokenizer")
   folded = export_lib.export_vectors(
@@ -239,9 +251,6 @@ def _fold(out_dir, manifest, config, base_ids, new, modalities, start, summary) 
       checkpoint_info={"checkpoint": manifest.get("checkpoint"), "step": manifest.get("step")},
       tokenizer=_CopyOf(out_dir / tokenizer) if tokenizer else None,
       extra={"update": dict(summary, folded=True)})
-  old = out_dir.with_name(out_dir.name + f".old-{os.getpid()}")
-  os.replace(out_dir, old)
-  os.replace(staging, out_dir)
-  shutil.rmtree(old, ignore_errors=True)
+  dir_swap.swap_in(staging, out_dir)  # one atomic step; the old export then sits at staging
   folded["seconds"] = time.perf_counter() - start
   return folded

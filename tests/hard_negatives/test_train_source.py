@@ -54,7 +54,8 @@ def test_train_source_mines_within_its_categories(tmp_path):
   assert [r["step"] for r in rows if r["kind"] == "hard_negatives"] == [0, 2]
   assert all(np.isfinite(r["loss"]) for r in rows if r["kind"] == "train")
   catalog = TrainingCatalog(source)
-  versions = feed.load_versions(tmp_path / "run" / "hard_negatives", 3)
+  versions = feed.load_versions(tmp_path / "run" / "hard_negatives", 3, pairs=PAIRS,
+                                listings=len(catalog), per_trigger=2)
   assert len(versions) == 2
   for version in versions:
     assert version.table.shape == (PAIRS, 2)

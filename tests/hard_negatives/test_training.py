@@ -1,5 +1,6 @@
 """Hard negatives in training: the catalog and table, the batches' side, a tiny real
 run that mines and trains, kill/resume equality, and config errors naming their keys."""
+import dataclasses
 import json
 import pathlib
 import shutil
@@ -60,6 +61,12 @@ def _config(built, steps, **hn):
   return config
 
 
+def _load(directory, up_to_step):
+  """The built world's saved tables (16 pairs, 31 listings, 2 per trigger)."""
+  return feed.load_versions(directory, up_to_step, pairs=PAIRS, listings=2 * PAIRS - 1,
+                            per_trigger=2)
+
+
 def _records(workdir, kind):
   lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
   return [r for r in map(json.loads, lines) if r["kind"] == kind]
@@ -96,12 +103,69 @@ def test_versions_round_trip_and_apply_by_batch(tmp_path):
     versions.install(v)
     feed.save_version(tmp_path, v)
   assert versions.table_for(6) is a.table and versions.table_for(7) is b.table
-  assert [v.mined_step for v in feed.load_versions(tmp_path, 1)] == [0]
-  loaded = feed.load_versions(tmp_path, 5)
+  fits = dict(pairs=3, listings=2, per_trigger=1)
+  assert [v.mined_step for v in feed.load_versions(tmp_path, 1, **fits)] == [0]
+  loaded = feed.load_versions(tmp_path, 5, **fits)
   assert [(v.first_batch, v.mined_step, v.next_step) for v in loaded] == [(0, 0, 2), (7, 2, 4)]
   np.testing.assert_array_equal(loaded[1].table, b.table)
   with pytest.raises(ValueError, match="batch 3"):
     versions.install(feed.Version(3, 4, 6, b.table))
+
+
+def test_damaged_tables_are_set_aside_by_name_and_the_good_ones_load(tmp_path, caplog):
+  """25.12: a truncated, garbage, object-dtype, out-of-range, -1, misshaped or altered
+  table was a traceback (or an IndexError inside Grain, or silent training on the last
+  listing); each is now named and moved to hard_negatives.corrupt/, nothing deleted."""
+  d = tmp_path / "hard_negatives"
+  good = np.arange(6, dtype=np.int64).reshape(3, 2)
+  fits = dict(pairs=3, listings=6, per_trigger=2)
+  feed.save_version(d, feed.Version(0, 0, 2, good))
+  name = lambda step: d / f"mined-{step:09d}.npz"
+  feed.save_version(d, feed.Version(5, 2, 4, good))
+  name(2).write_bytes(name(2).read_bytes()[:-40])        # truncated, and from before hashes
+  (d / "mined-000000002.npz.sha256").unlink()
+  name(4).write_bytes(b"not a zip at all")                               # garbage
+  np.savez(name(6), table=np.asarray([[1, 2]] * 3, object), first_batch=9, mined_step=6,
+           next_step=8)                                                  # object dtype
+  reasons = {8: (good + 1, "leave the catalog's 6 listings"), 10: (good - 1, "rows -1..4"),
+             12: (good[:2], "shape (2, 2)"), 14: (good.astype(np.float32), "float32")}
+  for step, (table, _) in reasons.items():
+    feed.save_version(d, feed.Version(step + 3, step, step + 2, table))
+  feed.save_version(d, feed.Version(19, 16, 18, good))
+  np.savez(name(16), table=good[::-1].copy(), first_batch=19, mined_step=16, next_step=18)
+  with caplog.at_level("WARNING"):
+    loaded = feed.load_versions(d, 100, **fits)
+  assert [v.mined_step for v in loaded] == [0]
+  np.testing.assert_array_equal(loaded[0].table, good)
+  assert sorted(p.name for p in d.iterdir()) == ["mined-000000000.npz",
+                                                 "mined-000000000.npz.sha256"]
+  aside = sorted(p.name.split("-")[1] for p in (tmp_path / "hard_negatives.corrupt").iterdir()
+                 if not p.name.endswith(".sha256"))
+  assert aside == [f"{s:09d}.npz" for s in (2, 4, 6, 8, 10, 12, 14, 16)]
+  text = caplog.text
+  assert "mined-000000002.npz is damaged (unreadable" in text
+  assert "mined-000000016.npz is damaged (its bytes differ from" in text
+  assert "mined-000000006.npz is damaged (unreadable" in text
+  for _, reason in reasons.values():
+    assert reason in text
+
+
+def test_a_damaged_table_is_mined_again_on_resume(built, tmp_path):
+  """25.12 end to end: the newest table of a finished 4-step run holds a -1 row; the
+  resumed run sets it aside, mines again at its start and trains to step 6."""
+  one = jax.devices()[:1]
+  run = tmp_path / "run"
+  train.train(_config(built, steps=4), run, devices=one)
+  bad = _load(run / "hard_negatives", 4)[-1]
+  table = bad.table.copy()
+  table[0, 0] = -1
+  feed.save_version(run / "hard_negatives", dataclasses.replace(bad, table=table))
+  result = train.train(_config(built, steps=6), run, devices=one)
+  assert result.step == 6 and result.resumed_from == 4
+  assert [r["step"] for r in _records(run, "hard_negatives")] == [0, 2, 4]
+  assert [p.name.rsplit("-", 1)[0] for p in (run / "hard_negatives.corrupt").iterdir()
+          if not p.name.endswith(".sha256")] == ["mined-000000002.npz"]
+  assert [v.mined_step for v in _load(run / "hard_negatives", 6)] == [0, 4]
 
 
 def test_run_mines_trains_and_batches_hold_the_side(built, tmp_path):
@@ -115,9 +179,10 @@ def test_run_mines_trains_and_batches_hold_the_side(built, tmp_path):
   losses = [r["loss"] for r in _records(tmp_path / "run", "train")]
   assert len(losses) == 4 and all(np.isfinite(losses))
   assert sorted(p.name for p in (tmp_path / "run" / "hard_negatives").iterdir()) == [
-      "mined-000000000.npz", "mined-000000002.npz"]
+      "mined-000000000.npz", "mined-000000000.npz.sha256", "mined-000000002.npz",
+      "mined-000000002.npz.sha256"]
   # The pipeline's batches: B * per_trigger hard-negative rows from the saved table.
-  saved = feed.load_versions(tmp_path / "run" / "hard_negatives", 0)
+  saved = _load(tmp_path / "run" / "hard_negatives", 0)
   m = miner_lib.from_config(config, tmp_path / "probe", built / "tfds", 8)
   m.versions.install(saved[0])
   batch = next(iter(pipeline.train_dataset(config, 8, data_dir=built / "tfds",
@@ -155,8 +220,8 @@ def test_resumed_run_equals_uninterrupted(built, tmp_path):
   for r in resumed:
     np.testing.assert_allclose(r["loss"], want[r["step"]], rtol=1e-5, err_msg=str(r["step"]))
   assert [r["step"] for r in _records(part, "hard_negatives")][-1:] == [6]  # it re-mined 6
-  full_versions = feed.load_versions(full / "hard_negatives", 8)
-  part_versions = feed.load_versions(part / "hard_negatives", 8)
+  full_versions = _load(full / "hard_negatives", 8)
+  part_versions = _load(part / "hard_negatives", 8)
   assert [(v.mined_step, v.first_batch) for v in full_versions] == [(0, 0), (2, 6), (4, 8),
                                                                     (6, 10)]
   assert len(part_versions) == len(full_versions)

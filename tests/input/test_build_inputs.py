@@ -3,6 +3,7 @@ clear error, a changed image dir is a changed dataset, unusable image paths are 
 import io
 import logging
 import os
+import pathlib
 import signal
 
 import pytest
@@ -87,3 +88,61 @@ def test_fifo_and_escaping_symlink_rows_are_counted_and_the_build_finishes(tmp_p
     signal.signal(signal.SIGALRM, previous)
   assert ds.num_examples == 2
   assert ds.report["skipped_by_reason"] == {"bad_image_path": 2}
+
+
+def test_a_failed_rebuild_keeps_the_good_dataset(tmp_path, image_dirs):
+  """25.8: the old dataset was deleted before the rebuild; a rebuild that fails (here
+  too many bad rows) now leaves it whole and in use."""
+  csv = tmp_path / "pairs.csv"
+  csv.write_text(HEADER + "X,Y,a,t a,b,t b,a.jpg,b.jpg,1\nX,Y,a,t a,c,t c,a.jpg,c.jpg,1\n")
+  first = esspr_tfds.build_pairs_dataset(csv, image_dirs[0], tmp_path / "tfds", "pairs")
+  csv.write_text(HEADER + "X,Y,a,t a,b,t b,a.jpg,b.jpg,1\nX,Y,a,t a,d,t d,a.jpg,gone.jpg,1\n")
+  with pytest.raises(DataError, match="rows were bad"):
+    esspr_tfds.build_pairs_dataset(csv, image_dirs[0], tmp_path / "tfds", "pairs",
+                                   max_bad_fraction=0.1)
+  kept = esspr_tfds.open_pairs(first.path)
+  assert kept.num_examples == 2 and kept.report == first.report
+  assert [x["recall"]["id"] for x in kept.source()] == [b"b", b"c"]
+  assert sorted(p.name for p in (tmp_path / "tfds").iterdir()) == [esspr_tfds.BUILDER_NAME]
+
+
+_KILLED_BUILD = """
+import os, signal, sys
+from esspr_jax.input import esspr_tfds
+real = esspr_tfds.generate_examples
+def killed_after_one(config, report):
+  for n, example in enumerate(real(config, report)):
+    if n == 1:
+      os.kill(os.getpid(), signal.SIGKILL)  # a kill mid-rebuild
+    yield example
+esspr_tfds.generate_examples = killed_after_one
+esspr_tfds.build_pairs_dataset(sys.argv[1], sys.argv[2], sys.argv[3], "pairs")
+"""
+
+
+def test_a_killed_rebuild_keeps_the_good_dataset_and_the_next_cleans_up(tmp_path, image_dirs):
+  """25.8 / 25.21: a rebuild SIGKILLed mid-way (a real process) leaves the old dataset in
+  place; the next build removes the killed one's leftovers (and TFDS `incomplete.*`
+  dirs of builds made in place) and swaps the new dataset in."""
+  import subprocess
+  import sys
+  csv = tmp_path / "pairs.csv"
+  csv.write_text(HEADER + "X,Y,a,t a,b,t b,a.jpg,b.jpg,1\n")
+  data = tmp_path / "tfds"
+  first = esspr_tfds.build_pairs_dataset(csv, image_dirs[0], data, "pairs")
+  csv.write_text(HEADER + "X,Y,a,t a,b,t b,a.jpg,b.jpg,1\nX,Y,a,t a,c,t c,a.jpg,c.jpg,1\n"
+                 "X,Y,b,t b,c,t c,b.jpg,c.jpg,1\n")
+  script = tmp_path / "killed_build.py"
+  script.write_text(_KILLED_BUILD)
+  repo = pathlib.Path(__file__).resolve().parents[2]
+  done = subprocess.run([sys.executable, str(script), str(csv), str(image_dirs[0]), str(data)],
+                        env={**os.environ, "PYTHONPATH": str(repo)}, capture_output=True,
+                        text=True, timeout=600)
+  assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+  assert esspr_tfds.open_pairs(first.path).num_examples == 1
+  (first.path.parent / "incomplete.AB12CD_1.0.0").mkdir()  # as TFDS leaves in place
+  leftovers = [p for p in data.rglob("*") if ".building" in p.parts or "incomplete." in p.name]
+  assert leftovers
+  rebuilt = esspr_tfds.build_pairs_dataset(csv, image_dirs[0], data, "pairs")
+  assert rebuilt.path == first.path and rebuilt.num_examples == 3
+  assert not [p for p in data.rglob("*") if ".building" in p.parts or "incomplete." in p.name]

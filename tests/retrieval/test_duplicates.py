@@ -70,6 +70,7 @@ def test_point_above_every_score_has_undefined_precision():
     ([0.5, np.nan], [1, 0], "1 scores are NaN or inf \\(first at pair 1\\)"),
     ([0.5, 0.4], [1, 2], "labels must be 0 or 1, pair 1"),
     ([0.5, 0.4], [0, 0], "none of the 2 pairs is labelled 1"),
+    ([0.5, 0.4], [1, 1], "none of the 2 pairs is labelled 0"),  # 25.13
     ([0.5, 0.4], [1], "one score and one label per pair"),
 ])
 def test_bad_pairs_are_named(scores, labels, match):

@@ -161,7 +161,8 @@ def test_labelled_pairs_csv_and_per_supplier_clusters(run_dir, tmp_path):
   assert _run(run_dir, f"--catalog={catalog}", f"--image_dir={run_dir / 'world'}",
               f"--pairs={pairs}", "--config.duplicates.scope=supplier") == 0
   report = json.loads((run_dir / "duplicates" / "report.json").read_text())
-  assert report["pairs"] == {"source": str(pairs), "count": 8, "positives": 1, "negatives": 7}
+  assert report["pairs"] == {"source": str(pairs), "count": 8, "positives": 1, "negatives": 7,
+                             "skipped": {}}
   assert report["calibration"]["reached"]
   clusters = [json.loads(x) for x in
               (run_dir / "duplicates" / "clusters.jsonl").read_text().splitlines()]
@@ -195,6 +196,26 @@ def test_bad_input_is_one_error_line(run_dir, tmp_path, capsys):
                                         str(run_dir / "world" / "catalog.csv"))])
   assert _run(run_dir, f"--catalog={plain}", f"--image_dir={run_dir / 'world'}") == 2
   assert "no labelled pairs" in capsys.readouterr().err
+
+
+def test_only_positive_pairs_are_an_error_and_half_labels_counted_skips(run_dir, tmp_path,
+                                                                        capsys):
+  """25.13: pairs all labelled 1 once gave "precision 1.0000" and clustered every listing;
+  rows labelled 0.5 vanished uncounted."""
+  catalog, rows = _catalog_with_a_copy(run_dir, tmp_path)
+  first = rows[0].listing_id
+  flags = [f"--catalog={catalog}", f"--image_dir={run_dir / 'world'}"]
+  only = _pairs_csv(tmp_path / "only.csv", [(first, r.listing_id, 1) for r in rows[1:4]])
+  assert _run(run_dir, *flags, f"--pairs={only}") == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "none of the 3 pairs is labelled 0 (not a duplicate)" in err[0]
+  half = _pairs_csv(tmp_path / "half.csv", [(first, "L_COPY", 1), (first, rows[1].listing_id, 0),
+                                             (first, rows[2].listing_id, 0.5),
+                                             (first, rows[3].listing_id, "maybe")])
+  assert _run(run_dir, *flags, f"--pairs={half}") == 0
+  report = json.loads((run_dir / "duplicates" / "report.json").read_text())
+  assert report["pairs"]["count"] == 2 and report["pairs"]["skipped"] == {"bad_label": 2}
+  assert "2 rows skipped ({'bad_label': 2})" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("key, value, match", [

@@ -350,3 +350,80 @@ def test_search_command_honours_eval_search_hybrid(exported, tiny, capsys):
   assert len(hits) == 3 and hits[0].listing_id == "item_1_dup"   # same title, same vector
   assert hits[0].score == pytest.approx(2 / 6)                   # rank 1 on both sides
   assert "item_1_dup" in capsys.readouterr().out
+
+
+def _small_export(tiny, out, n=20, seed=0):
+  """export_vectors of n random vectors (modality m) into `out`."""
+  v = np.random.default_rng(seed).normal(size=(n, 32)).astype(np.float32)
+  ids = [f"v{i}" for i in range(n)]
+  meta = {"listing_id": ids, "title": ids, "supplier_id": ["s"] * n, "category": ["c"] * n,
+          "image": [""] * n}
+  config = tiny.config.copy_and_resolve_references()
+  config.eval.export.modalities = "m"
+  return export.export_vectors([(ids, {"m": v}, meta)], out, config)
+
+
+def _tree(root):
+  return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_an_export_dir_that_is_not_an_export_is_refused_and_left_alone(tiny, tmp_path):
+  """25.7: --export_dir at a directory of other files once deleted its index/, delta/,
+  work/ and manifest.json and listed the rest in the manifest."""
+  home = tmp_path / "home"
+  for name, text in {"index/notes.txt": "mine", "delta/x": "mine", "work/y": "mine",
+                     "manifest.json": "{}", "photo.jpg": "mine"}.items():
+    (home / name).parent.mkdir(parents=True, exist_ok=True)
+    (home / name).write_text(text)
+  before = _tree(home)
+  with pytest.raises(DataError, match="is not empty and is not an export"):
+    _small_export(tiny, home)
+  assert _tree(home) == before
+  # Our own export with a file dropped into it: refused by name, nothing touched.
+  out = tmp_path / "out"
+  _small_export(tiny, out)
+  assert (out / export.MARKER).is_file()
+  (out / "notes.txt").write_text("not the export's")
+  before = _tree(out)
+  with pytest.raises(DataError, match=r"holds files an export does not write: \['notes.txt'\]"):
+    _small_export(tiny, out, seed=1)
+  assert _tree(out) == before
+  (out / "notes.txt").unlink()
+  assert _small_export(tiny, out, seed=1)["count"] == 20        # an export of ours: rewritten
+  assert export.MARKER in json.loads((out / "manifest.json").read_text())["assets"]
+
+
+def test_temporaries_of_a_killed_export_are_removed_not_listed(tiny, tmp_path):
+  """25.21: a shard writer killed mid-file leaves `<shard>.<random>.tmp`; the next export
+  removes it instead of listing it in the manifest."""
+  out = tmp_path / "out"
+  _small_export(tiny, out)
+  stale = out / (export.shard_name("ids", 0, 1) + ".k1ll3d.tmp")
+  stale.write_bytes(b"half a shard")
+  manifest = _small_export(tiny, out, seed=3)
+  assert not stale.exists() and stale.name not in manifest["assets"]
+  assert sorted(search.Searcher(out).ids.tolist()) == sorted(f"v{i}" for i in range(20))
+
+
+def test_an_export_from_before_the_marker_is_still_rewritten(tiny, tmp_path):
+  """25.7: exports made before the marker (a manifest.json of this format) and
+  interrupted ones (a progress record of it) are taken as ours; the marker is added."""
+  out = tmp_path / "old"
+  _small_export(tiny, out)
+  (out / export.MARKER).unlink()
+  manifest = json.loads((out / "manifest.json").read_text())
+  manifest["assets"].pop(export.MARKER)
+  (out / "manifest.json").write_text(json.dumps(manifest))
+  assert _small_export(tiny, out, seed=2)["count"] == 20
+  assert (out / export.MARKER).is_file()
+  search.Searcher(out)
+  partial = tmp_path / "partial"
+  (partial / "work").mkdir(parents=True)
+  (partial / "work" / "progress.process-00000.json").write_text(
+      json.dumps({"fingerprint": {"format": export.FORMAT}, "chunk_hashes": []}))
+  assert _small_export(tiny, partial)["count"] == 20
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "manifest.json").write_text(json.dumps({"format": "someone-else/1"}))
+  with pytest.raises(DataError, match="is not an export"):
+    _small_export(tiny, other)

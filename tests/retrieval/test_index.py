@@ -120,6 +120,21 @@ def test_save_load_round_trip_survives_a_move(tmp_path, data, scann_built):
     index.load_index(tmp_path)
 
 
+def test_a_save_killed_mid_way_leaves_the_old_index_and_the_next_save_cleans(tmp_path, data):
+  """25.21: the old index was renamed aside before the new one came in (a window with
+  none), and a save killed mid-way left its `.tmp-*` dir for good. Now the old index
+  stays whole until one atomic exchange; the next save removes the stale temp dir."""
+  old, new = index.ExactIndex(data[0][:50]), index.ExactIndex(data[0][50:120])
+  index.save_index(old, tmp_path / "m")
+  stale = tmp_path / "m.tmp-killed"          # as a save killed before its swap leaves it
+  stale.mkdir()
+  (stale / "vectors.npy").write_bytes(b"half")
+  assert index.load_index(tmp_path / "m").size == 50
+  index.save_index(new, tmp_path / "m")
+  assert index.load_index(tmp_path / "m").size == 70
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
 @pytest.mark.parametrize("size,chunk,k", [(3000, 512, 20), (2049, 256, 7), (700, 4096, 5)])
 def test_block_topk_equals_direct_topk_with_ties_and_padding(size, chunk, k):
   g = clustered(size, 16, 10, seed=size)

@@ -1,6 +1,8 @@
 """Index updates: after --update the searcher answers exactly like a from-scratch export
 of the same listings (exact mode), never returns a deleted or superseded row, and folds
 the delta into a new base past eval.export.rebuild_fraction."""
+import shutil
+
 import numpy as np
 import pytest
 
@@ -170,3 +172,63 @@ def test_plan_is_pure_row_arithmetic():
   # a kept; b gone (retired); b2 new; d kept in the delta; c was retired: re-embedded.
   assert embed == [1, 3] and keep == [0] and removed == 1
   assert retired.tolist() == [False, True, True]
+
+
+class _Killed(BaseException):
+  """Stands for a SIGKILL at one step of a fold (not an Exception: nothing may catch it)."""
+
+
+def _kill_at(monkeypatch, n):
+  """Makes the n-th directory rename or tree removal of this process raise _Killed
+  (before it happens); returns the count of such steps seen."""
+  import os
+  import shutil
+  seen = [0]
+
+  def step(real, dirs_only):
+    def wrapped(src, *a, **k):
+      if not dirs_only or os.path.isdir(src):
+        seen[0] += 1
+        if seen[0] == n:
+          raise _Killed(f"step {n}: {real.__name__}({src})")
+      return real(src, *a, **k)
+    return wrapped
+  monkeypatch.setattr(os, "rename", step(os.rename, True))
+  monkeypatch.setattr(os, "replace", step(os.replace, True))
+  monkeypatch.setattr(shutil, "rmtree", step(shutil.rmtree, False))
+  return seen
+
+
+def test_a_fold_killed_at_any_step_leaves_a_whole_export_and_the_next_update_cleans(
+    tiny, tmp_path, monkeypatch):
+  """25.21: a fold once renamed the export aside and then the new one in: killed between,
+  no export existed. Killed before each directory step of a fold now, out_dir is the old
+  or the new export, whole; the next update removes `.fold-tmp` and finishes."""
+  items, listings = base_catalog(tiny)
+  template = tmp_path / "template" / "e"
+  run_export(tiny, items, listings, template)
+  config = tiny.config.copy_and_resolve_references()
+  config.eval.export.rebuild_fraction = 0.0   # every update folds
+  items1, listings1 = changed_catalog(items, listings, 1)
+  old_ids, new_ids = sorted(it["id"] for it in items), sorted(it["id"] for it in items1)
+  n = 0
+  while True:
+    n += 1
+    out = tmp_path / f"kill{n}" / "e"
+    shutil.copytree(template, out)
+    with monkeypatch.context() as patch:
+      seen = _kill_at(patch, n)
+      try:
+        run_export(tiny, items1, listings1, out, config, upd=True)
+        finished = True
+      except _Killed:
+        finished = False
+    assert sorted(search.Searcher(out).ids.tolist()) in (old_ids, new_ids), f"killed at {n}"
+    manifest = run_export(tiny, items1, listings1, out, config, upd=True)
+    assert manifest["count"] == len(new_ids)
+    assert sorted(search.Searcher(out).ids.tolist()) == new_ids
+    assert [p.name for p in out.parent.iterdir()] == ["e"], f"killed at {n}"
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name], f"killed at {n}"
+    if finished:
+      break
+  assert n > 3 and seen[0] == n - 1
