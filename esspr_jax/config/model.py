@@ -52,7 +52,7 @@ _SIZES = {
     # ViT-B/16 + BERT-base.
     "base": dict(image=(224, 16, 768, 12, 12, 3072), text=(768, 12, 12, 3072),
                  fused=(768, 2, 12, 3072), embed_dim=512, vocab=30522, positions=512,
-                 max_len=64, dtype="bfloat16", remat=False, scan=True),
+                 max_len=64, dtype="bfloat16", remat=True, scan=True),
     # ViT-L/16 + BERT-large.
     "large": dict(image=(224, 16, 1024, 24, 16, 4096), text=(1024, 24, 16, 4096),
                   fused=(1024, 2, 16, 4096), embed_dim=768, vocab=30522, positions=512,

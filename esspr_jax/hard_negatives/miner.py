@@ -18,6 +18,7 @@ from typing import Optional, Tuple
 import jax
 import numpy as np
 
+from esspr_jax import batch_layout
 from esspr_jax.errors import ConfigError
 from esspr_jax.hard_negatives.catalog import TrainingCatalog
 from esspr_jax.hard_negatives.feed import (AttachHardNegatives, Version, Versions,
@@ -28,7 +29,7 @@ from esspr_jax.retrieval import embed
 
 log = logging.getLogger(__name__)
 
-SIDE = "hard_negative"
+SIDE = batch_layout.HARD_NEGATIVE
 
 
 def lookahead(config) -> int:
@@ -77,7 +78,7 @@ class Miner:
   @staticmethod
   def with_side(views):
     """The step's views plus 'hard_negative', embedded like the recall side."""
-    return dict(views) | {SIDE: tuple(views["recall"])}
+    return batch_layout.with_hard_negative_side(views)
 
   def due(self, step: int) -> bool:
     return step >= self.next_step

@@ -245,3 +245,21 @@ def test_data_readers_load_the_stage_s_tokenizer_and_never_train_one(built):
       pipeline._trained_tokenizer_path(config, None).name))
   trained = pipeline.run_tokenizer(config)
   assert pipeline.load_tokenizer(config).vocab_size == trained.vocab_size
+
+
+def test_the_abstract_batch_of_compile_mode_is_the_pipelines(built):
+  """--mode=compile compiles for batch_layout.abstract_train_batch without reading data:
+  it must have the very keys, shapes and dtypes the pipeline feeds the step."""
+  from esspr_jax import batch_layout
+  from esspr_jax.config import compose
+  config = compose("tiny")
+  config.model.image.size, config.model.tokenizer.max_len = SIZE, 4
+  real = next(iter(pipeline.make_train_dataset(built["source"], built["tokenizer"], _spec(), 5,
+                                               process_index=0, process_count=1,
+                                               composed_source=built["source"],
+                                               composed_batch_size=3)))
+  abstract = batch_layout.abstract_train_batch(config, 5, composed_rows=3)
+  flat_real, flat_abstract = _leaves(real), _leaves(abstract)
+  assert flat_real.keys() == flat_abstract.keys()
+  for key, value in flat_real.items():
+    assert (value.shape, value.dtype) == (flat_abstract[key].shape, flat_abstract[key].dtype), key
