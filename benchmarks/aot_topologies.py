@@ -5,7 +5,8 @@
     python benchmarks/aot_topologies.py --configs=configs/base.py --out=/tmp/aot.md
 
 Each row is one `esspr-jax --mode=compile` run in its own process (the real XLA:TPU
-compiler on libtpu's compile-only devices; no TPU needed, `pip install -e '.[tpu]'`),
+compiler on libtpu's compile-only devices, `pip install -e '.[tpu]'`; the GPU row needs
+`pip install -e '.[cuda12]'` instead; no accelerator attached either way),
 its figures read back from the JSON report it writes. A config names its slice in a
 module-level `TOPOLOGY`. Columns: GiB per chip (and % of HBM), the compiled program's
 TFLOP per chip per step, the model's TFLOP per chip per step (model_flops.py), their
@@ -27,7 +28,7 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # config files import esspr_jax
 ACCELERATOR_CONFIGS = ("configs/pod_v5e.py", "configs/pod_v5e_256.py", "configs/large.py",
-                       "configs/base.py")
+                       "configs/base.py", "configs/gpu_8x.py")
 POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable", "off")
 GiB = 1024 ** 3
 

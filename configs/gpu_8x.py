@@ -6,8 +6,12 @@ data parallelism is fastest: every GPU of every node takes a slice of the batch
 GPU or per node: the mesh is the same. For the `large` preset, set
 `--config.train.mesh.fsdp=8` to shard weights and optimizer state within a node.
 Launch with `python -m launch.slurm` or on one node directly (docs/scaling.md).
+Check it with `JAX_PLATFORMS=cpu esspr-jax --config=configs/gpu_8x.py --mode=compile
+--topology=h100:8 --workdir=runs/check` (needs esspr-jax[cuda12]; no GPU needed).
 """
 from esspr_jax.config import compose
+
+TOPOLOGY = "h100:8"  # one node of 8 x H100 80 GB (benchmarks/aot_topologies.py)
 
 
 def get_config():

@@ -7,6 +7,7 @@ callers then say so instead of guessing.
 """
 from __future__ import annotations
 
+import os
 from typing import Mapping
 
 GiB = 1024 ** 3
@@ -66,9 +67,14 @@ def peak_flops_per_device(configured: float, device_kind: str) -> float | None:
   return lookup(PEAK_FLOPS_BY_DEVICE_KIND, device_kind)
 
 
+# XLA's GPU client takes this fraction of a card's memory unless told otherwise.
+GPU_CLIENT_MEMORY_FRACTION = 0.75
+
+
 def hbm_bytes(device) -> int | None:
   """Memory XLA may use on `device`: the runtime's own limit where a live device
-  reports one, else the table's entry for its kind, else None (e.g. a CPU)."""
+  reports one, else the table's entry for its kind (for a GPU, the share XLA's client
+  takes: XLA_PYTHON_CLIENT_MEM_FRACTION, default 0.75), else None (e.g. a CPU)."""
   stats = None
   try:
     stats = device.memory_stats()
@@ -76,4 +82,9 @@ def hbm_bytes(device) -> int | None:
     stats = None
   if stats and stats.get("bytes_limit"):
     return int(stats["bytes_limit"])
-  return lookup(HBM_BYTES_BY_DEVICE_KIND, device.device_kind)
+  card = lookup(HBM_BYTES_BY_DEVICE_KIND, device.device_kind)
+  if card is None or device.platform not in ("gpu", "cuda", "rocm"):
+    return card
+  fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION",
+                                  GPU_CLIENT_MEMORY_FRACTION))
+  return int(card * fraction)
