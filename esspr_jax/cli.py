@@ -21,6 +21,7 @@ import pathlib
 import signal
 import sys
 import threading
+import traceback
 
 from absl import flags
 from ml_collections import config_flags
@@ -123,11 +124,50 @@ def check_config_file(argv: list[str]) -> None:
     raise CommandLineError(f"--config={value}: no such file {path!r}")
 
 
+def _errors_in_chain(error: BaseException):
+  """`error`, then the errors it was raised from or while handling."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    yield error
+    error = error.__cause__ or error.__context__
+
+
+def config_file_error(value: str, error: BaseException) -> CommandLineError | None:
+  """One line naming the file and line when `error` (or an error it wraps: absl and
+  ml_collections wrap some) came from the config file `--config=value` itself: a syntax
+  error, or an exception raised while it loads or in its get_config(); else None."""
+  path = value.split(":", 1)[0]
+  real = os.path.realpath(path)
+  for e in _errors_in_chain(error):
+    if isinstance(e, SyntaxError) and e.filename and os.path.realpath(e.filename) == real:
+      return CommandLineError(f"config file {path}, line {e.lineno}: {type(e).__name__}: "
+                              f"{e.msg}")
+    lines = [frame.lineno for frame in traceback.extract_tb(e.__traceback__)
+             if os.path.realpath(frame.filename) == real]
+    if lines:
+      text = (str(e).strip().splitlines() or [""])[0]
+      return CommandLineError(f"config file {path}, line {lines[-1]}: {type(e).__name__}: "
+                              f"{text}".rstrip(": "))
+  return None
+
+
 def parse_flags(argv: list[str], fv: flags.FlagValues | None = None) -> list[str]:
   """Parses argv into `fv` (default: the global FLAGS); a misspelt or mistyped
-  `--config.KEY=VALUE` override becomes a ConfigError naming the override."""
+  `--config.KEY=VALUE` override becomes a ConfigError naming the override, and an error
+  of the config file itself a CommandLineError naming the file and line."""
   fv = flags.FLAGS if fv is None else fv
   check_config_file(argv)
+  try:
+    return _parse_argv(argv, fv)
+  except Exception as e:
+    fault = config_file_error(_config_arg(argv), e) if _config_arg(argv) else None
+    if fault is None:
+      raise
+    raise fault from None
+
+
+def _parse_argv(argv: list[str], fv: flags.FlagValues) -> list[str]:
   try:
     return fv(argv)
   except flags.IllegalFlagValueError as e:
@@ -151,7 +191,18 @@ def config_from_flags(fv):
   """The run config after overrides, validated; ConfigError names a bad key."""
   from esspr_jax.config import validate_config  # noqa: PLC0415
   if fv.config is None:
+    if fv["config"].present:
+      value = fv["config"].config_filename
+      raise CommandLineError(f"config file {value.split(':')[0]}: get_config() returned "
+                             f"None (is its return statement missing?)")
     raise ConfigError("flags", "--config is required, e.g. --config=configs/demo.py")
+  try:
+    fv.config.keys()
+  except OSError as e:  # ml_collections defers an OSError of the config file to first use
+    fault = config_file_error(fv["config"].config_filename, e)
+    if fault is None:
+      raise
+    raise fault from None
   if not fv.workdir and fv.mode in _WORKDIR_MODES:
     raise ConfigError("flags", "--workdir is required, e.g. --workdir=runs/demo")
   validate_config(fv.config)
@@ -268,6 +319,20 @@ def _on_stop_signal(signum, frame):
   os._exit(128 + signum)  # noqa: SLF001
 
 
+# Library noise no caller can catch, kept off the console: the log file has it during a
+# command, nothing prints it after. A failed asynchronous checkpoint write leaves
+# TensorStore calling into Orbax's closed event loop (sys.unraisablehook) and asyncio
+# tasks whose errors nobody read, logged when they are collected after the command.
+_UNRAISABLE = logging.getLogger("unraisable")
+_QUIET_AFTER_A_COMMAND = ("asyncio", _UNRAISABLE.name)
+
+
+def _log_unraisable(unraisable) -> None:
+  """sys.unraisablehook during a command: into the log file, not onto the console."""
+  _UNRAISABLE.warning("exception ignored in %r", unraisable.object, exc_info=(
+      unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback))
+
+
 def usage(fv: flags.FlagValues, full: bool = False) -> str:
   """The module doc and this command's flags (absl's helpshort; --helpfull: all)."""
   flag_help = fv.get_help() if full else fv.module_help(__name__)
@@ -280,6 +345,11 @@ def execute(argv: list[str], *, beam_args=()) -> int:
   in_main_thread = threading.current_thread() is threading.main_thread()
   previous = ({sig: signal.signal(sig, _on_stop_signal) for sig in _STOP_MESSAGES}
               if in_main_thread else {})
+  previous_unraisable, sys.unraisablehook = sys.unraisablehook, _log_unraisable
+  for name in _QUIET_AFTER_A_COMMAND:  # a handler: records go on to the root's, if any,
+    logger = logging.getLogger(name)   # and never to logging's last-resort stderr one
+    if not logger.handlers:
+      logger.addHandler(logging.NullHandler())
   fv = None
   try:
     fv = flags.FlagValues()
@@ -323,6 +393,7 @@ def execute(argv: list[str], *, beam_args=()) -> int:
     _error(fault)
     return 2
   finally:
+    sys.unraisablehook = previous_unraisable
     for sig, handler in previous.items():
       signal.signal(sig, handler)
   return 0
