@@ -10,7 +10,8 @@ build, train, eval, export, search, duplicates (calibrated duplicate threshold +
 --pairs: labelled pairs, default the demo world's truth). `python -m esspr_jax.main` is the same command.
 The config is validated before anything runs; library logs go to <workdir>/logs/
 (--verbosity=1: also on the console). Exit codes: 0 done, 2 bad input or a disk
-fault (one `error:` line), 3 non-finite loss, 130 Ctrl-C, 143 SIGTERM before training.
+fault (one `error:` line), 3 non-finite loss, 130 Ctrl-C, 143 SIGTERM before training
+(during training: the step is saved, exit 0; the same command resumes).
 """
 from __future__ import annotations
 
@@ -43,6 +44,11 @@ _DISK_FAULTS = (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPE
                 errno.EFBIG)
 _DISK_FAULT_TEXT = ("No space left on device", "Read-only file system", "Disk quota exceeded",
                     "File too large")
+
+
+# A run a preemption notice (SIGTERM) stopped has saved its last step: a success for the
+# scheduler that sent it, and the same command resumes it (recipes stop with it too).
+EXIT_PREEMPTED = 0
 
 
 class CommandLineError(ValueError):
@@ -350,7 +356,7 @@ def execute(argv: list[str], *, beam_args=()) -> int:
     logger = logging.getLogger(name)   # and never to logging's last-resort stderr one
     if not logger.handlers:
       logger.addHandler(logging.NullHandler())
-  fv = None
+  fv = result = None
   try:
     fv = flags.FlagValues()
     define_flags(fv, sys_argv=argv)
@@ -372,7 +378,7 @@ def execute(argv: list[str], *, beam_args=()) -> int:
       try:
         distributed.initialize_from_flags(fv)
         stages.check_platform(config, allow_cpu=fv.allow_cpu)
-        run(config, fv, beam_args)
+        result = run(config, fv, beam_args)
       except Exception as e:
         log.info("stopped by %s", type(e).__name__, exc_info=e)  # the details, in the log file
         raise
@@ -396,7 +402,7 @@ def execute(argv: list[str], *, beam_args=()) -> int:
     sys.unraisablehook = previous_unraisable
     for sig, handler in previous.items():
       signal.signal(sig, handler)
-  return 0
+  return EXIT_PREEMPTED if getattr(result, "stopped", None) == "preempted" else 0
 
 
 def entry(argv: list[str] | None = None) -> None:
