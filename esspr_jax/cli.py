@@ -167,7 +167,8 @@ def parse_flags(argv: list[str], fv: flags.FlagValues | None = None) -> list[str
   try:
     return _parse_argv(argv, fv)
   except Exception as e:
-    fault = config_file_error(_config_arg(argv), e) if _config_arg(argv) else None
+    value = _config_arg(argv)
+    fault = config_file_error(value, e) if value else None
     if fault is None:
       raise
     raise fault from None
