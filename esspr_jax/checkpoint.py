@@ -20,7 +20,7 @@ import re
 import signal
 import threading
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import grain
 import grain.checkpoint  # noqa: F401  (registers the Grain handler with Orbax)
@@ -95,29 +95,19 @@ class Checkpointer:
     during a save) is named in a warning and, once an older one restored, moved aside to
     `<checkpoints>.corrupt/` so the run saves that step afresh. None restoring is a
     DataError naming each failure (nothing is moved: the cause may be elsewhere)."""
-    failed = []
-    for step in sorted(self.all_steps(), reverse=True):
-      try:
-        state = self.restore(step, abstract_state, data_iterator)
-      except ConfigError:
-        raise  # a refusal with its own message (e.g. data positions), not damage
-      except Exception as e:  # noqa: BLE001  (Orbax/tensorstore raise many kinds)
-        log.warning("checkpoint %s does not restore (%s: %s); trying the one before it",
-                    self.path(step), type(e).__name__, _first_line(e))
-        failed.append((step, e))
-        continue
-      for bad, _ in failed:
-        self._set_aside(bad)
-      if failed:
-        log.warning("resumed from %s; the newer %s did not restore and moved to %s",
-                    self.path(step), [str(self.path(b)) for b, _ in failed],
-                    self._corrupt_dir())
-      log.info("resumed from %s", self.path(step))
-      return step, state
+    def restore(step):
+      return self.restore(step, abstract_state, data_iterator)
+    step, state, failed = newest_that_restores(self.all_steps(), restore, self.path,
+                                               self.directory)
+    if step is None:
+      return None, None
+    for bad, _ in failed:
+      self._set_aside(bad)
     if failed:
-      raise DataError(f"no checkpoint in {self.directory} restores: " + "; ".join(
-          f"{self.path(step)}: {type(e).__name__}: {_first_line(e)}" for step, e in failed))
-    return None, None
+      log.warning("resumed from %s; the newer %s did not restore and moved to %s",
+                  self.path(step), [str(self.path(b)) for b, _ in failed], self._corrupt_dir())
+    log.info("resumed from %s", self.path(step))
+    return step, state
 
   def _corrupt_dir(self) -> epath.Path:
     return self.directory.parent / (self.directory.name + ".corrupt")
@@ -139,6 +129,43 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def newest_that_restores(steps, restore: Callable[[int], Any], path: Callable[[int], Any],
+                         directory) -> tuple[int | None, Any, list[tuple[int, Exception]]]:
+  """(step, restore(step), [(newer step, its error)]) for the newest of `steps` that
+  restores; (None, None, []) for no steps. What training resumes from and what eval,
+  export and search read: a damaged newer one (truncated or corrupt files, e.g. a disk
+  that filled during a save) is named in a warning and the one before it tried. A
+  ConfigError is a refusal with its own message, not damage, and propagates. None
+  restoring is a DataError naming each failure."""
+  failed = []
+  for step in sorted(steps, reverse=True):
+    try:
+      return step, restore(step), failed
+    except ConfigError:
+      raise
+    except Exception as e:  # noqa: BLE001  (Orbax/tensorstore raise many kinds)
+      log.warning("checkpoint %s does not restore (%s: %s); trying the one before it",
+                  path(step), type(e).__name__, _first_line(e))
+      failed.append((step, e))
+  if failed:
+    raise DataError(f"no checkpoint in {directory} restores: " + "; ".join(
+        f"{path(step)}: {type(e).__name__}: {_first_line(e)}" for step, e in failed))
+  return None, None, []
+
+
+def restore_step(step: int, restore: Callable[[int], Any], path: Callable[[int], Any]) -> Any:
+  """restore(step) for a step the user named: damage is one DataError naming it."""
+  try:
+    return restore(step)
+  except ConfigError:
+    raise
+  except Exception as e:  # noqa: BLE001  (Orbax/tensorstore raise many kinds)
+    raise DataError(f"checkpoint {path(step)} does not restore ({type(e).__name__}: "
+                    f"{_first_line(e)}); it may be damaged (e.g. a disk that filled during "
+                    f"the save): pick another step, or none for the newest that restores"
+                    ) from e
 
 
 def _first_line(error: BaseException, limit: int = 300) -> str:

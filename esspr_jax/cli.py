@@ -12,7 +12,8 @@ cpu:N: compile the train and embedding steps for that slice with no data and no 
 report memory per chip, FLOPs and collectives; exit 2 when the step does not fit). `python -m esspr_jax.main` is the same command.
 The config is validated before anything runs; library logs go to <workdir>/logs/
 (--verbosity=1: also on the console). Exit codes: 0 done, 2 bad input or a disk
-fault (one `error:` line), 3 non-finite loss, 130 Ctrl-C, 143 SIGTERM before training.
+fault (one `error:` line), 3 non-finite loss, 130 Ctrl-C, 143 SIGTERM before training
+(during training: the step is saved, exit 0; the same command resumes).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import pathlib
 import signal
 import sys
 import threading
+import traceback
 
 from absl import flags
 from ml_collections import config_flags
@@ -45,6 +47,11 @@ _DISK_FAULTS = (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPE
                 errno.EFBIG)
 _DISK_FAULT_TEXT = ("No space left on device", "Read-only file system", "Disk quota exceeded",
                     "File too large")
+
+
+# A run a preemption notice (SIGTERM) stopped has saved its last step: a success for the
+# scheduler that sent it, and the same command resumes it (recipes stop with it too).
+EXIT_PREEMPTED = 0
 
 
 class CommandLineError(ValueError):
@@ -129,11 +136,51 @@ def check_config_file(argv: list[str]) -> None:
     raise CommandLineError(f"--config={value}: no such file {path!r}")
 
 
+def _errors_in_chain(error: BaseException):
+  """`error`, then the errors it was raised from or while handling."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    yield error
+    error = error.__cause__ or error.__context__
+
+
+def config_file_error(value: str, error: BaseException) -> CommandLineError | None:
+  """One line naming the file and line when `error` (or an error it wraps: absl and
+  ml_collections wrap some) came from the config file `--config=value` itself: a syntax
+  error, or an exception raised while it loads or in its get_config(); else None."""
+  path = value.split(":", 1)[0]
+  real = os.path.realpath(path)
+  for e in _errors_in_chain(error):
+    if isinstance(e, SyntaxError) and e.filename and os.path.realpath(e.filename) == real:
+      return CommandLineError(f"config file {path}, line {e.lineno}: {type(e).__name__}: "
+                              f"{e.msg}")
+    lines = [frame.lineno for frame in traceback.extract_tb(e.__traceback__)
+             if os.path.realpath(frame.filename) == real]
+    if lines:
+      text = (str(e).strip().splitlines() or [""])[0]
+      return CommandLineError(f"config file {path}, line {lines[-1]}: {type(e).__name__}: "
+                              f"{text}".rstrip(": "))
+  return None
+
+
 def parse_flags(argv: list[str], fv: flags.FlagValues | None = None) -> list[str]:
   """Parses argv into `fv` (default: the global FLAGS); a misspelt or mistyped
-  `--config.KEY=VALUE` override becomes a ConfigError naming the override."""
+  `--config.KEY=VALUE` override becomes a ConfigError naming the override, and an error
+  of the config file itself a CommandLineError naming the file and line."""
   fv = flags.FLAGS if fv is None else fv
   check_config_file(argv)
+  try:
+    return _parse_argv(argv, fv)
+  except Exception as e:
+    value = _config_arg(argv)
+    fault = config_file_error(value, e) if value else None
+    if fault is None:
+      raise
+    raise fault from None
+
+
+def _parse_argv(argv: list[str], fv: flags.FlagValues) -> list[str]:
   try:
     return fv(argv)
   except flags.IllegalFlagValueError as e:
@@ -157,7 +204,18 @@ def config_from_flags(fv):
   """The run config after overrides, validated; ConfigError names a bad key."""
   from esspr_jax.config import validate_config  # noqa: PLC0415
   if fv.config is None:
+    if fv["config"].present:
+      value = fv["config"].config_filename
+      raise CommandLineError(f"config file {value.split(':')[0]}: get_config() returned "
+                             f"None (is its return statement missing?)")
     raise ConfigError("flags", "--config is required, e.g. --config=configs/demo.py")
+  try:
+    fv.config.keys()
+  except OSError as e:  # ml_collections defers an OSError of the config file to first use
+    fault = config_file_error(fv["config"].config_filename, e)
+    if fault is None:
+      raise
+    raise fault from None
   if not fv.workdir and fv.mode in _WORKDIR_MODES:
     raise ConfigError("flags", "--workdir is required, e.g. --workdir=runs/demo")
   validate_config(fv.config)
@@ -277,6 +335,20 @@ def _on_stop_signal(signum, frame):
   os._exit(128 + signum)  # noqa: SLF001
 
 
+# Library noise no caller can catch, kept off the console: the log file has it during a
+# command, nothing prints it after. A failed asynchronous checkpoint write leaves
+# TensorStore calling into Orbax's closed event loop (sys.unraisablehook) and asyncio
+# tasks whose errors nobody read, logged when they are collected after the command.
+_UNRAISABLE = logging.getLogger("unraisable")
+_QUIET_AFTER_A_COMMAND = ("asyncio", _UNRAISABLE.name)
+
+
+def _log_unraisable(unraisable) -> None:
+  """sys.unraisablehook during a command: into the log file, not onto the console."""
+  _UNRAISABLE.warning("exception ignored in %r", unraisable.object, exc_info=(
+      unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback))
+
+
 def usage(fv: flags.FlagValues, full: bool = False) -> str:
   """The module doc and this command's flags (absl's helpshort; --helpfull: all)."""
   flag_help = fv.get_help() if full else fv.module_help(__name__)
@@ -289,7 +361,12 @@ def execute(argv: list[str], *, beam_args=()) -> int:
   in_main_thread = threading.current_thread() is threading.main_thread()
   previous = ({sig: signal.signal(sig, _on_stop_signal) for sig in _STOP_MESSAGES}
               if in_main_thread else {})
-  fv = None
+  previous_unraisable, sys.unraisablehook = sys.unraisablehook, _log_unraisable
+  for name in _QUIET_AFTER_A_COMMAND:  # a handler: records go on to the root's, if any,
+    logger = logging.getLogger(name)   # and never to logging's last-resort stderr one
+    if not logger.handlers:
+      logger.addHandler(logging.NullHandler())
+  fv = result = None
   try:
     fv = flags.FlagValues()
     define_flags(fv, sys_argv=argv)
@@ -314,7 +391,7 @@ def execute(argv: list[str], *, beam_args=()) -> int:
         distributed.initialize_from_flags(fv)
         if fv.mode != "compile":
           stages.check_platform(config, allow_cpu=fv.allow_cpu)
-        run(config, fv, beam_args)
+        result = run(config, fv, beam_args)
       except Exception as e:
         log.info("stopped by %s", type(e).__name__, exc_info=e)  # the details, in the log file
         raise
@@ -335,9 +412,10 @@ def execute(argv: list[str], *, beam_args=()) -> int:
     _error(fault)
     return 2
   finally:
+    sys.unraisablehook = previous_unraisable
     for sig, handler in previous.items():
       signal.signal(sig, handler)
-  return 0
+  return EXIT_PREEMPTED if getattr(result, "stopped", None) == "preempted" else 0
 
 
 def entry(argv: list[str] | None = None) -> None:

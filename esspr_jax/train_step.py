@@ -1,7 +1,7 @@
 """One training update: embed the views the loss needs, the loss, its gradients, the
 optimizer step. Pure functions of (state, batch); `train.py` jits them.
 
-A non-finite loss or gradient never reaches the params or the optimizer state.
+A non-finite loss, gradient or update never reaches the params or the optimizer state.
 """
 from typing import Any, Callable, Mapping
 
@@ -176,7 +176,7 @@ def _metric_name(name: str) -> str:
 
 def train_step(state: TrainState, batch, *, model, loss_fn, views, tx, schedule, base_rng,
                logical_rules, micro_steps):
-  """One update. A non-finite loss or gradient leaves params and optimizer unchanged
+  """One update. A non-finite loss, gradient or update leaves params and optimizer unchanged
   (the host then stops or counts a skip); the step counter always advances."""
   with nn.logical_axis_rules(logical_rules):
     rng = jax.random.fold_in(base_rng, state.step)
@@ -184,8 +184,11 @@ def train_step(state: TrainState, batch, *, model, loss_fn, views, tx, schedule,
         state.params, batch, rng, micro_steps=micro_steps, model=model, loss_fn=loss_fn,
         views=views)
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    # Finite gradients can still give a non-finite update (Adam's 0/0 with eps=0 on a
+    # param without gradient); one norm more checks every new param.
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+              & jnp.isfinite(optax.tree.norm(updates)))
     new_params = optax.apply_updates(state.params, updates)
     keep_if_bad = lambda new, old: jax.tree_util.tree_map(
         lambda n, o: jnp.where(finite, n, o), new, old)

@@ -112,6 +112,31 @@ def test_command_line_errors_are_one_line_and_exit_2(args, fragments, tmp_path, 
   assert all(f in line for f in fragments), line
 
 
+@pytest.mark.parametrize("source, fragments", [
+    ("def get_config(:\n  pass\n", ["line 1:", "SyntaxError"]),
+    ("def get_config():\n  return compose(\n", ["line 2:", "SyntaxError"]),
+    ("def get_config():\n  raise RuntimeError('no preset here')\n",
+     ["line 2:", "RuntimeError: no preset here"]),
+    ("def get_config():\n  raise ValueError('bad preset')\n", ["line 2:", "ValueError: bad preset"]),
+    ("def get_config():\n  return {}['preset']\n", ["line 2:", "KeyError: 'preset'"]),
+    ("def get_config():\n  return open('/nonexistent/x')\n", ["line 2:", "FileNotFoundError"]),
+    ("import no_such_module_here\n", ["line 1:", "ModuleNotFoundError"]),
+    ("def get_config():\n  pass\n", ["get_config() returned None"]),
+], ids=["syntax", "unclosed", "raises", "value-error", "key-error", "os-error", "import",
+        "returns-none"])
+def test_a_config_file_that_does_not_load_is_one_line_naming_it(source, fragments, tmp_path,
+                                                                capsys):
+  """25.20: a config file's own error names the file (and the line), exit 2."""
+  path = tmp_path / "broken_config.py"
+  path.write_text(source)
+  code = cli.execute(["esspr-jax", f"--config={path}", f"--workdir={tmp_path / 'run'}"])
+  line = _only_error_line(capsys.readouterr().err)
+  assert code == 2, line
+  assert line.startswith(f"error: config file {path}"), line
+  assert all(f in line for f in fragments), line
+  assert not (tmp_path / "run").exists()
+
+
 def test_help_exits_0_with_the_short_usage(capsys):
   assert cli.execute(["esspr-jax", "--help"]) == 0
   out = capsys.readouterr().out
@@ -285,6 +310,21 @@ def test_read_only_or_full_workdir_is_one_line_and_exit_2():
   result = orbax.result()
   assert "FAULT cannot write" in result.stdout, result.stdout + result.stderr[-3000:]
   assert "No space left on device" in result.stdout
+
+
+@needs_tmpfs
+def test_a_disk_that_fills_during_a_checkpoint_save_is_one_line(tmp_path):
+  """25.19: the workdir on a 512 KB filesystem (the data outside it): the first
+  checkpoint's asynchronous write fails. Orbax's other writes then call into a closed
+  event loop, and its unfinished tasks are collected after the command: none of that
+  reaches the console, only the one error line."""
+  run = _in_private_tmpfs("size=512k", _command(
+      "/mnt/run", f"--world_dir={tmp_path / 'world'}",
+      f"--config.data.pipeline.data_dir={tmp_path / 'tfds'}"))
+  result = run.result(timeout=600)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert _only_error_line(result.stderr) == (
+      "error: cannot write under /mnt/run: No space left on device")
 
 
 def test_sigterm_during_start_up_and_ctrl_c_exit_with_one_line(tmp_path):

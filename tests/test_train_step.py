@@ -213,11 +213,11 @@ def test_rows_not_divisible_by_the_steps_is_a_clear_error():
 
 
 # ------------------------------------------------------------------ the whole step
-def _standin_step(micro_steps, nan_on_marker=False):
+def _standin_step(micro_steps, nan_on_marker=False, eps=1e-8):
   import optax  # noqa: PLC0415
   import standin  # noqa: PLC0415
   model = standin.StandInModel(nan_on_marker=nan_on_marker)
-  tx = optax.adamw(1e-2)
+  tx = optax.adamw(1e-2, eps=eps)
   step = jax.jit(functools.partial(
       train_step.train_step, model=model, loss_fn=standin.standin_loss,
       views=train_step.ALL_VIEWS, tx=tx, schedule=lambda s: 1e-2, base_rng=jax.random.key(1),
@@ -257,6 +257,22 @@ def test_a_non_finite_micro_batch_leaves_params_and_optimizer_unchanged():
   step, state_for = _standin_step(2, nan_on_marker=True)
   state = state_for(batch)
   new, metrics = step(state, batch)
+  assert float(metrics["finite"]) == 0.0 and int(new.step) == 1
+  for a, b in zip(jax.tree_util.tree_leaves((new.params, new.opt_state)),
+                  jax.tree_util.tree_leaves((state.params, state.opt_state))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_an_update_that_makes_params_non_finite_is_not_applied():
+  """25.11: Adam with eps=0 divides 0 by 0 for params the batch gives no gradient (the
+  unused token embeddings), while loss and gradient norm stay finite: the update's norm
+  is checked as well, under the same policy."""
+  import standin  # noqa: PLC0415
+  batch = jax.tree_util.tree_map(jnp.asarray, standin.make_batch(0, 16))
+  step, state_for = _standin_step(1, eps=0.0)
+  state = state_for(batch)
+  new, metrics = step(state, batch)
+  assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
   assert float(metrics["finite"]) == 0.0 and int(new.step) == 1
   for a, b in zip(jax.tree_util.tree_leaves((new.params, new.opt_state)),
                   jax.tree_util.tree_leaves((state.params, state.opt_state))):

@@ -10,7 +10,7 @@ so any room may read a config and the config never reaches back into the code.
 """
 import ml_collections
 
-from esspr_jax.config.checks import check, known_keys
+from esspr_jax.config.checks import check, finite_floats, known_keys
 from esspr_jax.config import data as data_section
 from esspr_jax.config import duplicates as duplicates_section
 from esspr_jax.config import eval as eval_section
@@ -48,10 +48,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks every section; raises ConfigError naming the first bad key.
 
   A key no section defines is an error (a typo, or a setting nothing reads); `model`
-  and `loss` check their own layouts, which have optional entries."""
+  and `loss` check their own layouts, which have optional entries. No float anywhere
+  may be NaN or inf."""
   for key in config.keys():
     check(key in _SECTIONS or key in _TOP_LEVEL, key,
           f"unknown top-level key; known: {sorted(_SECTIONS) + list(_TOP_LEVEL)}")
+  finite_floats(config)
   preset = config.get("preset", "tiny")
   check(preset in PRESETS, "preset", f"must be one of {PRESETS}, got {preset!r}")
   for name in ("data", "train", "eval", "duplicates"):

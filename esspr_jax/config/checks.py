@@ -55,6 +55,20 @@ def number(section: Mapping[str, Any], field: str, key: str, *, minimum: float,
   return value
 
 
+def finite_floats(section: Any, key: str = "") -> None:
+  """Every float under `section` (also inside a tuple or list) is finite: NaN or inf is
+  never a setting, and a range check like `x > 0` would let inf (NaN: any `not x <= y`)
+  through."""
+  for name in section.keys():
+    value, path = section[name], f"{key}.{name}" if key else name
+    if hasattr(value, "keys"):
+      finite_floats(value, path)
+      continue
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    check(all(math.isfinite(v) for v in values if isinstance(v, float)), path,
+          f"must be finite, got {value!r}")
+
+
 def known_keys(section: Any, reference: Any, key: str, *, required: bool = False,
                open_keys: Iterable[str] = ()) -> None:
   """Unknown keys of `section` (against `reference`, recursively) are errors, so a typo

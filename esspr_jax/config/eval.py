@@ -142,6 +142,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _positive_int(s, "eval.index.scann", name)
   for name in ("num_leaves", "threads"):
     _positive_int(s, "eval.index.scann", name, allow_zero=True)
+  # The threshold is a dot product with unit vectors: at 1 or above ScaNN's weight
+  # T^2 / (1 - T^2) divides by zero or turns negative.
+  check(is_number(s.anisotropic_threshold) and s.anisotropic_threshold < 1,
+        "eval.index.scann.anisotropic_threshold",
+        f"must be < 1 (<= 0 disables), got {s.anisotropic_threshold!r}")
   if not 0.0 < s.target_recall <= 1.0:
     raise ConfigError("eval.index.scann.target_recall", f"must be in (0, 1], got {s.target_recall}")
   fractions = tuple(s.leaves_fractions)

@@ -197,6 +197,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ("width", "heads", "mlp_dim"):
     _positive_int(fu, key, "model.fused")
   _one_of(fu, "pool", "model.fused", POOLS)
+  if not fu.ln_eps > 0:
+    raise ConfigError("model.fused.ln_eps", f"must be > 0, got {fu.ln_eps!r}")
   if fu.num_layers > 0 or fu.pool == "map":
     _heads_divide(fu, "model.fused")
   if fu.pool == "cls" and fu.num_layers == 0:

@@ -10,6 +10,7 @@ import ml_collections
 from esspr_jax.config.checks import check as _check
 from esspr_jax.config.checks import in_unit as _in_unit
 from esspr_jax.config.checks import is_int as _is_int
+from esspr_jax.config.checks import is_number as _is_number
 
 MESH_AXES = ("data", "fsdp", "tensor")
 PLATFORMS = ("any", "cpu", "gpu", "tpu")
@@ -162,7 +163,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   o = t.optimizer
   _check(o.name == "adamw", "train.optimizer.name", f"only 'adamw' is supported, got {o.name!r}")
   _check(o.learning_rate > 0, "train.optimizer.learning_rate", "must be > 0")
-  _check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "train.optimizer.b1", "b1 and b2 must be in [0, 1)")
+  for name in ("b1", "b2"):
+    _check(_is_number(o[name]) and 0 <= o[name] < 1, f"train.optimizer.{name}",
+           f"must be in [0, 1), got {o[name]!r}")
+  # Adam divides by sqrt(nu) + eps: 0 gives 0/0 = NaN for a param without gradient.
+  _check(_is_number(o.eps) and o.eps > 0, "train.optimizer.eps", f"must be > 0, got {o.eps!r}")
   _check(o.weight_decay >= 0, "train.optimizer.weight_decay", "must be >= 0")
   _check(o.clip_norm >= 0, "train.optimizer.clip_norm", "must be >= 0 (0 disables)")
 

@@ -36,11 +36,11 @@ import ml_collections
 import numpy as np
 from ml_collections import config_flags
 
-from esspr_jax import train as train_lib
 from esspr_jax.config import validate_config
 from esspr_jax.config.checks import check, in_unit, is_number, known_keys, one_of
 from esspr_jax.ingest import release_format
 from esspr_jax.recipes import product_matching
+from esspr_jax.recipes.training import train_or_stop
 from esspr_jax.models import pretrained
 from esspr_jax.models.model import build_model, example_side
 from esspr_jax.models.tokenizer import tokenizer_from_config
@@ -240,7 +240,7 @@ def run(config, workdir, data_root=None) -> dict:
   source = train_source(prepared.train_pairs)
   train_start = time.time()
   # The project's own model, loss unit (per-term weights logged) and views.
-  result = train_lib.train(config, workdir / "train", train_source=source)
+  result = train_or_stop(config, workdir / "train", train_source=source)
   train_seconds = time.time() - train_start
   tuned = dense_scores(embed, result.state.params, tokenizer, tasks, max_len, r.eval_batch_size)
   results[f"MiniLM-L6 fine-tuned ({result.step} steps{training_variant(config)})"] = table_of(

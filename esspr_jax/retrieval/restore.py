@@ -6,7 +6,9 @@ Reads only the params of the saved train state (not optimizer state or the data
 iterator). A checkpoint trained with a different model config is refused with a
 ConfigError naming the differing keys (the run's config.json, written by the trainer,
 is compared with `config.model`); a shape mismatch that slipped past that is reported
-per parameter rather than as an Orbax traceback.
+per parameter rather than as an Orbax traceback. Without a step, the newest checkpoint
+that restores is read (a damaged newer one is named in a warning, as training does);
+a named step that does not restore is a DataError naming it.
 """
 import hashlib
 import json
@@ -16,6 +18,7 @@ import jax
 from flax import traverse_util
 from etils import epath
 
+from esspr_jax import checkpoint as checkpoint_lib
 from esspr_jax.errors import ConfigError, DataError
 
 
@@ -76,8 +79,7 @@ def load_model_and_params(config, path, step: int | None = None):
   steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
   if not steps:
     raise DataError(f"{ckpt_dir} holds no finished checkpoint")
-  step = steps[-1] if step is None else step
-  if step not in steps:
+  if step is not None and step not in steps:
     raise DataError(f"{ckpt_dir} has no step {step}; it has {steps}")
   if run_dir is not None and (run_dir / "config.json").is_file():
     saved = json.loads((run_dir / "config.json").read_text())
@@ -91,16 +93,24 @@ def load_model_and_params(config, path, step: int | None = None):
   sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = {"params": jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)}
-  state_dir = ckpt_dir / str(step) / "state"
-  meta = ocp.PyTreeCheckpointer().metadata(state_dir)
-  saved_tree = getattr(meta, "item_metadata", None) or getattr(meta, "tree", None) or meta
-  _check_shapes(saved_tree, target["params"], state_dir)
-  restored = ocp.PyTreeCheckpointer().restore(
-      state_dir, args=ocp.args.PyTreeRestore(
-          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-          partial_restore=True))
-  return model, restored["params"], {"checkpoint": str(ckpt_dir / str(step)), "step": step,
-                                     "config_hash": config_hash(config.model)}
+
+  def params_at(at: int):
+    state_dir = ckpt_dir / str(at) / "state"
+    meta = ocp.PyTreeCheckpointer().metadata(state_dir)
+    saved_tree = getattr(meta, "item_metadata", None) or getattr(meta, "tree", None) or meta
+    _check_shapes(saved_tree, target["params"], state_dir)
+    return ocp.PyTreeCheckpointer().restore(
+        state_dir, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True))["params"]
+
+  path_of = lambda at: ckpt_dir / str(at)  # noqa: E731
+  if step is None:  # the newest that restores, as training resumes (damaged ones named)
+    step, params, _ = checkpoint_lib.newest_that_restores(steps, params_at, path_of, ckpt_dir)
+  else:
+    params = checkpoint_lib.restore_step(step, params_at, path_of)
+  return model, params, {"checkpoint": str(ckpt_dir / str(step)), "step": step,
+                         "config_hash": config_hash(config.model)}
 
 
 def _check_shapes(saved_tree, target_params, where) -> None:

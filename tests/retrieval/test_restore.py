@@ -63,3 +63,41 @@ def test_runtime_only_keys_may_differ(tiny, run_dir):
   other.model.text.depth += 1
   with pytest.raises(ConfigError, match="model.text.depth"):
     restore.check_same_model_config(tiny.config.model.to_dict(), other.model, "here")
+
+
+def _cut_array_files(step_dir) -> None:
+  """Halves every array chunk file of a checkpoint (a disk that filled during the save)."""
+  for path in (step_dir / "state").rglob("*"):
+    if path.is_file() and path.parent.name == "d":
+      path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def test_a_damaged_newest_checkpoint_falls_back_and_a_damaged_step_is_named(tiny, tmp_path,
+                                                                             caplog):
+  """25.18: eval/export/search/duplicates take the newest checkpoint that restores (as
+  training does), without moving anything; an explicit damaged --step is one DataError."""
+  run = tmp_path / "run"
+  ckpt = checkpoint_lib.Checkpointer(run / "checkpoints", every=1, keep=3, async_save=False)
+  saved = {}
+  for step in (3, 4):
+    saved[step] = jax.tree_util.tree_map(lambda x, s=step: x + s, tiny.params)
+    state = TrainState(step=jnp.asarray(step, jnp.int32), params=saved[step], opt_state={})
+    ckpt.save(step, state, iter(grain.MapDataset.range(4).to_iter_dataset()), force=True)
+  ckpt.close()
+  (run / "config.json").write_text(json.dumps(tiny.config.to_dict(), default=str))
+  _cut_array_files(run / "checkpoints" / "4")
+
+  with caplog.at_level("WARNING", logger="esspr_jax"):
+    _, params, info = restore.load_model_and_params(tiny.config, run)
+  assert info["step"] == 3 and info["checkpoint"].endswith("checkpoints/3")
+  for a, b in zip(jax.tree_util.tree_leaves(saved[3]), jax.tree_util.tree_leaves(params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert str(run / "checkpoints" / "4") in caplog.text
+  assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["3", "4"]  # read only
+
+  with pytest.raises(DataError, match=r"checkpoint .*checkpoints/4 does not restore \(") as e:
+    restore.load_model_and_params(tiny.config, run, step=4)
+  assert "\n" not in str(e.value)
+  _cut_array_files(run / "checkpoints" / "3")
+  with pytest.raises(DataError, match=r"no checkpoint in .*checkpoints restores: .*/4: .*/3: "):
+    restore.load_model_and_params(tiny.config, run)
