@@ -81,13 +81,15 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--configs", nargs="*", default=list(ACCELERATOR_CONFIGS))
   parser.add_argument("--remat_sweep", default="", help="a config file: one row per policy")
+  parser.add_argument("--policies", nargs="*", default=list(POLICIES),
+                      help="with --remat_sweep: the policies to compile ('off': no remat)")
   parser.add_argument("--out", default="", help="also write the table here")
   args = parser.parse_args()
   lines = [HEADER]
   print(HEADER, flush=True)
   if args.remat_sweep:
     topology = topology_of(args.remat_sweep)
-    for policy in POLICIES:
+    for policy in args.policies:
       overrides = (["--config.model.remat=False"] if policy == "off" else
                    ["--config.model.remat=True", f"--config.model.remat_policy={policy}"])
       lines.append(_row(f"{args.remat_sweep} remat={policy}", topology,

@@ -100,6 +100,7 @@ def session(log_dir: pathlib.Path | None, verbosity: int = 0):
   if verbosity < 1:
     _quiet_progress_bars()
   native = _native_stderr_to(path) if path is not None and verbosity < 1 else None
+  stderr.setStream(sys.stderr)  # the console, not descriptor 2 (now the log file)
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("default")  # each warning once per place, into the log

@@ -44,8 +44,8 @@ HBM_BYTES_BY_DEVICE_KIND = {
     "TPU v6e": int(31.25 * GiB),
     "NVIDIA A100-SXM4-40GB": 40 * 10 ** 9,
     "NVIDIA A100-SXM4-80GB": 80 * 10 ** 9,
-    "NVIDIA H100 80GB HBM3": 80 * 10 ** 9,
-    "NVIDIA H100": 80 * 10 ** 9,
+    "NVIDIA H100 80GB HBM3": 84_978_434_048,  # what the card reports to CUDA
+    "NVIDIA H100": 84_978_434_048,
     "NVIDIA H200": 141 * 10 ** 9,
 }
 

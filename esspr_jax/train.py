@@ -54,7 +54,7 @@ EvalFn = Callable[[Any, int], Mapping[str, float] | None]
 
 
 class NonFiniteLossError(RuntimeError):
-  """The loss or gradient went NaN/inf and `config.train.skip_nonfinite` is off."""
+  """The loss, gradient or update went NaN/inf and `config.train.skip_nonfinite` is off."""
 
 
 @dataclasses.dataclass
@@ -367,8 +367,8 @@ def _nonfinite_error(totals: dict, last_good: str) -> NonFiniteLossError:
   values = totals["first_bad"]
   terms = {k: v for k, v in values.items() if k.startswith("loss")}
   return NonFiniteLossError(
-      f"non-finite loss or gradient at step {totals['first_bad_step']} (loss terms {terms}, "
-      f"grad_norm {values.get('grad_norm')}); the update was not applied. Last good "
+      f"non-finite loss, gradient or update at step {totals['first_bad_step']} (loss terms "
+      f"{terms}, grad_norm {values.get('grad_norm')}); the update was not applied. Last good "
       f"checkpoint: {last_good}. Set config.train.skip_nonfinite=True to skip such "
       f"updates instead, or lower the learning rate.")
 

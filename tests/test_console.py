@@ -98,3 +98,18 @@ def test_log_file_names_follow_the_launchers_rank():
   assert console.log_file_name({}) == "main.log"
   assert console.log_file_name({"ESSPR_PROCESS_ID": "3"}) == "process_3.log"
   assert console.log_file_name({"SLURM_PROCID": "12"}) == "process_12.log"
+
+
+def test_own_warnings_reach_a_real_console_while_descriptor_2_is_the_log(tmp_path):
+  """In a real process (no test capture) descriptor 2 points at the log file during a
+  session; the job's own warning lines must still reach the console, once."""
+  script = ("import logging, sys; from esspr_jax import console\n"
+            f"with console.session({str(tmp_path)!r}, 0) as path:\n"
+            "  logging.getLogger('esspr_jax.stages').warning('own warning %d', 7)\n"
+            "  logging.getLogger('orbax').warning('library noise')\n")
+  done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                        text=True, timeout=120)
+  assert done.returncode == 0, done.stderr
+  assert done.stderr.splitlines() == ["warning: own warning 7"], done.stderr
+  logged = "".join(p.read_text() for p in tmp_path.glob("*.log"))
+  assert "own warning 7" in logged and "library noise" in logged
