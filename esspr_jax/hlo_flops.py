@@ -36,7 +36,8 @@ import math
 import re
 from dataclasses import dataclass, field
 
-# A computation's header: `%name (p0: f32[2], ...) -> f32[2] {`, `ENTRY %name ...`.
+# A computation's header: `%name (p0: f32[2], ...) -> f32[2] {`, `ENTRY %name ...`. Its
+# parameters' shapes are read from their `parameter(n)` instructions, which print them.
 _HEADER = re.compile(r"^(ENTRY\s+)?%?(?P<name>[^\s(]+)\s*\((?P<params>.*)\)\s*->\s*.*\{\s*$")
 # An instruction: `[ROOT ]%name = <shape> <opcode>(<operands>)<attributes>`.
 _INSTR = re.compile(r"^\s*(ROOT\s+)?%?(?P<name>[^\s=]+)\s*=\s*(?P<rest>.*)$")
@@ -60,7 +61,6 @@ class _Instr:
 class _Comp:
   name: str
   instrs: dict[str, _Instr] = field(default_factory=dict)
-  params: dict[int, str] = field(default_factory=dict)  # parameter number -> name
   root: str = ""
 
 
@@ -153,8 +153,6 @@ def _parse_module(hlo_text: str) -> tuple[dict[str, _Comp], str]:
     comp.instrs[instr.name] = instr
     if line.lstrip().startswith("ROOT"):
       comp.root = instr.name
-    if instr.opcode == "parameter":
-      comp.params[int(instr.literal)] = instr.name
   return comps, entry
 
 
