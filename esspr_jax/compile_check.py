@@ -20,6 +20,7 @@ from esspr_jax import atomic_io
 from esspr_jax import batch_layout
 from esspr_jax import compile_report
 from esspr_jax import hardware
+from esspr_jax import metrics_writer as metrics_lib
 from esspr_jax import model_flops
 from esspr_jax import sharding
 from esspr_jax import topology
@@ -174,13 +175,7 @@ def _step_report(name: str, lowered, config) -> StepReport:
   compiled, seconds = compile_report.compile_lowered(lowered, config, f"the {name}")
   memory = compile_report.Memory.of(compiled)
   hlo = compiled.as_text()
-  flops = None
-  try:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost["flops"]) if cost and cost.get("flops", 0) > 0 else None
-  except Exception:  # noqa: BLE001  (a backend without cost analysis)
-    flops = None
+  flops = metrics_lib.executable_flops(compiled, 1)
   return StepReport(name=name, memory=memory, flops_per_device=flops,
                     collectives=compile_report.collective_summary(hlo), compile_seconds=seconds,
                     hlo=hlo)

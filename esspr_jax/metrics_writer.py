@@ -30,6 +30,7 @@ import jax
 from etils import epath
 
 from esspr_jax import atomic_io
+from esspr_jax import hlo_flops
 from esspr_jax import jsonl
 from esspr_jax.hardware import PEAK_FLOPS_BY_DEVICE_KIND, peak_flops_per_device  # noqa: F401
 
@@ -46,10 +47,26 @@ def utilisation(flops_per_step: float | None, step_seconds: float, num_devices: 
 
 
 def executable_flops(compiled, num_devices: int) -> float | None:
-  """FLOPs one step executes on the whole mesh: the compiled (per-device, partitioned)
-  program's count times the devices. Counts what the hardware runs: remat
-  recomputation, gradient caching's second forward and partitioning overhead included.
-  None when the backend has no cost analysis."""
+  """FLOPs one step executes on the whole mesh: one device's compiled (partitioned)
+  program times the devices. Counts what the hardware runs, remat recomputation and
+  gradient caching's second forward included: its matmuls and convolutions with every
+  loop's trip count (hlo_flops.py; XLA's cost analysis counts a scanned layer stack's
+  body once), else XLA's cost analysis. None when neither is available."""
+  flops = None
+  try:
+    flops = hlo_flops.matmul_flops(compiled.as_text())
+  except Exception as e:  # noqa: BLE001  (a backend without HLO text)
+    log.info("no optimized HLO to count: %s", e)
+  if flops is None:
+    flops = _cost_analysis_flops(compiled)
+    if flops is not None:
+      log.warning("counting the step's FLOPs with XLA's cost analysis, which counts each "
+                  "loop body once (hlo_flops.py could not read a trip count): hfu is low "
+                  "for scanned models")
+  return flops * num_devices if flops else None
+
+
+def _cost_analysis_flops(compiled) -> float | None:
   try:
     cost = compiled.cost_analysis()
   except Exception as e:  # noqa: BLE001  (some backends do not implement it)
@@ -59,7 +76,7 @@ def executable_flops(compiled, num_devices: int) -> float | None:
     cost = cost[0] if cost else None
   if not cost or not cost.get("flops") or cost["flops"] <= 0:
     return None
-  return float(cost["flops"]) * num_devices
+  return float(cost["flops"])
 
 
 def interval_metrics(sums: Mapping[str, float], steps: int, seconds: float, *,
