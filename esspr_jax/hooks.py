@@ -12,12 +12,13 @@ passed to `train(hooks=...)`. The contract (docs/training.md, "Hooks"):
 - `on_start(ctx, state, step)`: once, after restore-or-init, before the first step
   (the miner reloads its tables or mines its first one).
 - `due(step)`: asked once per step after that step's update, for steps before the
-  last; `at_end(step)` once when a run finishes (not when it is preempted).
+  last; `at_end(step)` once when a run finishes, after its last checkpoint (not when
+  it is preempted).
 - `run(ctx, state, step)`: the work. It reads `state`, never changes it; it may write
-  its own metrics rows through `ctx.writer`. A hook runs before the step's checkpoint
-  (the miner: the checkpoint's resume must find the table) unless `after_checkpoint`
-  (eval); a `sync` hook makes its steps sync points (the loop reads the step metrics,
-  and so applies the non-finite policy, first).
+  its own metrics rows through `ctx.writer`. Hooks run in the order given, before the
+  step's checkpoint (the miner: that checkpoint's resume must find its table) unless
+  `after_checkpoint` (eval). A `sync` hook makes its steps sync points: the loop reads
+  the step metrics, and so applies the non-finite policy, before it runs.
 """
 import dataclasses
 import time

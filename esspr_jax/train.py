@@ -467,8 +467,6 @@ def _run(config, workdir, writer, *, model, loss_fn, train_dataset, train_source
                                      async_save=tc.checkpoint.async_save)
   ctx = hooks_lib.Context(model=model, views=views, batch_sharding=setup.batch_sharding,
                           writer=writer, steps=tc.steps)
-  before = [h for h in hooks if not h.after_checkpoint]
-  after = [h for h in hooks if h.after_checkpoint]
   with jax.set_mesh(setup.mesh):
     state, start_step = restore_or_init(setup, ckpt, data_iterator, config, model)
     step = saved_step = start_step or 0
@@ -531,12 +529,9 @@ def _run(config, workdir, writer, *, model, loss_fn, train_dataset, train_source
 
     if stopped == "done":
       read(sums)
-      for hook in before:
-        if hook.at_end(step):
-          hook.run(ctx, state, step)
       if saved_step != step:
         ckpt.save(step, state, batches.consumed, force=True)
-      for hook in after:
+      for hook in hooks:
         if hook.at_end(step):
           hook.run(ctx, state, step)
     ckpt.close()
