@@ -178,22 +178,39 @@ def shared_tokenizer(config, paths: Paths):
 
 
 def train(config, paths: Paths, tok=None):
-  """Trains with the evaluation hook; returns the TrainResult."""
+  """Trains with the run's hooks (eval; the miner when on); returns the TrainResult."""
   from esspr_jax import train as train_lib  # noqa: PLC0415
   from esspr_jax.input import pipeline  # noqa: PLC0415
   from esspr_jax.models import build_model  # noqa: PLC0415
-  from esspr_jax.retrieval import evaluate  # noqa: PLC0415
   tok = tok or shared_tokenizer(config, paths)
   model = build_model(config.model)
-  # With hard negatives on the trainer builds the pipeline itself (it attaches the table).
+  # With hard negatives on the trainer builds the pipeline itself (the miner attaches to it).
   dataset = None if config.train.hard_negatives.enabled else pipeline.train_dataset(
       config, train_lib.per_process_batch_size(config), data_dir=paths.data_dir, tokenizer=tok)
   eval_batches = lambda: pipeline.eval_dataset(config, config.eval.batch_size,  # noqa: E731
                                                data_dir=paths.data_dir, tokenizer=tok)
-  eval_fn = evaluate.make_eval_hook(config, paths.workdir, model, eval_batches,
-                                    batch_sharding=eval_batch_sharding(config))
-  return train_lib.train(config, paths.workdir, model=model, train_dataset=dataset,
-                         eval_fn=eval_fn)
+  hooks = training_hooks(config, paths.workdir, model=model, eval_batches=eval_batches,
+                         eval_sharding=eval_batch_sharding(config))
+  return train_lib.train(config, paths.workdir, model=model, train_dataset=dataset, hooks=hooks)
+
+
+def training_hooks(config, workdir, *, train_source=None, model=None, eval_batches=None,
+                   eval_sharding=None) -> list:
+  """The train loop's hooks (esspr_jax/hooks.py) the run asks for: the hard-negative
+  miner when train.hard_negatives.enabled (over `train_source`, else the run's training
+  data); with `eval_batches` (a function returning fresh eval batches), `model`'s eval
+  every eval.every_steps steps and at the end. Pass them as train(hooks=...)."""
+  workdir, hooks = workdir_lib.workdir_path(workdir), []
+  if config.train.hard_negatives.enabled:
+    from esspr_jax import train as train_lib  # noqa: PLC0415
+    from esspr_jax.hard_negatives import miner  # noqa: PLC0415
+    hooks.append(miner.from_config(config, workdir, workdir_lib.default_data_dir(config, workdir),
+                                   train_lib.per_process_batch_size(config), source=train_source))
+  if eval_batches is not None:
+    from esspr_jax.retrieval import evaluate as evaluate_lib  # noqa: PLC0415
+    hooks.append(evaluate_lib.eval_hook(config, workdir, model, eval_batches,
+                                        batch_sharding=eval_sharding))
+  return hooks
 
 
 def eval_batch_sharding(config):

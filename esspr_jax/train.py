@@ -16,7 +16,6 @@ import functools
 import logging
 import os
 import pathlib
-import time
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
@@ -28,9 +27,11 @@ import optax
 from etils import epath
 from jax.experimental.compilation_cache import compilation_cache
 
+from esspr_jax import batch_layout
 from esspr_jax import checkpoint as checkpoint_lib
 from esspr_jax import compile_report
 from esspr_jax import distributed
+from esspr_jax import hooks as hooks_lib
 from esspr_jax import metrics_writer as metrics_lib
 from esspr_jax import model_flops
 from esspr_jax import optim
@@ -49,8 +50,7 @@ from esspr_jax.train_step import ALL_VIEWS, LossFn, TrainState, Views, train_ste
 
 log = logging.getLogger(__name__)
 
-# (params, step) -> {metric: float}
-EvalFn = Callable[[Any, int], Mapping[str, float] | None]
+EvalFn = hooks_lib.EvalFn  # (params, step) -> {metric: float}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -73,26 +73,33 @@ class TrainResult:
 
 # ----------------------------------------------------------------------------- data
 def default_train_dataset(config: ml_collections.ConfigDict, workdir: pathlib.Path,
-                          hard_negatives=None, source=None):
+                          attach=None, source=None):
   """This process's slice of the training data, as a Grain dataset of host batches:
-  the run's dataset, or `source` (pairs in the pipeline's layout) batched the same way."""
+  the run's dataset, or `source` (pairs in the pipeline's layout) batched the same way;
+  `attach` is a hook's transform that adds its side to each batch (hooks.py)."""
   from esspr_jax.input import pipeline  # noqa: PLC0415  (heavy, and only the default)
   return pipeline.train_dataset(config, per_process_batch_size(config),
                                 data_dir=workdir_lib.default_data_dir(config, workdir),
-                                hard_negatives=hard_negatives, source=source)
+                                hard_negatives=attach, source=source)
 
 
-def _hard_negative_miner(config, workdir, train_dataset, train_source):
-  """The miner (hard_negatives/miner.py) when train.hard_negatives.enabled, else None."""
-  if not config.train.get("hard_negatives", {}).get("enabled", False):
-    return None
-  if train_dataset is not None:
-    raise ConfigError("train.hard_negatives.enabled", "mines the project's training "
-                      "pipeline; it cannot feed a caller's train_dataset (pass the "
-                      "pairs as train_source instead)")
-  from esspr_jax.hard_negatives import miner  # noqa: PLC0415  (heavy, and only when on)
-  return miner.from_config(config, workdir, workdir_lib.default_data_dir(config, workdir),
-                           per_process_batch_size(config), source=train_source)
+def _attach(hooks, train_dataset):
+  """The one hook transform for the project's pipeline, or None."""
+  attaching = [h for h in hooks if h.attach is not None]
+  if len(attaching) > 1:
+    raise ValueError(f"train(): {len(attaching)} hooks attach to the data feed; one may")
+  if attaching and train_dataset is not None:
+    raise ValueError(f"train(): {type(attaching[0]).__name__} attaches its side to the "
+                     "project's training pipeline; it cannot feed a caller's train_dataset "
+                     "(pass the pairs as train_source instead)")
+  return attaching[0].attach if attaching else None
+
+
+def _check_hooks(config, views) -> None:
+  """Hard negatives on with no hook adding their side would train without them."""
+  if config.train.hard_negatives.enabled and batch_layout.HARD_NEGATIVE not in views:
+    raise ConfigError("train.hard_negatives.enabled", "needs the miner among train()'s "
+                      "hooks (stages.training_hooks builds it)")
 
 
 def per_process_batch_size(config) -> int:
@@ -109,14 +116,15 @@ def per_process_composed_batch_size(config) -> int:
 
 
 def _check_batch(sample: Any, expected_rows: int, composed_rows: int = 0,
-                 hard_rows: int = 0) -> None:
-  """Every leaf has the per-process batch's rows; the `composed` sub-batch its own,
-  the 'hard_negative' side batch x train.hard_negatives.per_trigger."""
+                 side_rows: Mapping[str, int] | None = None) -> None:
+  """Every leaf has the per-process batch's rows; the `composed` sub-batch its own, a
+  hook's side (the miner's 'hard_negative') batch x its `side_rows` per pair."""
   for path, leaf in jax.tree_util.tree_leaves_with_path(sample):
-    composed = path and getattr(path[0], "key", None) == "composed"
+    key = getattr(path[0], "key", None) if path else None
+    composed = key == "composed"
     want = composed_rows if composed else expected_rows
-    if path and getattr(path[0], "key", None) == "hard_negative":
-      want = hard_rows
+    if side_rows and key in side_rows:
+      want = expected_rows * side_rows[key]
     rows = np.shape(leaf)[0] if np.ndim(leaf) else None
     if rows != want:
       what = "composed sub-batch size" if composed else "batch size"
@@ -400,28 +408,33 @@ def _interval_meter(setup: Setup, tc, model_flops_per_step) -> metrics_lib.Inter
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
           model: nn.Module | None = None, loss_fn: LossFn | None = None,
-          train_dataset=None, train_source=None, eval_fn: EvalFn | None = None,
+          train_dataset=None, train_source=None, hooks=(), eval_fn: EvalFn | None = None,
           devices=None, views: Views | None = None) -> TrainResult:
   """Trains `config` in `workdir`, resuming from its latest checkpoint if any.
 
   `model`/`loss_fn`/`train_dataset` default to the project's (build_model, loss_unit,
   the Grain pipeline); `train_dataset` yields this process's share of each batch.
   `train_source` (a sequence of pairs in the pipeline's layout, e.g. a recipe's own
-  data) replaces the run's dataset but keeps the project's pipeline, so hard
-  negatives can be mined from it and attached.
+  data) replaces the run's dataset but keeps the project's pipeline, so a hook can
+  attach to it (the miner's hard negatives).
   `views` (side -> modalities the step embeds) defaults to the loss plan's with the
   default loss, and to every modality of both sides with a custom `loss_fn`.
-  `eval_fn(params, step)` runs every `eval.every_steps` steps and at the end.
+  `hooks` (hooks.py) run at their steps: eval, hard-negative mining;
+  stages.training_hooks builds the ones a config asks for. `eval_fn(params, step)` is
+  short for an EvalHook every `eval.every_steps` steps and at the end.
   """
   validate_config(config)
   if train_dataset is not None and train_source is not None:
     raise ValueError("train(): pass train_dataset or train_source, not both")
+  hooks = list(hooks)
+  if eval_fn is not None:
+    hooks.append(hooks_lib.EvalHook.from_config(config, eval_fn))
   workdir = workdir_lib.workdir_path(workdir)
   writer, lock = open_workdir(config, workdir)
   use_compilation_cache(config, workdir)
   try:
     return _run(config, workdir, writer, model=model, loss_fn=loss_fn,
-                train_dataset=train_dataset, train_source=train_source, eval_fn=eval_fn,
+                train_dataset=train_dataset, train_source=train_source, hooks=hooks,
                 devices=devices, views=views)
   except BaseException:
     try:  # the rows written so far reach the workdir; the original error is what counts
@@ -434,39 +447,35 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
       lock.release()
 
 
-def _run(config, workdir, writer, *, model, loss_fn, train_dataset, train_source, eval_fn,
+def _run(config, workdir, writer, *, model, loss_fn, train_dataset, train_source, hooks,
          devices, views) -> TrainResult:
   """train() once the workdir is this run's: data -> set-up -> restore-or-init -> loop."""
   tc = config.train
-  eval_every = int(config.eval.get("every_steps", 0) or 0)
-  miner = _hard_negative_miner(config, workdir, train_dataset, train_source)
+  attach = _attach(hooks, train_dataset)
   data_iterator = iter(train_dataset if train_dataset is not None
-                       else default_train_dataset(config, workdir, miner and miner.attach,
-                                                  source=train_source))
+                       else default_train_dataset(config, workdir, attach, source=train_source))
   sample = _strip_host_only(_peek(data_iterator))
   _check_batch(sample, per_process_batch_size(config), per_process_composed_batch_size(config),
-               miner and per_process_batch_size(config) * miner.per_trigger)
+               {k: v for h in hooks for k, v in h.side_rows.items()})
   model, loss_fn, views = _model_loss_views(config, model, loss_fn, views)
-  if miner:
-    views = miner.with_side(views)
+  for hook in hooks:
+    views = hook.views(views)
+  _check_hooks(config, views)
   setup = set_up(config, model, loss_fn, views, sample, devices)
   ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", every=tc.checkpoint.every,
                                      keep=tc.checkpoint.keep,
                                      async_save=tc.checkpoint.async_save)
+  ctx = hooks_lib.Context(model=model, views=views, batch_sharding=setup.batch_sharding,
+                          writer=writer, steps=tc.steps)
   with jax.set_mesh(setup.mesh):
     state, start_step = restore_or_init(setup, ckpt, data_iterator, config, model)
     step = saved_step = start_step or 0
-    mine = lambda at_start: miner.mine_and_log(writer, model, state.params, step,
-                                               at_start=at_start, views=views,
-                                               batch_sharding=setup.batch_sharding)
-    if miner:  # a fresh table before the first batch; or the mining a finished run skipped
-      resumed = miner.resume(step)
-      if not resumed or (miner.due(step) and step < tc.steps):
-        mine(at_start=not resumed)
+    for hook in hooks:
+      hook.on_start(ctx, state, step)
     writer.say(_start_line(setup, tc, start_step))
     meter = _interval_meter(setup, tc, _model_flops(config, model, views))
     sums = setup.zero_sums()
-    eval_metrics, last_metrics, skipped, stopped = None, {}, 0, "done"
+    last_metrics, skipped, stopped = {}, 0, "done"
 
     def read(sums) -> dict:
       """Waits for the steps so far; applies the non-finite policy to them."""
@@ -480,14 +489,6 @@ def _run(config, workdir, writer, *, model, loss_fn, train_dataset, train_source
       skipped = totals["skipped"]
       return totals
 
-    def run_eval(at_step):
-      nonlocal eval_metrics
-      start = time.time()
-      result = eval_fn(state.params, at_step) if eval_fn is not None else None
-      if result:
-        eval_metrics = dict(result)
-        writer.write(at_step, {**eval_metrics, "eval_seconds": time.time() - start}, kind="eval")
-
     build = lambda host: sharding.global_batch(_strip_host_only(host), setup.batch_sharding)
     depth = 0 if tc.sync_loop else tc.prefetch
     with checkpoint_lib.PreemptionWatch() as preemption, \
@@ -497,12 +498,13 @@ def _run(config, workdir, writer, *, model, loss_fn, train_dataset, train_source
         with jax.transfer_guard(tc.transfer_guard):
           state, sums = setup.step(state, sums, batch)
         step += 1
-        if miner and miner.due(step) and step < tc.steps:
-          mine(at_start=False)  # before this step's checkpoint, which must find the table
+        due = [h for h in hooks if step < tc.steps and h.due(step)]
+        for hook in due:  # the miner's table must exist before this step's checkpoint
+          if not hook.after_checkpoint:
+            hook.run(ctx, state, step)
         log_due = step % tc.log_every == 0 or step == tc.steps
         save_due = ckpt.due(step)
-        eval_due = bool(eval_every) and step % eval_every == 0 and step < tc.steps
-        synced = tc.sync_loop or log_due or save_due or eval_due
+        synced = tc.sync_loop or log_due or save_due or any(h.sync for h in due)
         preempted = preemption.reached(step, sync_point=synced)
         if synced or preempted:
           totals = read(sums)
@@ -515,8 +517,9 @@ def _run(config, workdir, writer, *, model, loss_fn, train_dataset, train_source
         if save_due and ckpt.save(step, state, position):
           saved_step = step
           writer.flush()  # a remote workdir's metrics are uploaded at least this often
-        if eval_due:
-          run_eval(step)
+        for hook in due:
+          if hook.after_checkpoint:
+            hook.run(ctx, state, step)
         if preempted:
           if saved_step != step:
             ckpt.save(step, state, position, force=True)
@@ -528,11 +531,13 @@ def _run(config, workdir, writer, *, model, loss_fn, train_dataset, train_source
       read(sums)
       if saved_step != step:
         ckpt.save(step, state, batches.consumed, force=True)
-      if tc.eval_at_end or (eval_every and step % eval_every == 0):
-        run_eval(step)
+      for hook in hooks:
+        if hook.at_end(step):
+          hook.run(ctx, state, step)
     ckpt.close()
     writer.close()
+  evals = [h.metrics for h in hooks if isinstance(h, hooks_lib.EvalHook) and h.metrics]
   return TrainResult(step=step, state=state, stopped=stopped, resumed_from=start_step,
                      workdir=workdir, checkpoint_dir=ckpt.directory,
                      metrics_path=writer.jsonl_path, last_metrics=last_metrics,
-                     eval_metrics=eval_metrics, skipped_steps=skipped)
+                     eval_metrics=evals[-1] if evals else None, skipped_steps=skipped)

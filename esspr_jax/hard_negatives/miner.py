@@ -8,6 +8,10 @@ the pipeline and the prefetcher may already have built, so the batch a table fir
 applies to does not depend on timing, and a resumed run builds the same batches.
 Mining at step s happens before the checkpoint of step s is written, so that
 checkpoint's resume always finds the table.
+
+The Miner is the train loop's hook (esspr_jax/hooks.py): it adds the 'hard_negative'
+side to the step's views and its `attach` transform to the pipeline, reloads or mines
+at the start, and mines when due; stages.training_hooks builds it.
 """
 import logging
 import math
@@ -19,6 +23,7 @@ import jax
 import numpy as np
 
 from esspr_jax import batch_layout
+from esspr_jax import hooks
 from esspr_jax.errors import ConfigError
 from esspr_jax.hard_negatives.catalog import TrainingCatalog
 from esspr_jax.hard_negatives.feed import (AttachHardNegatives, Version, Versions,
@@ -40,12 +45,13 @@ def lookahead(config) -> int:
   return int(depth) + int(p.prefetch) + int(p.read_threads) + 2
 
 
-class Miner:
-  """The run's hard-negative state: catalog, table versions, schedule."""
+class Miner(hooks.Hook):
+  """The run's hard-negative state: catalog, table versions, schedule; the loop's hook."""
 
   def __init__(self, config, directory, source, tokenizer, batch_size: int):
     h = config.train.hard_negatives
     self.per_trigger = int(h.per_trigger)
+    self.side_rows = {SIDE: self.per_trigger}
     self.every = int(h.every_steps)
     self.max_cost_fraction = float(h.max_cost_fraction)
     self.directory = pathlib.Path(directory)
@@ -75,13 +81,21 @@ class Miner:
     self.next_step = saved[-1].next_step if saved else start_step
     return len(saved)
 
-  @staticmethod
-  def with_side(views):
+  def views(self, views):
     """The step's views plus 'hard_negative', embedded like the recall side."""
     return batch_layout.with_hard_negative_side(views)
 
+  def on_start(self, ctx: hooks.Context, state, step: int) -> None:
+    """A fresh table before the first batch; or the mining a finished run skipped."""
+    resumed = self.resume(step)
+    if not resumed or (self.due(step) and step < ctx.steps):
+      self.mine_and_log(ctx, state.params, step, at_start=not resumed)
+
   def due(self, step: int) -> bool:
     return step >= self.next_step
+
+  def run(self, ctx: hooks.Context, state, step: int) -> None:
+    self.mine_and_log(ctx, state.params, step, at_start=False)
 
   def embed_catalog(self, model, params, modality: str, batch_sharding) -> np.ndarray:
     batches = pipeline.make_items_dataset(self.catalog, self._tokenizer, self._spec,
@@ -127,17 +141,16 @@ class Miner:
                "first_batch": first_batch, "next_step": version.next_step}
     return metrics, note
 
-  def mine_and_log(self, writer, model, params, step: int, *, at_start: bool, views,
-                   batch_sharding) -> None:
+  def mine_and_log(self, ctx: hooks.Context, params, step: int, *, at_start: bool) -> None:
     """One mining, its metrics written as kind 'hard_negatives' (a postponement said)."""
-    recall = tuple(views["recall"])
+    recall = tuple(ctx.views["recall"])
     modality = "m" if "m" in recall else recall[0]
-    metrics, note = self.mine(model, params, step, at_start=at_start, modality=modality,
-                              batch_sharding=batch_sharding)
-    writer.write(step, metrics, kind="hard_negatives")
+    metrics, note = self.mine(ctx.model, params, step, at_start=at_start, modality=modality,
+                              batch_sharding=ctx.batch_sharding)
+    ctx.writer.write(step, metrics, kind="hard_negatives")
     if note:
       log.info(note)
-      writer.say(note)
+      ctx.writer.say(note)
 
 
 def from_config(config, workdir, data_dir, batch_size: int, source=None) -> Miner:

@@ -36,6 +36,7 @@ import ml_collections
 import numpy as np
 from ml_collections import config_flags
 
+from esspr_jax import stages
 from esspr_jax.config import validate_config
 from esspr_jax.config.checks import check, in_unit, is_number, known_keys, one_of
 from esspr_jax.ingest import release_format
@@ -240,7 +241,9 @@ def run(config, workdir, data_root=None) -> dict:
   source = train_source(prepared.train_pairs)
   train_start = time.time()
   # The project's own model, loss unit (per-term weights logged) and views.
-  result = train_or_stop(config, workdir / "train", train_source=source)
+  result = train_or_stop(config, workdir / "train", train_source=source,
+                         hooks=stages.training_hooks(config, workdir / "train",
+                                                     train_source=source))
   train_seconds = time.time() - train_start
   tuned = dense_scores(embed, result.state.params, tokenizer, tasks, max_len, r.eval_batch_size)
   results[f"MiniLM-L6 fine-tuned ({result.step} steps{training_variant(config)})"] = table_of(

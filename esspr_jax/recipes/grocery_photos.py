@@ -276,6 +276,7 @@ def _filled(config, model, values) -> dict:
 def run_row(config, workdir: pathlib.Path, split: GrocerySplit, train: bool) -> tuple:
   """(metrics, info) of one row: evaluate the initial model, or train then evaluate."""
   import jax  # noqa: PLC0415
+  from esspr_jax import stages  # noqa: PLC0415
   from esspr_jax.recipes.training import train_or_stop  # noqa: PLC0415
   from esspr_jax.config import validate_config  # noqa: PLC0415
   from esspr_jax.models import pretrained  # noqa: PLC0415
@@ -294,7 +295,9 @@ def run_row(config, workdir: pathlib.Path, split: GrocerySplit, train: bool) -> 
   info = {}
   if train:
     # The trainer's own loss unit and views (the model: pretrained towers as set above).
-    result = train_or_stop(config, workdir, model=model, train_source=train_source(split))
+    source = train_source(split)
+    result = train_or_stop(config, workdir, model=model, train_source=source,
+                           hooks=stages.training_hooks(config, workdir, train_source=source))
     params = result.state.params
     info = {"steps": result.step, "train_seconds": round(time.time() - started, 1)}
   else:

@@ -13,10 +13,14 @@ Entry points (signatures the trainer and main.py rely on):
 
     make_eval_hook(config, workdir, model, batches_fn=None, *, batch_sharding=None)
         -> eval_fn(params, step) -> {'<x-y>/mrr': ..., '<x-y>/recall_at_K': ...}
-        The trainer's periodic hook (train.py `eval_fn`). `batches_fn()` returns a
+        The trainer's periodic eval (train.py `eval_fn`). `batches_fn()` returns a
         fresh iterable of eval batches (default: the run's eval dataset,
         pipeline.eval_dataset). It writes files but leaves TensorBoard to the trainer's
         metric writer (which logs the returned scalars under `eval/`).
+
+    eval_hook(config, workdir, model, batches_fn=None, *, batch_sharding=None)
+        -> hooks.EvalHook   (train.py `hooks`; stages.training_hooks builds it)
+        make_eval_hook's function every eval.every_steps steps and at the end.
 
     evaluate_checkpoint(config, workdir, *, checkpoint=None, step=None, data_dir=None)
         -> EvalReport        (main.py --mode=eval)
@@ -39,6 +43,7 @@ from typing import Callable, Iterable
 import numpy as np
 from etils import epath
 
+from esspr_jax import hooks
 from esspr_jax.config import eval as eval_config
 from esspr_jax.errors import DataError
 from esspr_jax.retrieval import embed as embed_lib
@@ -168,6 +173,13 @@ def make_eval_hook(config, workdir, model, batches_fn: Callable[[], Iterable[dic
                     batch_sharding=batch_sharding, tensorboard=False).scalars
 
   return eval_fn
+
+
+def eval_hook(config, workdir, model, batches_fn: Callable[[], Iterable[dict]] | None = None,
+              *, batch_sharding=None) -> hooks.EvalHook:
+  """The train loop's eval hook (see module doc)."""
+  return hooks.EvalHook.from_config(
+      config, make_eval_hook(config, workdir, model, batches_fn, batch_sharding=batch_sharding))
 
 
 def _data_dir(config, workdir) -> pathlib.Path:

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from esspr_jax import train
+from esspr_jax import stages, train
 from esspr_jax.config import compose
 from esspr_jax.config.loss import text_only_infonce
 from esspr_jax.hard_negatives import feed
@@ -47,6 +47,8 @@ def test_train_source_mines_within_its_categories(tmp_path):
   config = _config(tmp_path)
   source = _source()
   result = train.train(config, tmp_path / "run", train_source=source,
+                       hooks=stages.training_hooks(config, tmp_path / "run",
+                                                   train_source=source),
                        devices=jax.devices()[:1])
   assert result.step == 3
   rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from esspr_jax import train
+from esspr_jax import stages, train
 from esspr_jax.config import compose, validate_config
 from esspr_jax.errors import ConfigError
 from esspr_jax.hard_negatives import feed
@@ -59,6 +59,11 @@ def _config(built, steps, **hn):
   config.train.hard_negatives.update(dict(enabled=True, every_steps=2, per_trigger=2,
                                           max_cost_fraction=0.0) | hn)
   return config
+
+
+def _train(config, workdir, **kw):
+  """train() with the hooks the main job gives it: the miner."""
+  return train.train(config, workdir, hooks=stages.training_hooks(config, workdir), **kw)
 
 
 def _load(directory, up_to_step):
@@ -155,12 +160,12 @@ def test_a_damaged_table_is_mined_again_on_resume(built, tmp_path):
   resumed run sets it aside, mines again at its start and trains to step 6."""
   one = jax.devices()[:1]
   run = tmp_path / "run"
-  train.train(_config(built, steps=4), run, devices=one)
+  _train(_config(built, steps=4), run, devices=one)
   bad = _load(run / "hard_negatives", 4)[-1]
   table = bad.table.copy()
   table[0, 0] = -1
   feed.save_version(run / "hard_negatives", dataclasses.replace(bad, table=table))
-  result = train.train(_config(built, steps=6), run, devices=one)
+  result = _train(_config(built, steps=6), run, devices=one)
   assert result.step == 6 and result.resumed_from == 4
   assert [r["step"] for r in _records(run, "hard_negatives")] == [0, 2, 4]
   assert [p.name.rsplit("-", 1)[0] for p in (run / "hard_negatives.corrupt").iterdir()
@@ -170,7 +175,7 @@ def test_a_damaged_table_is_mined_again_on_resume(built, tmp_path):
 
 def test_run_mines_trains_and_batches_hold_the_side(built, tmp_path):
   config = _config(built, steps=4)
-  result = train.train(config, tmp_path / "run")
+  result = _train(config, tmp_path / "run")
   assert result.step == 4
   mined = _records(tmp_path / "run", "hard_negatives")
   assert [r["step"] for r in mined] == [0, 2]
@@ -205,14 +210,14 @@ def test_resumed_run_equals_uninterrupted(built, tmp_path):
   config.data.pipeline.prefetch = 1
   assert miner_lib.lookahead(config) == 4
   full = tmp_path / "full"
-  train.train(config, full, devices=one)
+  _train(config, full, devices=one)
   part = tmp_path / "part"
   shutil.copytree(full, part)
   (part / ".esspr-run.lock").unlink(missing_ok=True)
   for step in ("6", "8"):
     shutil.rmtree(part / "checkpoints" / step)
   before = len(_records(part, "train"))
-  result = train.train(config, part, devices=one)
+  result = _train(config, part, devices=one)
   assert result.resumed_from == 4
   want = {r["step"]: r["loss"] for r in _records(full, "train")}
   resumed = _records(part, "train")[before:]
@@ -231,6 +236,20 @@ def test_resumed_run_equals_uninterrupted(built, tmp_path):
     assert (a.first_batch, a.mined_step, a.next_step) == (b.first_batch, b.mined_step,
                                                          b.next_step)
     np.testing.assert_array_equal(a.table, b.table)
+
+
+def test_hard_negatives_without_the_miner_hook_are_refused(built, tmp_path):
+  """The loop knows no miner: a run asking for hard negatives without its hook would
+  silently train without them, so it is refused before compiling."""
+  with pytest.raises(ConfigError, match=r"train\.hard_negatives\.enabled.*hooks"):
+    train.train(_config(built, steps=1), tmp_path / "run")
+
+
+def test_the_miner_cannot_feed_a_callers_dataset(built, tmp_path):
+  config = _config(built, steps=1)
+  with pytest.raises(ValueError, match="cannot feed a caller's train_dataset"):
+    train.train(config, tmp_path / "run", train_dataset=iter([]),
+                hooks=stages.training_hooks(config, tmp_path / "run"))
 
 
 @pytest.mark.parametrize("key, value", [
