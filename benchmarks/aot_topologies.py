@@ -44,6 +44,8 @@ def compile_row(config_file: str, topology: str, overrides=(), timeout: int = 36
   """One --mode=compile run: its JSON report, or {'error': the one line} when it fails."""
   with tempfile.TemporaryDirectory(prefix="aot-") as workdir:
     env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+    if topology.startswith("h100"):  # no GPU to autotune Triton's matmul tiles on
+      env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_enable_triton_gemm=false")
     start = time.time()
     done = subprocess.run(
         [sys.executable, "-m", "esspr_jax.main", f"--config={config_file}",
@@ -67,8 +69,9 @@ def _row(name: str, topology: str, r: dict) -> str:
   ratio = f"{compiled / model:.2f}" if model and compiled else "-"
   roof = f"{r['roofline_step_seconds']:.3f}" if r["roofline_step_seconds"] else "-"
   rate = r["examples_per_second_per_device_at_50pct_mfu"]
+  compiled_text = f"{compiled / 1e12:.2f}" if compiled else "-"
   return (f"| {name} | {topology} | {r['global_batch']} | {per_chip:.2f} "
-          f"({100 * r['hbm_fraction']:.0f}%) | {compiled / 1e12:.2f} | {model / 1e12:.2f} | "
+          f"({100 * r['hbm_fraction']:.0f}%) | {compiled_text} | {model / 1e12:.2f} | "
           f"{ratio} | {roof} | {rate:.0f} | {train['compile_seconds']:.0f} |")
 
 

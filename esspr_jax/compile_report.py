@@ -90,6 +90,10 @@ def compile_lowered(lowered, config, what: str):
     compiled = lowered.compile()
   except Exception as e:  # XlaRuntimeError; its type moves between jaxlib versions
     text = str(e)
+    if "Couldn't find output tile sizes" in text:  # XLA:GPU with no GPU to autotune on
+      raise ConfigError("flags", f"compiling {what} for a GPU with no GPU attached needs "
+                        "XLA_FLAGS=--xla_gpu_enable_triton_gemm=false (Triton's matmul "
+                        "tiles are chosen by autotuning on a device)") from None
     if "RESOURCE_EXHAUSTED" not in text:
       raise
     first = next((line.strip() for line in text.splitlines() if "exceeds" in line

@@ -53,10 +53,12 @@ def _check_report(report, topology, devices, accelerator: bool):
     assert report["hbm_per_device"] is None and report["fits"] is None
 
 
+@pytest.mark.parametrize("preset", ["tiny", "demo"])
 @pytest.mark.parametrize("topology,devices,accelerator",
                          [("cpu:8", 8, False), ("v5e:2x2", 4, True)])
-def test_compile_mode_reports_every_field(tmp_path, capsys, topology, devices, accelerator):
-  assert _compile(tmp_path, "configs/tiny.py", topology) == 0
+def test_compile_mode_reports_every_field(tmp_path, capsys, preset, topology, devices,
+                                          accelerator):
+  assert _compile(tmp_path, f"configs/{preset}.py", topology) == 0
   report = _report(tmp_path, topology)
   _check_report(report, topology, devices, accelerator)
   assert report["mesh"] == {"data": devices, "fsdp": 1, "tensor": 1}
