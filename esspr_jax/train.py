@@ -203,20 +203,12 @@ class StepPlan:
 
 
 @dataclasses.dataclass
-class Setup:
-  """What the loop needs from the mesh: shardings, the abstract state, compiled code."""
-  mesh: jax.sharding.Mesh
-  batch_sharding: jax.sharding.NamedSharding
-  param_shardings: Any
-  state_shardings: TrainState
-  abstract_state: TrainState  # ShapeDtypeStructs carrying the target shardings
-  init: Callable[[], TrainState]  # a fresh, sharded state
+class Setup(StepPlan):
+  """The plan compiled: what the loop runs, with what the compiler said about it."""
   step: Callable  # compiled (state, sums, global batch) -> (state, sums); both donated
-  zero_sums: Callable[[], step_metrics.MetricSums]
-  restart_interval: Callable  # sums -> sums with the interval part zeroed (donated)
   compile_seconds: float
   flops_per_step: float | None  # what the compiled program executes, all devices
-  memory: compile_report.Memory | None = None  # per device, as XLA planned it
+  memory: compile_report.Memory | None  # per device, as XLA planned it
 
 
 def check_mesh(config, mesh) -> None:
@@ -307,11 +299,8 @@ def set_up(config, model: nn.Module, loss_fn: LossFn, views: Views, sample: Any,
   memory = compile_report.Memory.of(compiled)
   compile_report.check_fit(memory, compile_report.device_hbm(next(iter(devices))), config,
                            "the train step")
-  return Setup(mesh=plan.mesh, batch_sharding=plan.batch_sharding,
-               param_shardings=plan.param_shardings, state_shardings=plan.state_shardings,
-               abstract_state=plan.abstract_state, init=plan.init, step=compiled,
-               zero_sums=plan.zero_sums, restart_interval=plan.restart_interval,
-               compile_seconds=seconds,
+  planned = {f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)}
+  return Setup(**planned, step=compiled, compile_seconds=seconds,
                flops_per_step=metrics_lib.executable_flops(compiled, plan.mesh.devices.size),
                memory=memory)
 
