@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -61,7 +62,10 @@ def compile_row(config_file: str, topology: str, overrides=(), timeout: int = 36
 
 def _row(name: str, topology: str, r: dict) -> str:
   if "error" in r:
-    return f"| {name} | {topology} | - | {r['error'][:160]} | | | | | | |"
+    need = re.search(r"\(([\d.]+G)\) exceeds available HBM \(([\d.]+G)\)", r["error"])
+    what = (f"does not fit: {need[1]} of temporaries > {need[2]} HBM" if need
+            else r["error"][:160])
+    return f"| {name} | {topology} | - | {what} | | | | | | |"
   train = r["train_step"]
   per_chip = train["memory"]["total"] / GiB
   compiled = train["flops_per_device"] or 0

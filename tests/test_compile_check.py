@@ -177,3 +177,16 @@ def test_a_second_run_reuses_the_workdirs_compilation_cache(tmp_path):
   assert "Persistent compilation cache hit for 'jit_step_and_sum'" in second
   assert sorted(p.name for p in cache.iterdir() if "step_and_sum" in p.name) == sorted(
       n for n in entries if "step_and_sum" in n)
+
+
+def test_the_trainer_checks_the_fit_before_its_first_step():
+  """train.set_up (what train() runs before step 1) on TPU devices: a step whose
+  [B, B] scores cannot fit a v5e chip stops with DoesNotFitError naming the keys."""
+  from esspr_jax import batch_layout, topology, train
+  config = compose("tiny")
+  config.train.batch_size = 131072  # 32768 query rows x 131072 columns of f32 per chip
+  config.loss.chunk_size = 0
+  model, loss_fn, views = train.default_model_and_loss(config)
+  sample = batch_layout.abstract_train_batch(config, config.train.batch_size)
+  with pytest.raises(compile_report.DoesNotFitError, match="train.batch_size=131072"):
+    train.set_up(config, model, loss_fn, views, sample, devices=topology.devices("v5e:2x2"))
