@@ -11,12 +11,12 @@ turns the first one into an error, `max_bad_fraction` stops a mostly-bad log. Th
 output, in the eSSPR release format, is renamed into place only after those checks
 pass, so a failed run never leaves a half-written pair file.
 
-This module is only the launcher: the graph, its types and DoFns are in mining_graph
+This package is only the launcher: the graph, its types and DoFns are in mining_graph
 (importable by workers), the splittable click-log reads in clicklog_source. The same
 code runs on the local runner (default; beam_local.LocalRunner: Beam's FnApiRunner, its
 servers on loopback) or Dataflow/Flink/Spark: pass Beam pipeline options (docs/data.md).
 Output is sharded by `num_shards` (0 = the runner decides; one shard is written as OUT
-itself); pair_files reads OUT, its shards or any glob. CLI:
+itself); pair_files reads OUT, its shards or any glob. CLI (`__main__.py`):
   python -m esspr_jax.ingest.mining --config=configs/demo.py --clicklog=LOG --catalog=CAT \
       --out=PAIRS.csv [--num_shards=N] [--config.data.mining.min_relevance=0.8] \
       [--runner=... beam flags, e.g. --direct_running_mode=multi_processing]
@@ -26,7 +26,6 @@ import dataclasses
 import io
 import os
 import shlex
-import sys
 import time
 import uuid
 from collections.abc import Sequence
@@ -258,14 +257,3 @@ def mine_pairs(clicklog_path, catalog_path, out_csv, cfg,
   if verbose:
     print(report.table())
   return report
-
-
-def main(argv=None) -> int:
-  """`python -m esspr_jax.ingest.mining` is `esspr-jax --mode=mine` (one entry point and
-  one error handling, esspr_jax/cli.py); flags that command does not know go to Beam."""
-  from esspr_jax import cli  # noqa: PLC0415
-  return cli.mine_entry(list(sys.argv if argv is None else argv))
-
-
-if __name__ == "__main__":
-  sys.exit(main())
