@@ -5,8 +5,7 @@ from esspr_jax.losses.infonce import infonce
 from esspr_jax.losses.locality import locality_consistency
 from esspr_jax.config.loss_plan import PAIR_NAMES, plan_terms
 from esspr_jax.losses.sigmoid import sigmoid_pairs
-from esspr_jax.losses.similarity import l2_normalize
 from esspr_jax.losses.unit import loss_unit
 
 __all__ = ["loss_unit", "batch_hinge", "infonce", "sigmoid_pairs", "locality_consistency",
-           "l2_normalize", "plan_terms", "PAIR_NAMES"]
+           "plan_terms", "PAIR_NAMES"]
