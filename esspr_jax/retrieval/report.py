@@ -12,6 +12,7 @@ from typing import Sequence
 from etils import epath
 
 from esspr_jax.atomic_io import atomic_write  # noqa: F401 - callers import it from here
+from esspr_jax.event_files import TensorBoard
 from esspr_jax.retrieval.scoring import SettingResult
 
 
@@ -95,7 +96,6 @@ def write_eval_reports(results: Sequence[SettingResult], ks: Sequence[int], out_
 
 
 def write_tensorboard(results: Sequence[SettingResult], tb_dir, step: int | None) -> None:
-  from esspr_jax.metrics_writer import TensorBoard  # noqa: PLC0415  (uploads on gs://)
   writer = TensorBoard(tb_dir)
   try:
     for key, value in scalars(results).items():
