@@ -543,3 +543,11 @@ def open_pairs_source(path: str | pathlib.Path) -> Any:
   open_pairs(path)  # clear error if it is not there
   builder = tfds.builder_from_directory(str(path))
   return builder.as_data_source(split=SPLIT, decoders=_SKIP_IMAGE_DECODING)
+
+
+def data_dir_from_config(config, data_dir=None) -> pathlib.Path:
+  data_dir = data_dir or config.data.pipeline.data_dir
+  if not data_dir:
+    raise ConfigError("data.pipeline.data_dir",
+                      "no TFDS data dir: set it, or pass data_dir (e.g. <workdir>/tfds)")
+  return pathlib.Path(data_dir)

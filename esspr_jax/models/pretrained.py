@@ -420,7 +420,8 @@ def _stack_scanned(converted: Flat, target_keys) -> Flat:
 
 # ----------------------------------------------------------------------------- applying
 
-def _flatten(tree: Mapping) -> dict[str, Any]:
+def flat_params(tree: Mapping) -> dict[str, Any]:
+  """{'a/b/kernel': leaf} of a nested params tree (the keys `init_from_values` uses)."""
   return traverse_util.flatten_dict(tree, sep="/")
 
 
@@ -428,12 +429,14 @@ def _unboxed(leaf):
   return leaf.unbox() if hasattr(leaf, "unbox") and hasattr(leaf, "replace_boxed") else leaf
 
 
-def _replace(tree: Mapping, values: Mapping[str, np.ndarray], prefix: str = "") -> dict:
+def replace_leaves(tree: Mapping, values: Mapping[str, np.ndarray], prefix: str = "") -> dict:
+  """`tree` with the leaves named in `values` ({'a/b/kernel': array}) replaced (boxed
+  leaves keep their partitioning); other leaves are kept as they are."""
   out = {}
   for k, v in tree.items():
     path = f"{prefix}{k}"
     if isinstance(v, Mapping):
-      out[k] = _replace(v, values, path + "/")
+      out[k] = replace_leaves(v, values, path + "/")
     elif path in values:
       out[k] = v.replace_boxed(values[path]) if hasattr(v, "replace_boxed") else values[path]
     else:
@@ -457,7 +460,7 @@ def match_to_tower(tower_params: Mapping, converted: Flat, *, skip=(), allow_unu
                    where: str = "init_from") -> Flat:
   """The checkpoint values for each tower param, checked; raises ConfigError listing
   missing / unexpected / mis-shaped keys (see module doc)."""
-  target = {k: _unboxed(v) for k, v in _flatten(tower_params).items()}
+  target = {k: _unboxed(v) for k, v in flat_params(tower_params).items()}
   converted = _stack_scanned(converted, target)
   skipped = {k for k in target if any(fnmatch.fnmatchcase(k, p) for p in skip)}
   missing = [k for k in target if k not in converted and k not in skipped]
@@ -637,11 +640,11 @@ def apply_init_from(params: Mapping, model_config: ml_collections.ConfigDict) ->
     if init is not None and init.path and init.format in DUAL_FORMATS:
       if tower == "image" and not model_config.image.get("enabled", True):
         continue
-      out = _replace(out, dual_side_values(params, model_config, tower))
+      out = replace_leaves(out, dual_side_values(params, model_config, tower))
       continue
     values = init_from_values(params, model_config, tower)
     if values:
-      out[key] = _replace(params[key], values)
+      out[key] = replace_leaves(params[key], values)
   return out
 
 
@@ -663,7 +666,7 @@ class PretrainedInit:
     variables = dict(self.model.init(*args, **kwargs))
     params = dict(variables["params"])
     for key, flat in self.values.items():
-      params[key] = _replace(params[key], flat)
+      params[key] = replace_leaves(params[key], flat)
     variables["params"] = params
     return variables
 
