@@ -24,6 +24,7 @@ import signal
 import sys
 import threading
 
+from absl import app
 from absl import flags
 from ml_collections import config_flags
 
@@ -31,7 +32,10 @@ from esspr_jax import console
 from esspr_jax import distributed
 from esspr_jax import stages
 from esspr_jax import topology
+from esspr_jax import workdir as workdir_lib
+from esspr_jax.config import validate_config
 from esspr_jax.errors import ConfigError, DataError
+from esspr_jax.ingest import fetch_images
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +159,6 @@ def parse_flags(argv: list[str], fv: flags.FlagValues | None = None) -> list[str
 
 def config_from_flags(fv):
   """The run config after overrides, validated; ConfigError names a bad key."""
-  from esspr_jax.config import validate_config  # noqa: PLC0415
   if fv.config is None:
     raise ConfigError("flags", "--config is required, e.g. --config=configs/demo.py")
   if not fv.workdir and fv.mode in _WORKDIR_MODES:
@@ -174,7 +177,6 @@ def _require(fv, *names) -> None:
 def _local_export_dir(fv, paths: stages.Paths) -> pathlib.Path:
   """--export_dir, else <workdir>/export. Local either way: the shards and the ScaNN
   index are memory-mapped local files (with a gs:// workdir, pass --export_dir)."""
-  from esspr_jax import workdir as workdir_lib  # noqa: PLC0415
   return workdir_lib.local_path(fv.export_dir or paths.workdir / "export", "--export_dir")
 
 
@@ -182,7 +184,6 @@ def run(config, fv, beam_args=()):
   """Runs `fv.mode` for a parsed, validated config."""
   mode = fv.mode
   if mode == "fetch-images":
-    from esspr_jax.ingest import fetch_images  # noqa: PLC0415
     report = fetch_images.fetch_from_config(config, fv.pairs or fv.train_pairs, fv.out,
                                             fv.image_dir)
     stages.say(report.table())
@@ -363,7 +364,6 @@ def mine_entry(argv: list[str]) -> int:
 def run_app(main) -> None:
   """absl's app.run for the recipes, but --help exits 0 (absl's exits 1) with the
   short usage."""
-  from absl import app  # noqa: PLC0415
   if set(sys.argv[1:]) & set(HELP_ARGS):
     app.usage(shorthelp="--helpfull" not in sys.argv, writeto_stdout=True)
     sys.exit(0)

