@@ -90,7 +90,8 @@ def run(preset: str = "demo", workers=(0, 2), batches: int = 30, world_dir=None,
   world_dir = pathlib.Path(world_dir) if world_dir else root / "world"
   ds = _pairs_dataset(config, world_dir, root / "tfds")
   source = ds.source()
-  tokenizer = Tokenizer.train(tokenizer_stage.iter_titles(source), config.model.tokenizer.vocab_size)
+  tokenizer = Tokenizer.train(tokenizer_stage.iter_titles(source),
+                              config.model.tokenizer.vocab_size)
   batch_size = config.train.batch_size
   base = pipeline.spec_from_config(config)
   rows = []

