@@ -27,7 +27,7 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from esspr_jax import config as config_lib  # noqa: E402
-from esspr_jax.input import esspr_tfds, pipeline  # noqa: E402
+from esspr_jax.input import esspr_tfds, pipeline, tokenizer_stage  # noqa: E402
 from esspr_jax.models.tokenizer import Tokenizer  # noqa: E402
 
 
@@ -90,7 +90,8 @@ def run(preset: str = "demo", workers=(0, 2), batches: int = 30, world_dir=None,
   world_dir = pathlib.Path(world_dir) if world_dir else root / "world"
   ds = _pairs_dataset(config, world_dir, root / "tfds")
   source = ds.source()
-  tokenizer = Tokenizer.train(pipeline.iter_titles(source), config.model.tokenizer.vocab_size)
+  tokenizer = Tokenizer.train(tokenizer_stage.iter_titles(source),
+                              config.model.tokenizer.vocab_size)
   batch_size = config.train.batch_size
   base = pipeline.spec_from_config(config)
   rows = []

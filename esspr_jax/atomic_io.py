@@ -12,9 +12,12 @@ the end uploads nothing.
 """
 import contextlib
 import io
+import json
 import os
 import pathlib
 import secrets
+
+from etils import epath
 
 
 def is_remote(path) -> bool:
@@ -63,20 +66,21 @@ def _remote_open(url: str, mode: str, encoding: str | None = None, newline: str 
   upload(url, data if mode == "wb" else data.encode(encoding or "utf-8"))
 
 
-def _object_store(url: str):
+def object_store(url: str):
+  """(filesystem, path) of a remote URL (gs://, s3://, ...) through fsspec."""
   import fsspec  # noqa: PLC0415  (gcsfs/s3fs behind it; only remote paths need it)
   return fsspec.core.url_to_fs(url)
 
 
 def upload(url: str, data: bytes) -> None:
   """Writes `data` as the object `url` in one upload (never a partial object)."""
-  fs, path = _object_store(url)
+  fs, path = object_store(url)
   fs.pipe_file(path, data)
 
 
 def download(url: str) -> bytes | None:
   """The object's current bytes (no cached listing or size), or None if absent."""
-  fs, path = _object_store(url)
+  fs, path = object_store(url)
   fs.invalidate_cache(path)
   try:
     return fs.cat_file(path)
@@ -87,7 +91,6 @@ def download(url: str) -> bytes | None:
 def write_json(path, obj, *, indent: int | None = 2, sort_keys: bool = True):
   """`obj` as JSON (non-JSON values via str), written atomically: the one writer of
   whole JSON files (configs, manifests, reports, progress records)."""
-  import json  # noqa: PLC0415
   return atomic_write(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, default=str))
 
 
@@ -97,6 +100,5 @@ def atomic_write(path, data: bytes | str):
   with atomic_open(path, "wb") as f:
     f.write(data.encode("utf-8") if isinstance(data, str) else data)
   if is_remote(path):
-    from etils import epath  # noqa: PLC0415
     return epath.Path(os.fspath(path))
   return pathlib.Path(path)

@@ -27,8 +27,9 @@ import grain.checkpoint  # noqa: F401  (registers the Grain handler with Orbax)
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
-from esspr_jax import distributed
+from esspr_jax import atomic_io, distributed
 from esspr_jax.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -115,8 +116,7 @@ class Checkpointer:
   def _set_aside(self, step: int) -> None:
     target = self._corrupt_dir() / f"{step}-{int(time.time())}"
     if "://" in str(self.directory):
-      import fsspec  # noqa: PLC0415
-      fs, source = fsspec.core.url_to_fs(str(self.path(step)))
+      fs, source = atomic_io.object_store(str(self.path(step)))
       fs.mv(source, fs._strip_protocol(str(target)), recursive=True)
     else:
       target.parent.mkdir(parents=True, exist_ok=True)
@@ -313,7 +313,6 @@ class PreemptionWatch:
     Call it after every step with that step's number (the service counts calls);
     `sync_point`: this step already waits for the devices on every process."""
     if self.uses_service:
-      from jax.experimental import multihost_utils  # noqa: PLC0415
       return multihost_utils.reached_preemption_sync_point(step)
     if jax.process_count() == 1:
       return self.requested

@@ -26,6 +26,7 @@ import sys
 import threading
 import traceback
 
+from absl import app
 from absl import flags
 from ml_collections import config_flags
 
@@ -33,7 +34,10 @@ from esspr_jax import console
 from esspr_jax import distributed
 from esspr_jax import stages
 from esspr_jax import topology
+from esspr_jax import workdir as workdir_lib
+from esspr_jax.config import validate_config
 from esspr_jax.errors import ConfigError, DataError
+from esspr_jax.ingest import fetch_images
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +206,6 @@ def _parse_argv(argv: list[str], fv: flags.FlagValues) -> list[str]:
 
 def config_from_flags(fv):
   """The run config after overrides, validated; ConfigError names a bad key."""
-  from esspr_jax.config import validate_config  # noqa: PLC0415
   if fv.config is None:
     if fv["config"].present:
       value = fv["config"].config_filename
@@ -232,7 +235,6 @@ def _require(fv, *names) -> None:
 def _local_export_dir(fv, paths: stages.Paths) -> pathlib.Path:
   """--export_dir, else <workdir>/export. Local either way: the shards and the ScaNN
   index are memory-mapped local files (with a gs:// workdir, pass --export_dir)."""
-  from esspr_jax import workdir as workdir_lib  # noqa: PLC0415
   return workdir_lib.local_path(fv.export_dir or paths.workdir / "export", "--export_dir")
 
 
@@ -240,7 +242,6 @@ def run(config, fv, beam_args=()):
   """Runs `fv.mode` for a parsed, validated config."""
   mode = fv.mode
   if mode == "fetch-images":
-    from esspr_jax.ingest import fetch_images  # noqa: PLC0415
     report = fetch_images.fetch_from_config(config, fv.pairs or fv.train_pairs, fv.out,
                                             fv.image_dir)
     stages.say(report.table())
@@ -402,7 +403,7 @@ def execute(argv: list[str], *, beam_args=()) -> int:
     _error("interrupted (Ctrl-C); a started training run resumes from its last checkpoint")
     return 130
   except Exception as e:  # noqa: BLE001  (one clean line for the known stop reasons)
-    from esspr_jax.train import NonFiniteLossError  # noqa: PLC0415
+    from esspr_jax.train import NonFiniteLossError  # noqa: PLC0415  (flax, optax: not at start)
     if isinstance(e, NonFiniteLossError):
       _error(str(e))
       return 3
@@ -441,7 +442,6 @@ def mine_entry(argv: list[str]) -> int:
 def run_app(main) -> None:
   """absl's app.run for the recipes, but --help exits 0 (absl's exits 1) with the
   short usage."""
-  from absl import app  # noqa: PLC0415
   if set(sys.argv[1:]) & set(HELP_ARGS):
     app.usage(shorthelp="--helpfull" not in sys.argv, writeto_stdout=True)
     sys.exit(0)

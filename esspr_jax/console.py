@@ -18,6 +18,10 @@ import socket
 import sys
 import warnings
 
+from absl import logging as absl_logging
+
+from esspr_jax import atomic_io
+
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _OWN = "esspr_jax"
 _RANK_ENV = ("ESSPR_PROCESS_ID", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "CLOUD_TPU_TASK_ID")
@@ -67,7 +71,6 @@ def session(log_dir: pathlib.Path | None, verbosity: int = 0):
   OSError when the log dir cannot be written (a read-only or full workdir shows here,
   first). The previous logging set-up is back afterwards (tests run many commands in
   one process)."""
-  from absl import logging as absl_logging  # noqa: PLC0415
   root = logging.getLogger()
   saved = (list(root.handlers), root.level, absl_logging.get_verbosity())
   handlers = []
@@ -160,14 +163,13 @@ def _native_stderr_to(path: pathlib.Path) -> _NativeStderr | None:
 
 def _quiet_progress_bars() -> None:
   """TFDS's tqdm bars write straight to the console, not through logging."""
-  import tensorflow_datasets as tfds  # noqa: PLC0415
+  import tensorflow_datasets as tfds  # noqa: PLC0415  (TensorFlow: only runs that build data)
   tfds.disable_progress_bar()
 
 
 def default_log_dir(workdir, fallback: pathlib.Path) -> pathlib.Path:
   """<workdir>/logs for a local workdir; for a gs:// one, a local dir (`fallback`):
   a log file is appended line by line, which object stores do not do."""
-  from esspr_jax import atomic_io  # noqa: PLC0415
   if workdir is not None and not atomic_io.is_remote(workdir):
     return pathlib.Path(workdir) / "logs"
   return fallback / f"logs-{socket.gethostname()}"

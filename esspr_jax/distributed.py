@@ -29,6 +29,17 @@ import socket
 from collections.abc import Mapping, Sequence
 
 import jax
+import numpy as np
+from absl import flags
+from jax.experimental import multihost_utils
+
+# JAX internals with no public entry (the TPU VM probe, its own cluster detection, the
+# preemption service); a JAX without them fails only where they are used.
+try:
+  from jax._src import cloud_tpu_init, clusters
+  from jax._src import distributed as jax_distributed
+except ImportError:  # pragma: no cover
+  cloud_tpu_init = clusters = jax_distributed = None
 
 from esspr_jax.errors import ConfigError
 
@@ -259,7 +270,6 @@ _FLAG_FOR_ENV = {
 def running_on_tpu_vm() -> bool:
   """True on a Cloud TPU VM (JAX checks for TPU chips on the PCI bus at import)."""
   try:
-    from jax._src import cloud_tpu_init  # noqa: PLC0415
     return bool(cloud_tpu_init.running_in_cloud_tpu_vm)
   except (ImportError, AttributeError):
     return "TPU_WORKER_HOSTNAMES" in os.environ or "TPU_ACCELERATOR_TYPE" in os.environ
@@ -328,7 +338,6 @@ def _with_bind_address(kwargs: dict, environ: Mapping[str, str]) -> dict:
   if environ.get(ENV_BIND):
     return kwargs  # JAX reads it
   if any(kwargs.get(k) is None for k in ("coordinator_address", "num_processes", "process_id")):
-    from jax._src import clusters  # noqa: PLC0415  (JAX's own detection; no public entry)
     devices = kwargs.get("local_device_ids")
     if devices is None and environ.get("JAX_LOCAL_DEVICE_IDS"):
       devices = [int(d) for d in environ["JAX_LOCAL_DEVICE_IDS"].split(",")]
@@ -351,7 +360,6 @@ def _with_bind_address(kwargs: dict, environ: Mapping[str, str]) -> dict:
 def define_flags(flag_values=None) -> None:
   """Adds --coordinator_address, --num_processes, --process_id, --local_device_ids
   to an absl command (each defaults to its ESSPR_* env var; see `initialize`)."""
-  from absl import flags  # noqa: PLC0415
   flag_values = flags.FLAGS if flag_values is None else flag_values
   for define, name, help_text in (
       (flags.DEFINE_string, "coordinator_address",
@@ -367,7 +375,6 @@ def define_flags(flag_values=None) -> None:
 
 def initialize_from_flags(flag_values=None) -> ProcessInfo:
   """`initialize` with the values of the flags `define_flags` added."""
-  from absl import flags  # noqa: PLC0415
   f = flags.FLAGS if flag_values is None else flag_values
   return initialize(coordinator_address=f.coordinator_address, num_processes=f.num_processes,
                     process_id=f.process_id, local_device_ids=f.local_device_ids)
@@ -395,8 +402,6 @@ def any_process(flag: bool) -> bool:
   all of them after the same step, or the collective save would hang."""
   if jax.process_count() == 1:
     return bool(flag)
-  from jax.experimental import multihost_utils  # noqa: PLC0415
-  import numpy as np  # noqa: PLC0415
   flags_of_all = multihost_utils.process_allgather(np.array([int(bool(flag))], np.int32))
   return bool(np.asarray(flags_of_all).any())
 
@@ -407,7 +412,6 @@ def preemption_service_running() -> bool:
   step in the background (`multihost_utils.reached_preemption_sync_point`)."""
   if not jax.distributed.is_initialized() or jax.process_count() == 1:
     return False
-  from jax._src import distributed as jax_distributed  # noqa: PLC0415  (no public probe)
   state = getattr(jax_distributed, "global_state", None)
   return getattr(state, "preemption_sync_manager", None) is not None
 
@@ -416,5 +420,4 @@ def barrier(name: str) -> None:
   """Waits until every process reaches `name` (no-op for one process), e.g. until
   process 0 has prepared the files the others are about to open."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # noqa: PLC0415
     multihost_utils.sync_global_devices(name)

@@ -20,6 +20,7 @@ from etils import epath
 
 from esspr_jax import atomic_io
 from esspr_jax.errors import ConfigError
+from esspr_jax.jsonl import append_jsonl, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,6 @@ def _unflatten(flat: Mapping[str, Any]) -> dict:
 
 
 def read_history(workdir) -> list[dict]:
-  from esspr_jax.jsonl import read_jsonl  # noqa: PLC0415
   return read_jsonl(epath.Path(workdir) / HISTORY)
 
 
@@ -150,7 +150,6 @@ def reconcile_config(workdir, config, *, resuming: bool, step: int | None = None
     log.warning("resuming %s with config changes (recorded in %s): %s", os.fspath(workdir),
                 HISTORY, "; ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in diff.items()))
     if write:
-      from esspr_jax.jsonl import append_jsonl  # noqa: PLC0415
       append_jsonl(root / HISTORY, {
           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "resumed_at_step": step,
           "changes": {k: {"from": o, "to": n} for k, (o, n) in diff.items()}})

@@ -30,10 +30,15 @@ import threading
 import time
 import uuid
 
+import jax
+import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
 
+from esspr_jax import atomic_io
+from esspr_jax import distributed
 from esspr_jax.atomic_io import is_remote
-from esspr_jax.errors import ConfigError
+from esspr_jax.errors import ConfigError, DataError
 
 # The local cache for data of remote-workdir runs: $ESSPR_DATA_CACHE, else
 # $XDG_CACHE_HOME/esspr_jax/data, else ~/.cache/esspr_jax/data.
@@ -130,16 +135,12 @@ def files_digest(paths) -> str:
 def check_same_everywhere(digest: str, what: str) -> None:
   """Raises DataError on every process unless all processes pass the same `digest` (a
   collective: every process calls it at the same point). One process: nothing to do."""
-  import jax  # noqa: PLC0415
   if jax.process_count() == 1:
     return
-  import numpy as np  # noqa: PLC0415
-  from jax.experimental import multihost_utils  # noqa: PLC0415
   mine = np.frombuffer(bytes.fromhex(digest)[:16], np.uint8).astype(np.int32)
   every = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), -1)
   differing = [i for i in range(len(every)) if not np.array_equal(every[i], every[0])]
   if differing:
-    from esspr_jax.errors import DataError  # noqa: PLC0415
     raise DataError(f"{what} differs between process 0 and process(es) {differing}; every "
                     f"process must train on the same pairs. Point --world_dir and "
                     f"config.data.pipeline.data_dir at one directory all hosts share, or "
@@ -225,10 +226,9 @@ class _ObjectLease:
   daemon thread, deleted on release. An unrenewed lease past its expiry is stale."""
 
   def __init__(self, workdir, lease_s: float):
-    from esspr_jax import atomic_io  # noqa: PLC0415
     self._io = atomic_io
     self.url = f"{os.fspath(workdir).rstrip('/')}/{LOCK_NAME}"
-    self._fs, self._key = atomic_io._object_store(self.url)
+    self._fs, self._key = atomic_io.object_store(self.url)
     self.lease_s = lease_s
     self.owner = _owner(lease_s)
     self.stale_owner = None
@@ -357,7 +357,6 @@ def lock_run(workdir, primary: bool = True, lease_s: float = LEASE_S) -> RunLock
   """Takes the workdir's run lock on the primary process; every process learns whether
   it was refused (a collective), so a second run stops on all of its processes with
   WorkdirBusy instead of logging every step twice or resuming the other run's state."""
-  from esspr_jax import distributed  # noqa: PLC0415
   lock, refused = None, None
   if primary:
     try:

@@ -136,7 +136,7 @@ def test_the_built_package_runs_as_esspr_jax_from_any_directory(tmp_path):
     metadata = email.parser.Parser().parsestr(zf.read(info).decode())
     entry_points = zf.read(info.replace("METADATA", "entry_points.txt")).decode()
   assert "esspr-jax = esspr_jax.cli:entry" in entry_points
-  assert "esspr_jax/cli.py" in names and "esspr_jax/ingest/mining.py" in names
+  assert "esspr_jax/cli.py" in names and "esspr_jax/ingest/mining/__main__.py" in names
   assert not any(n.startswith(("tests/", "launch/", "configs/")) for n in names)
   assert set(metadata.get_all("Provides-Extra")) == {"tpu", "cuda12", "test"}
   runtime = [r for r in metadata.get_all("Requires-Dist") if "extra ==" not in r]

@@ -350,15 +350,21 @@ def test_sigterm_during_start_up_and_ctrl_c_exit_with_one_line(tmp_path):
 def test_one_mining_entry_point(tmp_path, capsys):
   """`python -m esspr_jax.ingest.mining` is `esspr-jax --mode=mine`: same checks, same
   one-line errors, same exit code (Beam options, unknown to the CLI, pass through)."""
-  from esspr_jax.ingest import mining
   flags_ = [f"--config={TINY}", f"--clicklog={tmp_path}/no_log.csv",
             f"--catalog={tmp_path}/no_catalog.csv", f"--out={tmp_path}/pairs.csv"]
   lines = []
   for run_it in (lambda: cli.execute(["esspr-jax", "--mode=mine", *flags_]),
-                 lambda: mining.main(["mining", *flags_, "--direct_num_workers=1"])):
+                 lambda: cli.mine_entry(["mining", *flags_, "--direct_num_workers=1"])):
     assert run_it() == 2
     lines.append(_only_error_line(capsys.readouterr().err))
   assert lines[0] == lines[1] and "no_log.csv" in lines[0]
-  assert mining.main(["mining", f"--config={TINY}"]) == 2
+  assert cli.mine_entry(["mining", f"--config={TINY}"]) == 2
   assert "--mode=mine needs --clicklog, --catalog, --out" in capsys.readouterr().err
+  # The module run as a script is that same entry point (Beam, imported before the
+  # command sets up logging, may warn first about its optional GCP clients).
+  proc = subprocess.run([sys.executable, "-m", "esspr_jax.ingest.mining", *flags_,
+                         "--direct_num_workers=1"], cwd=REPO, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines()[-1] == lines[0] and "Traceback" not in proc.stderr
   assert not (tmp_path / "pairs.csv").exists()

@@ -1,7 +1,7 @@
 """Config section `eval`: the retrieval table, exact/ScaNN search, export and search.
 
 Keys (see docs/retrieval.md for what each one changes):
-  settings          'paper' (the 7 of SPEC.md), 'all' (9), or a comma list 'i-i,m-m'
+  settings          'paper' (the paper's 7), 'all' (9), or a comma list 'i-i,m-m'
   ks                Recall@K cutoffs; the largest is the depth searched for Recall
   batch_size        rows per embed batch (the last partial batch is padded and masked)
   every_steps       the trainer runs the eval hook every N steps (0: only at the end)

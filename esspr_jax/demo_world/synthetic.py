@@ -16,22 +16,25 @@
 The same seed gives byte-identical files. Why the world needs both modalities is
 explained in world_vocab.py.
 """
+import argparse
 import dataclasses
 import itertools
 import json
 import multiprocessing
 import os
 import pathlib
+import time
 
 import numpy as np
 
 from esspr_jax.atomic_io import atomic_open
+from esspr_jax.config.data import validate_world, world_config
 from esspr_jax.demo_world import click_model, render, world_vocab
+from esspr_jax.demo_world.titles import make_supplier, write_title
 from esspr_jax.ingest.catalog import Listing, write_catalog
 from esspr_jax.ingest.clicklog import COLUMNS as CLICK_COLUMNS
 from esspr_jax.ingest.clicklog import write_csv_atomic
 from esspr_jax.ingest.release_format import PairRow, write_pairs
-from esspr_jax.demo_world.titles import make_supplier, write_title
 
 FORMAT_VERSION = 1
 # Independent random streams, so changing one part (e.g. sessions) leaves the others be.
@@ -289,8 +292,6 @@ def _write_json_atomic(path: pathlib.Path, obj) -> None:
 
 def generate_world(cfg, out_dir) -> WorldPaths:
   """Writes the demo world under out_dir (see module doc) and returns its paths."""
-  # Imported here: the config package pulls in JAX, which render workers do not need.
-  from esspr_jax.config.data import validate_world  # noqa: PLC0415
   validate_world(cfg)
   paths = WorldPaths.under(out_dir)
   paths.images.mkdir(parents=True, exist_ok=True)
@@ -339,10 +340,6 @@ def generate_world(cfg, out_dir) -> WorldPaths:
 
 def main(argv=None) -> None:
   """`python -m esspr_jax.demo_world.synthetic OUT_DIR [--preset demo] [--seed N]`"""
-  import argparse  # noqa: PLC0415
-  import time  # noqa: PLC0415
-
-  from esspr_jax.config.data import world_config  # noqa: PLC0415
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("out_dir")
   parser.add_argument("--preset", default="demo", choices=("tiny", "demo", "base", "large"))

@@ -10,12 +10,17 @@ its workers to dial `localhost`.
 `LocalRunner` runs the FnApiRunner directly (what DirectRunner ends up running for a
 batch job, with the same pipeline options handed to its workers) and, for the length of
 the run, makes those servers bind `localhost:0`: loopback only (127.0.0.1 and ::1), the
-addresses the workers already dial. Mining maps `DirectRunner` to it (mining.py);
+addresses the workers already dial. Mining maps `DirectRunner` to it (ingest/mining/);
 `--runner=PrismRunner` still reaches Prism for anyone who wants it.
 """
 import contextlib
 import threading
 
+from apache_beam.portability.api import beam_provision_api_pb2
+from apache_beam.runners.portability import local_job_service
+from apache_beam.runners.portability.fn_api_runner import fn_runner
+from apache_beam.runners.portability.fn_api_runner import worker_handlers
+from apache_beam.runners.portability.portable_runner import JobServiceHandle
 from apache_beam.runners.runner import PipelineRunner
 
 # The runner names mining treats as "run here, on this machine".
@@ -67,9 +72,6 @@ class _LoopbackGrpc:
 def _server_modules() -> tuple:
   """The Beam modules that create the FnApiRunner's servers (GrpcServer, and
   SubprocessSdkWorker's per-worker logging server)."""
-  # noqa: PLC0415
-  from apache_beam.runners.portability import local_job_service  # noqa: PLC0415
-  from apache_beam.runners.portability.fn_api_runner import worker_handlers  # noqa: PLC0415
   return worker_handlers, local_job_service
 
 
@@ -93,10 +95,6 @@ class LocalRunner(PipelineRunner):
   """The FnApiRunner with loopback-only servers (module doc). Batch pipelines only."""
 
   def run_pipeline(self, pipeline, options):
-    # noqa: PLC0415
-    from apache_beam.portability.api import beam_provision_api_pb2  # noqa: PLC0415
-    from apache_beam.runners.portability.fn_api_runner import fn_runner  # noqa: PLC0415
-    from apache_beam.runners.portability.portable_runner import JobServiceHandle  # noqa: PLC0415
     encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
     provision = fn_runner.ExtendedProvisionInfo(
         beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))

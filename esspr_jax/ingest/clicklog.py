@@ -15,7 +15,7 @@ extra columns ignored):
   timestamp      optional  unix seconds
   supplier_id    optional  the listing's seller
 
-`parse_click` is the single source of the row rules; the Beam pipeline (mining.py) and
+`parse_click` is the single source of the row rules; the Beam pipeline (ingest/mining/) and
 the plain reader here both use it, so a row is judged the same way everywhere.
 """
 import csv
@@ -23,10 +23,12 @@ import math
 import os
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
+import pyarrow.parquet as pq
+
 from esspr_jax.atomic_io import atomic_open
+from esspr_jax.errors import DataError
 from esspr_jax.ingest.csv_records import read_records
 from esspr_jax.ingest.skips import SkipCounter
-from esspr_jax.errors import DataError
 
 COLUMNS = ("session_id", "timestamp", "query", "position", "listing_id", "supplier_id",
            "cate_lv1_name", "cate_name", "relevance", "clicked")
@@ -135,7 +137,7 @@ def parse_click(values: Sequence, index: dict, num_columns: int,
 
 def _open_binary(path: str):
   if "://" in str(path):
-    from apache_beam.io.filesystems import FileSystems  # noqa: PLC0415
+    from apache_beam.io.filesystems import FileSystems  # noqa: PLC0415  (Beam: remote logs only)
     return FileSystems.open(str(path))
   return open(path, "rb")
 
@@ -177,7 +179,6 @@ def read_raw_rows(path: str, input_format: str = "auto") -> tuple[list, Iterator
 def has_rows(path: str, input_format: str = "auto") -> bool:
   """Whether the click log holds at least one row after its header."""
   if detect_format(path, input_format) == "parquet":
-    import pyarrow.parquet as pq  # noqa: PLC0415
     with _open_binary(path) as handle:
       try:
         return pq.ParquetFile(handle).metadata.num_rows > 0
@@ -201,7 +202,6 @@ def require_some_rows(paths: Sequence[str], input_format: str = "auto") -> None:
 def read_header(path: str, input_format: str = "auto") -> list:
   """The column names of a click-log file, without reading its rows."""
   if detect_format(path, input_format) == "parquet":
-    import pyarrow.parquet as pq  # noqa: PLC0415
     with _open_binary(path) as handle:
       try:
         return list(pq.ParquetFile(handle).schema_arrow.names)
@@ -219,7 +219,6 @@ def read_header(path: str, input_format: str = "auto") -> list:
 
 
 def _parquet_rows(path: str):
-  import pyarrow.parquet as pq  # noqa: PLC0415
   handle = _open_binary(path)
   try:
     pfile = pq.ParquetFile(handle)

@@ -11,6 +11,7 @@ CSV rows are split at newlines, so a click-log row must be one line: a quoted fi
 holding a newline makes its pieces bad rows (counted, never merged). Compressed files
 (.gz, ...) are read whole, since a compressed stream cannot be entered mid-way.
 """
+import pyarrow.parquet as pq
 from apache_beam.io.filebasedsource import FileBasedSource
 from apache_beam.io.filesystem import CompressionTypes
 
@@ -71,7 +72,6 @@ class ParquetRows(FileBasedSource):
                      validate=False)
 
   def read_records(self, file_name, offset_range_tracker):
-    import pyarrow.parquet as pq  # noqa: PLC0415
     start = offset_range_tracker.start_position()
     with self.open_file(file_name) as f:
       pfile = pq.ParquetFile(f)

@@ -50,13 +50,17 @@ import urllib.parse
 import warnings
 
 import urllib3
+from absl import flags
+from ml_collections import config_flags
 from PIL import Image
 
 from esspr_jax.atomic_io import atomic_open
+from esspr_jax.config.data import validate_fetch
 from esspr_jax.errors import DataError
 from esspr_jax.ingest import pair_files
 from esspr_jax.ingest.release_format import FIELDS, PairRow
 from esspr_jax.ingest.skips import SkipCounter
+from esspr_jax.input.images import to_rgb
 
 MANIFEST_FIELDS = ("url", "status", "reason", "detail", "file", "attempts", "bytes")
 # Failure reasons, final unless in TRANSIENT.
@@ -136,7 +140,6 @@ def sniff(data: bytes) -> str | None:
 def to_jpeg(data: bytes, max_side: int, min_side: int, quality: int) -> bytes:
   """Decodes every pixel, shrinks the long side to max_side (0 = keep), re-encodes RGB
   JPEG. Raises FetchFailure(undecodable | too_small | too_large)."""
-  from esspr_jax.input.images import to_rgb  # noqa: PLC0415
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -470,7 +473,6 @@ def _retry_after(value: str | None) -> float | None:
 def fetch_images(pairs, out, image_dir, cfg, verbose: bool = True) -> FetchReport:
   """Fetches every image URL of `pairs` (a file, glob or mining shards) into image_dir,
   writes OUT (pairs with local image paths) and OUT.fetch_manifest.csv (module doc)."""
-  from esspr_jax.config.data import validate_fetch  # noqa: PLC0415
   validate_fetch(cfg)
   start = time.perf_counter()
   image_dir, out = pathlib.Path(image_dir), pathlib.Path(out)
@@ -534,8 +536,6 @@ def fetch_from_config(config, pairs, out, image_dir) -> FetchReport:
 
 
 def main(argv=None) -> None:
-  from absl import flags  # noqa: PLC0415
-  from ml_collections import config_flags  # noqa: PLC0415
   argv = list(sys.argv if argv is None else argv)
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file("config", "configs/demo.py", "run config file",

@@ -1,1 +1,1 @@
-"""The training input: TFDS builder, image decoding, the Grain pipeline."""
+"""The training input: TFDS builder, image decoding, the tokenizer stage, the Grain pipeline."""

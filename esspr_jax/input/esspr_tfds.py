@@ -40,10 +40,11 @@ from tensorflow_datasets.core import utils as tfds_utils
 
 from esspr_jax import dir_swap
 from esspr_jax.atomic_io import atomic_open
-from esspr_jax.input import images
+from esspr_jax.config.pipeline import DATASET_NAME
+from esspr_jax.errors import ConfigError, DataError
 from esspr_jax.ingest import pair_files, release_format
 from esspr_jax.ingest.skips import SkipCounter
-from esspr_jax.errors import ConfigError, DataError
+from esspr_jax.input import images
 
 log = logging.getLogger(__name__)
 
@@ -330,7 +331,7 @@ class BeamPrepareRow:
     self._images: _PreparedImages | None = None  # per worker, built on first use
 
   def __call__(self, line: str) -> Iterator[tuple[int, dict]]:
-    import apache_beam as beam  # noqa: PLC0415
+    import apache_beam as beam  # noqa: PLC0415  (only for Beam builds)
     row = release_format.PairRow(**json.loads(line))
     if self._images is None:
       self._images = _PreparedImages(self._config)
@@ -382,7 +383,6 @@ def dataset_path(data_dir: str | pathlib.Path, name: str) -> pathlib.Path:
 
 
 def _validate_name(name: str) -> None:
-  from esspr_jax.config.pipeline import DATASET_NAME  # config imports data.images only  # noqa: PLC0415
   if not isinstance(name, str) or not DATASET_NAME.fullmatch(name):
     raise ConfigError("data.pipeline.*_dataset",
                       f"dataset name must be lower_snake_case, got {name!r}")
@@ -440,7 +440,7 @@ def build_pairs_dataset(csv_path: str | pathlib.Path, image_dir: str | pathlib.P
   builder = EssprPairs(config=config, data_dir=str(building), file_format="array_record")
   download_config = tfds.download.DownloadConfig()
   if beam_runner:
-    from apache_beam.options.pipeline_options import PipelineOptions  # noqa: PLC0415
+    from apache_beam.options.pipeline_options import PipelineOptions  # noqa: PLC0415  (Beam builds)
     download_config = tfds.download.DownloadConfig(
         beam_runner=beam_runner, beam_options=PipelineOptions(flags=list(beam_options)))
   try:
@@ -543,3 +543,11 @@ def open_pairs_source(path: str | pathlib.Path) -> Any:
   open_pairs(path)  # clear error if it is not there
   builder = tfds.builder_from_directory(str(path))
   return builder.as_data_source(split=SPLIT, decoders=_SKIP_IMAGE_DECODING)
+
+
+def data_dir_from_config(config, data_dir=None) -> pathlib.Path:
+  data_dir = data_dir or config.data.pipeline.data_dir
+  if not data_dir:
+    raise ConfigError("data.pipeline.data_dir",
+                      "no TFDS data dir: set it, or pass data_dir (e.g. <workdir>/tfds)")
+  return pathlib.Path(data_dir)

@@ -21,20 +21,25 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import gc
-import hashlib
-import json
 import logging
 import math
 import pathlib
 import weakref
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import grain
+import jax
 import numpy as np
+from absl import flags
 
+from esspr_jax.config.loss import composed_rows_per_process
+from esspr_jax.errors import ConfigError, DataError
+from esspr_jax.ingest import catalog
+from esspr_jax.ingest.skips import SkipCounter
 from esspr_jax.input import esspr_tfds
 from esspr_jax.input import images
-from esspr_jax.errors import ConfigError, DataError
+# The tokenizer stage's loader: the datasets below load the run's tokenizer by default.
+from esspr_jax.input.tokenizer_stage import load_tokenizer, run_tokenizer  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +193,6 @@ class Collate:
 # ----------------------------------------------------------------------------- loaders
 def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
   if process_index is None or process_count is None:
-    import jax  # noqa: PLC0415  (only when the caller did not say)
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
@@ -247,7 +251,6 @@ def _close_worker_iterators() -> None:
 def _absl_flags_parsed() -> None:
   """Grain's settings are absl flags; outside an absl app (tests, notebooks, library use)
   nothing parses them, so accept their defaults."""
-  from absl import flags  # noqa: PLC0415
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
@@ -414,8 +417,6 @@ class CatalogItems(Sequence):
 
   def __init__(self, csv_path, image_dir, *, strict: bool = False,
                max_bad_fraction: float = 0.1, max_image_side: int | None = 512):
-    from esspr_jax.ingest import catalog  # noqa: PLC0415
-    from esspr_jax.ingest.skips import SkipCounter  # noqa: PLC0415
     self._max_side = max_image_side
     self.skips = SkipCounter(f"catalog {csv_path}", strict=strict,
                              max_bad_fraction=max_bad_fraction)
@@ -442,71 +443,11 @@ class CatalogItems(Sequence):
 
 
 # ----------------------------------------------------------------------------- from config
-def data_dir_from_config(config, data_dir=None) -> pathlib.Path:
-  data_dir = data_dir or config.data.pipeline.data_dir
-  if not data_dir:
-    raise ConfigError("data.pipeline.data_dir",
-                      "no TFDS data dir: set it, or pass data_dir (e.g. <workdir>/tfds)")
-  return pathlib.Path(data_dir)
-
-
 def open_source(config, which: str, data_dir=None):
   """Data source of the run's 'train', 'eval' or 'composed' pairs dataset."""
   name = config.data.pipeline[f"{which}_dataset"]
-  path = esspr_tfds.dataset_path(data_dir_from_config(config, data_dir), name)
+  path = esspr_tfds.dataset_path(esspr_tfds.data_dir_from_config(config, data_dir), name)
   return esspr_tfds.open_pairs_source(path)
-
-
-def iter_titles(source: Sequence) -> Iterator[str]:
-  """Both sides' titles of every pair, in order (to train a tokenizer)."""
-  for i in range(len(source)):
-    example = source[i]
-    for s in SIDES:
-      yield _text(example[s]["title"])
-
-
-def _trained_tokenizer_path(config, data_dir) -> pathlib.Path:
-  """Where a kind-'train' tokenizer lives: next to the train dataset, named by its
-  settings (so a changed vocab size is a different file)."""
-  tok = config.model.tokenizer
-  path = esspr_tfds.dataset_path(data_dir_from_config(config, data_dir),
-                                 config.data.pipeline.train_dataset)
-  settings = json.dumps({"vocab_size": tok.vocab_size, "lowercase": tok.lowercase,
-                         "strip_accents": tok.strip_accents}, sort_keys=True)
-  return path / f"tokenizer-{hashlib.sha256(settings.encode()).hexdigest()[:12]}.json"
-
-
-def load_tokenizer(config, data_dir=None):
-  """The run's tokenizer for those who read data (train, eval, export): a kind-'train'
-  one must have been trained by the tokenizer stage (`run_tokenizer`); other kinds are
-  built from their files by models/tokenizer.py's `tokenizer_from_config`."""
-  from esspr_jax.models import tokenizer as tokenizer_lib  # noqa: PLC0415
-  tok = config.model.tokenizer
-  if tok.kind != "train":
-    return tokenizer_lib.tokenizer_from_config(tok)
-  cache = _trained_tokenizer_path(config, data_dir)
-  if not cache.is_file():
-    raise DataError(f"{cache}: no tokenizer trained on dataset "
-                    f"{config.data.pipeline.train_dataset!r} with these settings; the "
-                    "tokenizer stage trains it (esspr-jax --mode=all, or --mode=train, "
-                    "which runs it first)")
-  return tokenizer_lib.Tokenizer.load(cache)
-
-
-def run_tokenizer(config, data_dir=None):
-  """The tokenizer stage (esspr_jax/stages.py): kind 'train' learns one on the train
-  dataset's titles once and caches it next to that dataset, so training, eval and
-  export load the same one (`load_tokenizer`); other kinds are built from their files."""
-  from esspr_jax.models import tokenizer as tokenizer_lib  # noqa: PLC0415
-  tok = config.model.tokenizer
-  if tok.kind != "train" or _trained_tokenizer_path(config, data_dir).is_file():
-    return load_tokenizer(config, data_dir)
-  cache = _trained_tokenizer_path(config, data_dir)
-  source = esspr_tfds.open_pairs_source(cache.parent)
-  tokenizer = tokenizer_lib.Tokenizer.train(iter_titles(source), tok.vocab_size, tok.lowercase,
-                                            tok.strip_accents)
-  tokenizer.save(cache)
-  return tokenizer
 
 
 def train_dataset(config, batch_size: int, *, data_dir=None, tokenizer=None,
@@ -516,7 +457,6 @@ def train_dataset(config, batch_size: int, *, data_dir=None, tokenizer=None,
   """The run's training batches (this process's `batch_size` share of each);
   `hard_negatives`: the miner's attach transform (hard_negatives/miner.py);
   `source`: pairs to batch instead of the run's dataset (a recipe's own data)."""
-  from esspr_jax.config.loss import composed_rows_per_process  # noqa: PLC0415
   tokenizer = tokenizer or load_tokenizer(config, data_dir)
   composed = {}
   rows = composed_rows_per_process(config, _processes(process_index, process_count)[1])

@@ -12,7 +12,7 @@ from typing import Dict, Mapping, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 
-from esspr_jax.losses.similarity import l2_normalize
+from esspr_jax.unit_norm import l2_normalize
 
 HARD_SIDE = "hard_negative"
 EXTENDED_KINDS = ("hinge", "infonce", "sigmoid")

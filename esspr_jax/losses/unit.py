@@ -22,7 +22,7 @@ from esspr_jax.losses.locality import locality_term
 from esspr_jax.losses.placement import context_mesh, on_local_rows, row_split
 from esspr_jax.losses.rows import WHOLE, RowShard
 from esspr_jax.losses.sigmoid import sigmoid_term
-from esspr_jax.losses.similarity import l2_normalize
+from esspr_jax.unit_norm import l2_normalize
 from esspr_jax.losses.weighting import weighted_total
 
 Embeddings = Mapping[str, jax.Array]

@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from esspr_jax.losses.similarity import l2_normalize
+from esspr_jax.unit_norm import l2_normalize
 from esspr_jax.models.layers import compute_dtype, dense
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import tokenizers
 
 from esspr_jax.errors import ConfigError
-from esspr_jax.models.tokenizer import _title_text
+from esspr_jax.models.titles import title_text
 
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
@@ -79,7 +79,7 @@ class _CheckpointTokenizer:
     specials = 1 + int(self.bos_id is not None)
     if max_len < specials:
       raise ConfigError("model.tokenizer.max_len", f"must be >= {specials}, got {max_len}")
-    texts = [self._prepare(_title_text(t)) for t in titles]
+    texts = [self._prepare(title_text(t)) for t in titles]
     encodings = self.backend.encode_batch(texts, add_special_tokens=False)
     ids = np.full((len(texts), max_len), self.pad_id, dtype=np.int32)
     mask = np.zeros((len(texts), max_len), dtype=np.int32)

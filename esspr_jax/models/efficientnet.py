@@ -35,6 +35,7 @@ from typing import Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from esspr_jax.models.layers import compute_dtype, constrain, dense, ones_init, zeros_init
 
@@ -160,7 +161,6 @@ def from_torch_state_dict(sd) -> dict:
   """EfficientNet-PyTorch names (`_conv_stem`, `_blocks.N._expand_conv`, `_bn0`..., `_fc`)
   -> our flat paths; torch conv [out, in/groups, k, k] -> [k, k, in/groups, out].
   Unknown names keep their own ('.' -> '/') so the strict check reports them."""
-  import numpy as np  # noqa: PLC0415
   bn_names = {"stem": {"_bn0": "stem_bn"}, "head": {"_bn1": "head_bn"},
               "block": {"_bn0": "expand_bn", "_bn1": "depthwise_bn", "_bn2": "project_bn"}}
   convs = {"_conv_stem": "stem_conv", "_conv_head": "head_conv", "_expand_conv": "expand_conv",

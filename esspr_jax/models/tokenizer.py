@@ -27,18 +27,11 @@ from tokenizers import decoders, normalizers, pre_tokenizers, processors
 
 from esspr_jax.atomic_io import atomic_write
 from esspr_jax.errors import ConfigError
+from esspr_jax.models.dual_tokenizer import dual_tokenizer_from_config
+from esspr_jax.models.titles import title_text
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)  # trained vocabularies put them at ids 0..4
-
-
-def _title_text(title) -> str:
-  """A title as text; anything that is not text (None, NaN, numbers) is empty."""
-  if isinstance(title, str):
-    return title
-  if isinstance(title, (bytes, bytearray)):  # TFDS hands text back as bytes
-    return bytes(title).decode("utf-8", errors="replace")
-  return ""
 
 
 def _bert_pipeline(backend: tokenizers.Tokenizer, lowercase: bool, strip_accents: bool) -> None:
@@ -86,7 +79,7 @@ class Tokenizer:
         strip_accents=strip_accents, lowercase=lowercase)
     pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     word_counts: collections.Counter = collections.Counter()
-    for title in map(_title_text, titles):
+    for title in map(title_text, titles):
       if title.strip():
         words = pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(title))
         word_counts.update(word for word, _ in words)
@@ -142,7 +135,7 @@ class Tokenizer:
     if max_len < 2:
       raise ConfigError("model.tokenizer.max_len",
                         f"must be >= 2 for [CLS] and [SEP], got {max_len}")
-    texts = [_title_text(t) for t in titles]
+    texts = [title_text(t) for t in titles]
     encodings = self.backend.encode_batch(texts, add_special_tokens=False)
     ids = np.full((len(texts), max_len), self.pad_id, dtype=np.int32)
     mask = np.zeros((len(texts), max_len), dtype=np.int32)
@@ -183,7 +176,6 @@ def tokenizer_from_config(tokenizer_config, titles: Optional[Iterable] = None) -
   if kind == "file":
     return Tokenizer.load(tokenizer_config.path)
   if kind in ("clip", "siglip"):  # a CLIP / SigLIP checkpoint's tokenizer.json
-    from esspr_jax.models.dual_tokenizer import dual_tokenizer_from_config  # noqa: PLC0415
     return dual_tokenizer_from_config(tokenizer_config)
   raise ConfigError("model.tokenizer.kind",
                     f"unknown kind {kind!r}; use 'train', 'vocab_txt', 'file', 'clip' or 'siglip'")

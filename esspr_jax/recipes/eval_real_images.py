@@ -22,15 +22,27 @@ import copy
 import dataclasses
 import json
 import pathlib
+import sys
 import time
 from typing import Sequence
 
+import flax.linen as nn
+import jax
 import numpy as np
+from absl import flags
+from ml_collections import config_flags
 
-from esspr_jax.ingest import release_format
-from esspr_jax.input import esspr_tfds, pipeline
-from esspr_jax.recipes import product_matching
+from esspr_jax.config import validate_config
 from esspr_jax.errors import ConfigError, DataError
+from esspr_jax.ingest import release_format
+from esspr_jax.input import esspr_tfds, pipeline, tokenizer_stage
+from esspr_jax.models import build_model, pretrained
+from esspr_jax.models import tokenizer as tokenizer_lib
+from esspr_jax.models.model import init_params
+from esspr_jax.recipes import product_matching
+from esspr_jax.retrieval import evaluate as evaluate_lib
+from esspr_jax.retrieval import report as report_lib
+from esspr_jax.retrieval import restore
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 DEFAULT_DATA_ROOT = REPO.parent / "shared" / "data"
@@ -71,11 +83,6 @@ def prepare_sets(data_root, work_dir, names: Sequence[str] = SETS) -> list[RealS
 
 def load_model(config, checkpoint=None, step=None):
   """(model, params, description): a trained checkpoint, or the untouched initialisation."""
-  import jax  # noqa: PLC0415
-  import flax.linen as nn  # noqa: PLC0415
-  from esspr_jax.models import build_model, pretrained  # noqa: PLC0415
-  from esspr_jax.models.model import init_params  # noqa: PLC0415
-  from esspr_jax.retrieval import restore  # noqa: PLC0415
   if checkpoint:
     model, params, info = restore.load_model_and_params(config, checkpoint, step=step)
     return model, params, f"checkpoint {info['checkpoint']} (step {info['step']})"
@@ -95,7 +102,6 @@ def load_tokenizer(config, checkpoint=None, tokenizer_data_dir=None, titles=()):
   checkpoint needs that data dir (default `<checkpoint>/tfds`); an untrained model gets
   one learnt on the evaluated titles (its embeddings are random either way).
   """
-  from esspr_jax.models import tokenizer as tokenizer_lib  # noqa: PLC0415
   tok = config.model.tokenizer
   if tok.kind != "train":
     return tokenizer_lib.tokenizer_from_config(tok)
@@ -106,7 +112,7 @@ def load_tokenizer(config, checkpoint=None, tokenizer_data_dir=None, titles=()):
       raise ConfigError("tokenizer_data_dir", f"the model's tokenizer was learnt on its train "
                         f"dataset, expected at {train_path}; pass --tokenizer_data_dir=<the "
                         f"run's TFDS dir>")
-    return pipeline.load_tokenizer(config, data_dir)
+    return tokenizer_stage.load_tokenizer(config, data_dir)
   return tokenizer_lib.Tokenizer.train(list(titles), tok.vocab_size, tok.lowercase,
                                        tok.strip_accents)
 
@@ -135,9 +141,6 @@ def run(config, out_dir, *, checkpoint=None, step=None, data_root=None,
         tokenizer_data_dir=None, sets: Sequence[str] = SETS) -> dict:
   """Builds both sets, embeds them once per modality, scores the settings of
   config.eval.settings; returns (and writes) {'model', 'sets': {name: ...}}."""
-  from esspr_jax.config import validate_config  # noqa: PLC0415
-  from esspr_jax.retrieval import evaluate as evaluate_lib  # noqa: PLC0415
-  from esspr_jax.retrieval import report as report_lib  # noqa: PLC0415
   validate_config(config)
   config = copy.deepcopy(config)
   config.data.pipeline.worker_count = 0  # 20 images: a worker process costs more than it saves
@@ -184,8 +187,6 @@ def _json_default(x):
 
 def _define_flags():
   """Flags exist only when this module is the program (importing it defines none)."""
-  from absl import flags  # noqa: PLC0415
-  from ml_collections import config_flags  # noqa: PLC0415
   config = config_flags.DEFINE_config_file("config", str(REPO / "configs" / "demo.py"),
                                            "run config the checkpoint was trained with")
   out = flags.DEFINE_string("out", None, "output directory", required=True)
@@ -199,7 +200,6 @@ def _define_flags():
   sets = flags.DEFINE_list("sets", list(SETS), "which sets to evaluate")
 
   def main(argv):
-    import sys  # noqa: PLC0415
     if len(argv) > 1:
       raise SystemExit(f"unexpected arguments {argv[1:]}")
     try:

@@ -29,22 +29,23 @@ import pathlib
 import time
 from typing import Mapping, Sequence
 
-from absl import app, flags, logging
 import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from esspr_jax import stages
+from esspr_jax.cli import run_app
 from esspr_jax.config import validate_config
 from esspr_jax.config.checks import check, in_unit, is_number, known_keys, one_of
 from esspr_jax.ingest import release_format
-from esspr_jax.recipes import product_matching
 from esspr_jax.recipes.training import train_or_stop
 from esspr_jax.models import pretrained
 from esspr_jax.models.model import build_model, example_side
 from esspr_jax.models.tokenizer import tokenizer_from_config
+from esspr_jax.recipes import product_matching
 from esspr_jax.retrieval import fusion, lexical, metrics
 from esspr_jax.retrieval.report import atomic_write
 
@@ -308,5 +309,4 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-  from esspr_jax.cli import run_app  # noqa: PLC0415  (absl's app.run; --help exits 0)
   run_app(_define_flags())

@@ -32,17 +32,32 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import functools
 import json
 import math
 import pathlib
 import time
 from typing import Sequence
 
+import flax.linen as nn
+import jax
 import numpy as np
+from absl import app, flags
+
+from esspr_jax import stages
+from esspr_jax.atomic_io import atomic_write
+from esspr_jax.config import compose, validate_config
+from esspr_jax.errors import DataError
+from esspr_jax.input import pipeline
+from esspr_jax.models import pretrained
+from esspr_jax.models.model import build_model, example_side
+from esspr_jax.models.tokenizer import tokenizer_from_config
+from esspr_jax.recipes.training import train_or_stop
+from esspr_jax.retrieval import embed as embed_lib
+from esspr_jax.retrieval import metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 KS = (1, 5, 10, 20)
+BATCH = 32  # embedding batch
 SETTINGS = (("i-i", "i", "i"), ("i-m", "i", "m"), ("t-m", "t", "m"))
 FOLDER = "grocery_store"
 
@@ -77,7 +92,6 @@ class GrocerySplit:
 
 
 def _rows(path: pathlib.Path) -> list[dict]:
-  from esspr_jax.errors import DataError  # noqa: PLC0415
   try:
     with open(path, newline="", encoding="utf-8") as f:
       rows = list(csv.DictReader(f))
@@ -91,7 +105,6 @@ def _rows(path: pathlib.Path) -> list[dict]:
 
 def load_grocery(data_root, photos_csv=None) -> GrocerySplit:
   """The product split (see module doc); `photos_csv` replaces the photo list."""
-  from esspr_jax.errors import DataError  # noqa: PLC0415
   root = pathlib.Path(data_root) / FOLDER
   meta = _rows(root / "metadata.csv")
   listings = sorted((Listing(int(r["group_id"]), r["group_name"].replace("-", " "),
@@ -121,8 +134,6 @@ def load_grocery(data_root, photos_csv=None) -> GrocerySplit:
 def recipe_config(image_kind: str = "efficientnet_lite0", steps: int = 60,
                   image_size: int = 160):
   """The run config for one row: MiniLM text, EfficientNet-Lite0 or a fresh ViT."""
-  from esspr_jax.config import compose  # noqa: PLC0415
-  from esspr_jax.models import pretrained  # noqa: PLC0415
   config = compose("demo")
   folder = pretrained.minilm_dir(verify=False)
   with config.unlocked():
@@ -163,50 +174,30 @@ def recipe_config(image_kind: str = "efficientnet_lite0", steps: int = 60,
 
 # ----------------------------------------------------------------------------- embedding
 
-@functools.lru_cache(maxsize=4096)
-def _pixels(path: str, size: int) -> np.ndarray:
-  from esspr_jax.input import images  # noqa: PLC0415
-  return images.fit_square(images.decode_rgb(pathlib.Path(path).read_bytes(), size), size)
+def _embedded(model, params, items: Sequence[dict], tokenizer, config, modalities,
+              with_images: bool = True) -> dict:
+  """{modality: [N, E]} of catalog-style items ({'id','title','image' bytes}), through the
+  project's items loader and embedding loop (every batch the same shape, last one padded)."""
+  spec = dataclasses.replace(pipeline.spec_from_config(config), with_images=with_images,
+                             worker_count=0)  # ~100 images: a worker costs more than it saves
+  batches = pipeline.make_items_dataset(items, tokenizer, spec, BATCH, process_index=0,
+                                        process_count=1)
+  return embed_lib.embed_all(model, params, batches, ("item",), modalities)[1]["item"]
 
 
-def _batches(n: int, batch: int):
-  for start in range(0, n, batch):
-    yield start, min(n, start + batch)
-
-
-def embed_all(apply, params, root, paths: Sequence[str], titles: Sequence[str] | None,
-              tokenizer, config, view: str, batch: int = 32) -> np.ndarray:
-  """[N, E] embeddings of one view; every call has the same shapes (last batch padded)."""
-  size, max_len = config.model.image.size, config.model.tokenizer.max_len
-  n = len(paths) if paths else len(titles)
-  out = []
-  for lo, hi in _batches(n, batch):
-    pad = batch - (hi - lo)
-    side = {}
-    imgs = [_pixels(str(root / p), size) for p in paths[lo:hi]] if paths else []
-    imgs += [np.zeros((size, size, 3), np.uint8)] * (batch - len(imgs))
-    side["image"] = np.stack(imgs)
-    text = list(titles[lo:hi]) if titles else [""] * (hi - lo)
-    side.update(tokenizer.encode_batch(text + [""] * pad, max_len))
-    out.append(np.asarray(apply(params, side, view))[:hi - lo])
-  return np.concatenate(out)
-
-
-def evaluate(apply, params, split: GrocerySplit, tokenizer, config) -> dict:
+def evaluate(model, params, split: GrocerySplit, tokenizer, config) -> dict:
   """MRR / R@K of the three settings (pessimistic ties)."""
-  from esspr_jax.retrieval import metrics  # noqa: PLC0415
   gid_to_row = {x.group_id: i for i, x in enumerate(split.listings)}
-  gallery_paths = [x.path for x in split.listings]
-  gallery_titles = [x.title for x in split.listings]
-  gallery = {v: embed_all(apply, params, split.root, gallery_paths,
-                          gallery_titles if v == "m" else None, tokenizer, config, v)
-             for v in ("i", "m")}
-  photo_queries = embed_all(apply, params, split.root, [p.path for p in split.queries], None,
-                            tokenizer, config, "i")
+  gallery = _embedded(model, params, [
+      {"id": f"listing/{x.group_id}", "title": x.title, "image": (split.root / x.path).read_bytes()}
+      for x in split.listings], tokenizer, config, ("i", "m"))
+  photo_queries = _embedded(model, params, [
+      {"id": p.path, "title": "", "image": (split.root / p.path).read_bytes()}
+      for p in split.queries], tokenizer, config, ("i",))["i"]
   odd = sorted({p.group_id for p in split.queries})
-  name_queries = embed_all(apply, params, split.root, [], [split.listings[gid_to_row[g]].name
-                                                           for g in odd],
-                           tokenizer, config, "t")
+  name_queries = _embedded(model, params, [
+      {"id": str(g), "title": split.listings[gid_to_row[g]].name, "image": b""} for g in odd],
+      tokenizer, config, ("t",), with_images=False)["t"]
   out = {}
   for name, qv, gv in SETTINGS:
     queries, ids = (photo_queries, [p.group_id for p in split.queries]) if qv == "i" \
@@ -235,9 +226,6 @@ def train_source(split: GrocerySplit) -> list[dict]:
 
 def _initial_values(config, model):
   """Pretrained towers, and the fused head's text projection as the identity."""
-  import jax  # noqa: PLC0415
-  from esspr_jax.models import pretrained  # noqa: PLC0415
-  from esspr_jax.models.model import example_side  # noqa: PLC0415
   shapes = jax.eval_shape(model.init, jax.random.key(0), example_side(config.model))["params"]
   values = {t: pretrained.init_from_values(shapes, config.model, t) for t in ("text", "image")}
   width = config.model.text.width
@@ -256,18 +244,15 @@ def _initial_values(config, model):
 
 def _filled(config, model, values) -> dict:
   """The initial params without running init: every leaf must come from `values`."""
-  import flax.linen as nn  # noqa: PLC0415
-  import jax  # noqa: PLC0415
-  from esspr_jax.models import pretrained  # noqa: PLC0415
-  from esspr_jax.models.model import example_side  # noqa: PLC0415
   shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0),
                                    example_side(config.model))["params"])
   params = {}
   for key, sub in shapes.items():
     given = values.get(key)
-    params[key] = given if not isinstance(sub, dict) else pretrained._replace(sub, given or {})
-  missing = [p for p, leaf in pretrained._flatten(params).items() if not isinstance(leaf, np.ndarray)
-             and not isinstance(leaf, np.generic)]
+    params[key] = (given if not isinstance(sub, dict)
+                   else pretrained.replace_leaves(sub, given or {}))
+  missing = [p for p, leaf in pretrained.flat_params(params).items()
+             if not isinstance(leaf, (np.ndarray, np.generic))]
   if missing:
     raise ValueError(f"initial values lack {missing[:5]}")
   return params
@@ -275,23 +260,12 @@ def _filled(config, model, values) -> dict:
 
 def run_row(config, workdir: pathlib.Path, split: GrocerySplit, train: bool) -> tuple:
   """(metrics, info) of one row: evaluate the initial model, or train then evaluate."""
-  import jax  # noqa: PLC0415
-  from esspr_jax import stages  # noqa: PLC0415
-  from esspr_jax.recipes.training import train_or_stop  # noqa: PLC0415
-  from esspr_jax.config import validate_config  # noqa: PLC0415
-  from esspr_jax.models import pretrained  # noqa: PLC0415
-  from esspr_jax.models.model import build_model  # noqa: PLC0415
-  from esspr_jax.models.tokenizer import tokenizer_from_config  # noqa: PLC0415
   validate_config(config)
   tokenizer = tokenizer_from_config(config.model.tokenizer)
   bare = build_model(config.model)
   values = _initial_values(config, bare)
   model = pretrained.PretrainedInit(bare, {k: v for k, v in values.items() if isinstance(v, dict)})
   started = time.time()
-  views = jax.jit(lambda p, s: bare.apply({"params": p}, s, modalities=("i", "t", "m")))
-
-  def apply(p, s, v):  # one compiled program for all three views (towers run once)
-    return views(p, s)[v]
   info = {}
   if train:
     # The trainer's own loss unit and views (the model: pretrained towers as set above).
@@ -304,7 +278,7 @@ def run_row(config, workdir: pathlib.Path, split: GrocerySplit, train: bool) -> 
     params = _filled(config, bare, values)
   print(f"[grocery] {workdir.name}: initial/trained params after {time.time() - started:.0f}s",
         flush=True)
-  results = evaluate(apply, params, split, tokenizer, config)
+  results = evaluate(bare, params, split, tokenizer, config)
   info["seconds"] = round(time.time() - started, 1)
   print(f"[grocery] {workdir.name}: {json.dumps(results)} ({info})", flush=True)
   return results, info
@@ -322,7 +296,6 @@ def markdown_table(rows: dict) -> str:
 
 
 def run(workdir, data_root=None, photos=None, steps: int = 60, image_size: int = 160) -> dict:
-  from esspr_jax.atomic_io import atomic_write  # noqa: PLC0415
   started = time.time()
   workdir = pathlib.Path(workdir).absolute()
   split = load_grocery(data_root or REPO.parent / "shared" / "data", photos)
@@ -347,7 +320,6 @@ def run(workdir, data_root=None, photos=None, steps: int = 60, image_size: int =
 
 
 def _define_flags():
-  from absl import flags  # noqa: PLC0415
   workdir = flags.DEFINE_string("workdir", None, "output directory", required=True)
   data_root = flags.DEFINE_string("data_root", None, "folder holding grocery_store/")
   photos = flags.DEFINE_string("photos", None, "photo list CSV in metadata.csv's layout")
@@ -357,7 +329,6 @@ def _define_flags():
   size = flags.DEFINE_integer("image_size", 96, "image side in pixels (multiple of 32)")
 
   def main(argv):
-    from absl import app  # noqa: PLC0415
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments {argv[1:]}")
     run(workdir.value, data_root.value, photos.value, steps.value, size.value)

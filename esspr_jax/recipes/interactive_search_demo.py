@@ -18,9 +18,17 @@ import json
 import pathlib
 from typing import Sequence
 
+import jax
 import numpy as np
+from absl import flags
+from ml_collections import config_flags
 
+from esspr_jax import workdir as workdir_lib
 from esspr_jax.atomic_io import atomic_open
+from esspr_jax.cli import run_app
+from esspr_jax.input import images
+from esspr_jax.input import tokenizer_stage
+from esspr_jax.retrieval import restore
 
 DEFAULT_CHANGES = (("red", "blue"), ("blue", "red"), ("green", "yellow"),
                    ("yellow", "green"), ("black", "white"), ("white", "black"))
@@ -34,7 +42,6 @@ def _attributes(world: pathlib.Path) -> dict:
 
 def view_fn(model, modality: str):
   """The jitted (params, side) -> one view; build once per modality, reuse per call."""
-  import jax  # noqa: PLC0415
   return jax.jit(lambda p, s: model.apply({"params": p}, s, modalities=(modality,))[modality])
 
 
@@ -54,7 +61,6 @@ class DemoCategory:
   """A category of the demo world, its hidden colour/shape, and its gallery embedded."""
 
   def __init__(self, model, params, tokenizer, config, world, category: str = "Mugs"):
-    from esspr_jax.input import images  # noqa: PLC0415
     world = pathlib.Path(world)
     attrs = _attributes(world)
     with open(world / "catalog.csv", encoding="utf-8", newline="") as f:
@@ -122,16 +128,12 @@ def markdown(results: Sequence[dict], category: str) -> str:
 
 def main(argv) -> None:
   del argv
-  from absl import flags  # noqa: PLC0415
-  from esspr_jax import workdir as workdir_lib  # noqa: PLC0415
-  from esspr_jax.input import pipeline  # noqa: PLC0415
-  from esspr_jax.retrieval import restore  # noqa: PLC0415
   fv = flags.FLAGS
   config = fv.config
   workdir = pathlib.Path(fv.workdir).absolute()  # Orbax restores absolute paths only
   world = pathlib.Path(fv.world_dir) if fv.world_dir else workdir / "world"
   model, params, info = restore.load_model_and_params(config, workdir)
-  tokenizer = pipeline.load_tokenizer(config, workdir_lib.default_data_dir(config, workdir))
+  tokenizer = tokenizer_stage.load_tokenizer(config, workdir_lib.default_data_dir(config, workdir))
   demo = DemoCategory(model, params, tokenizer, config, world, fv.category)
   changes = [tuple(c.split(":")) for c in fv.changes.split(",")] if fv.changes else DEFAULT_CHANGES
   results = [demo.rates(s, t) for s, t in changes]
@@ -143,8 +145,6 @@ def main(argv) -> None:
 
 
 def _define_flags() -> None:
-  from absl import flags  # noqa: PLC0415
-  from ml_collections import config_flags  # noqa: PLC0415
   config_flags.DEFINE_config_file("config", None, "the run's config file", lock_config=False)
   flags.DEFINE_string("workdir", None, "the trained run's workdir (checkpoints, tfds, world)")
   flags.DEFINE_string("world_dir", "", "the demo world ('' = <workdir>/world)")
@@ -154,6 +154,5 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-  from esspr_jax.cli import run_app  # noqa: PLC0415  (absl's app.run; --help exits 0)
   _define_flags()
   run_app(main)

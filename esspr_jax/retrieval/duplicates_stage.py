@@ -29,12 +29,15 @@ import time
 import numpy as np
 
 from esspr_jax import atomic_io
+from esspr_jax import workdir as workdir_lib
 from esspr_jax.errors import ConfigError, DataError
 from esspr_jax.ingest import release_format
 from esspr_jax.ingest.skips import SkipCounter
+from esspr_jax.input import tokenizer_stage
 from esspr_jax.retrieval import duplicates as dup
 from esspr_jax.retrieval import duplicates_clusters as dc
 from esspr_jax.retrieval import export as export_lib
+from esspr_jax.retrieval import report as report_lib
 from esspr_jax.retrieval import restore
 
 OUTPUTS = ("report.json", "thresholds.md", "pr_curve.png", "clusters.jsonl")
@@ -154,9 +157,7 @@ def thresholds_table(points, marks: dict) -> str:
 
 def plot_png(sw: dup.Sweep, cal: dup.Calibration, title: str) -> bytes:
   """Precision / recall / F1 against the threshold, and the PR curve (PNG bytes)."""
-  import matplotlib  # noqa: PLC0415  (only when a plot is written)
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt  # noqa: PLC0415
+  plt = report_lib.pyplot()
   fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
   for values, name in ((sw.precision, "precision"), (sw.recall, "recall"), (sw.f1, "F1")):
     left.plot(sw.thresholds, values, label=name, drawstyle="steps-post")
@@ -220,7 +221,6 @@ def summary_lines(report: dict) -> list[str]:
 def run_duplicates(config, workdir, catalog, image_dir, out_dir, *, pairs=None,
                    checkpoint=None, step=None, data_dir=None) -> dict:
   """See module doc."""
-  from esspr_jax.input import pipeline  # noqa: PLC0415
   start = time.perf_counter()
   d = config.duplicates
   model, params, info = restore.load_model_and_params(config, checkpoint or workdir, step=step)
@@ -228,9 +228,8 @@ def run_duplicates(config, workdir, catalog, image_dir, out_dir, *, pairs=None,
     raise ConfigError("duplicates.view", f"{d.view!r}: this model produces only "
                       f"{tuple(model.available)}")
   if data_dir is None:
-    from esspr_jax import workdir as workdir_lib  # noqa: PLC0415
     data_dir = workdir_lib.default_data_dir(config, workdir)
-  tokenizer = pipeline.load_tokenizer(config, data_dir)
+  tokenizer = tokenizer_stage.load_tokenizer(config, data_dir)
   items, listings = export_lib.read_catalog(config, catalog, image_dir)
   if len(items) == 0:
     raise DataError(f"duplicates: the catalog {catalog} holds no usable listing")

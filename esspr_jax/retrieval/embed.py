@@ -17,7 +17,9 @@ from typing import Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
+from esspr_jax import sharding
 from esspr_jax.errors import DataError
 
 _HOST_ONLY = ("trigger_id", "recall_id", "listing_id", "valid")
@@ -75,7 +77,6 @@ def embed_batches(model, params, batches: Iterable[dict], sides: Sequence[str],
         raise DataError(f"batch lacks side {side_name!r}; it has {sorted(batch)}")
       side = _model_side(batch[side_name])
       if batch_sharding is not None:
-        from esspr_jax import sharding  # noqa: PLC0415  (only for sharded runs)
         side = sharding.global_batch(side, batch_sharding)
       out = fn(params, side)
       embeddings[side_name] = {m: _local_rows(out[m]).astype(np.float32)[valid] for m in modalities}
@@ -111,7 +112,6 @@ def allgather_rows(ids: np.ndarray, vectors: dict) -> tuple[np.ndarray, dict]:
   """
   if jax.process_count() == 1:
     return ids, vectors
-  from jax.experimental import multihost_utils  # noqa: PLC0415
   counts = multihost_utils.process_allgather(np.array([len(ids)]))
   width = int(multihost_utils.process_allgather(
       np.array([max([len(i.encode()) for i in ids] or [1])])).max())

@@ -3,7 +3,7 @@
 Entry points:
 
     export_catalog(config, workdir, catalog_csv, image_dir, out_dir, *, checkpoint=None,
-                   step=None, update=False) -> manifest dict   (main.py --mode=export [--update])
+                   step=None, update=False) -> manifest dict   (esspr-jax --mode=export [--update])
     export_embeddings(model, params, items, out_dir, config, *, tokenizer, listings=None,
                       checkpoint_info=None, image_dir=None, ...) -> manifest dict
         `items`: a sequence of {'id', 'title', 'image' bytes} (pipeline.CatalogItems);
@@ -54,11 +54,19 @@ import shutil
 import time
 from typing import Iterable, Mapping, Sequence
 
+import jax
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from jax.experimental import multihost_utils
 
 from esspr_jax import atomic_io
+from esspr_jax import workdir as workdir_lib
 from esspr_jax.config import eval as eval_config
 from esspr_jax.errors import DataError
+from esspr_jax.ingest import catalog as catalog_lib
+from esspr_jax.input import images
+from esspr_jax.input import pipeline, tokenizer_stage
 from esspr_jax.retrieval import embed as embed_lib
 from esspr_jax.retrieval import index as index_lib
 from esspr_jax.retrieval import integrity
@@ -133,7 +141,6 @@ def _image_ref(ref: str, image_dir) -> str:
   """An absolute path (or the URL) of a catalog image, so search pages can show it."""
   if not ref or "://" in ref or image_dir is None:
     return ref
-  from esspr_jax.input import images  # noqa: PLC0415
   try:
     return str(images.resolve_image_path(image_dir, ref).absolute())
   except images.BadImage:
@@ -156,14 +163,11 @@ def meta_rows(items: Sequence[Mapping], listings: Mapping | None, image_dir=None
 
 
 def write_parquet(path, columns: Mapping[str, list]) -> None:
-  import pyarrow as pa  # noqa: PLC0415
-  import pyarrow.parquet as pq  # noqa: PLC0415
   with atomic_io.atomic_open(path, "wb") as f:
     pq.write_table(pa.table({c: [str(v) for v in columns[c]] for c in META_COLUMNS}), f)
 
 
 def read_parquet(path) -> dict:
-  import pyarrow.parquet as pq  # noqa: PLC0415
   table = pq.read_table(path).to_pydict()
   return {c: np.asarray(table[c], dtype=object) for c in META_COLUMNS}
 
@@ -194,7 +198,6 @@ class ShareWriter:
 
   def finalize(self, chunks: int) -> list[str]:
     """Shard files of this process (streaming, one chunk in memory); returns their names."""
-    import pyarrow.parquet as pq  # noqa: PLC0415
     counts = [len(load_npy(self._chunk(c, "ids"))) for c in range(chunks)]
     total = sum(counts)
     width = max([load_npy(self._chunk(c, "ids")).dtype.itemsize // 4 for c in range(chunks)] or [1])
@@ -224,7 +227,6 @@ class ShareWriter:
         writer = writer or pq.ParquetWriter(f, table.schema)
         writer.write_table(table)
       if writer is None:
-        import pyarrow as pa  # noqa: PLC0415
         pq.write_table(pa.table({c: pa.array([], pa.string()) for c in META_COLUMNS}), f)
       else:
         writer.close()
@@ -384,7 +386,6 @@ def _chunk_items(share: Sequence, c: int, rows: int, listings) -> tuple[list, np
 def embed_items(model, params, items: Sequence, config, *, tokenizer, modalities,
                 batch_sharding=None) -> tuple[np.ndarray, dict]:
   """(ids, {m: float32 [n, E]}) of `items` through the catalog loader, in item order."""
-  from esspr_jax.input import pipeline  # noqa: PLC0415
   spec = pipeline.spec_from_config(config)
   loader = pipeline.make_items_dataset(items, tokenizer, spec, config.eval.batch_size,
                                        process_index=0, process_count=1)
@@ -530,7 +531,6 @@ def export_embeddings(model, params, items: Sequence[dict], out_dir, config, *, 
   export a share per machine without jax.distributed; then run index 0 last, as it
   builds the indexes from all shards.
   """
-  import jax  # noqa: PLC0415
   start = time.perf_counter()
   modalities = eval_config.parse_modalities(config.eval.export.modalities, "eval.export.modalities")
   missing = [m for m in modalities if m not in getattr(model, "available", modalities)]
@@ -548,7 +548,6 @@ def export_embeddings(model, params, items: Sequence[dict], out_dir, config, *, 
                         fingerprint=fingerprint, batch_sharding=batch_sharding)
   writer.finalize(chunks)
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # noqa: PLC0415
     multihost_utils.sync_global_devices("esspr export shards written")
   if process != 0:
     return {}
@@ -589,18 +588,17 @@ def export_vectors(chunks: Iterable[tuple], out_dir, config, *, build_indexes: b
 
 def export_catalog(config, workdir, catalog_csv, image_dir, out_dir, *, checkpoint=None,
                    step=None, data_dir=None, update: bool = False) -> dict:
-  """main.py --mode=export [--update]: restore the model, export (or update) the catalog."""
-  from esspr_jax.input import pipeline  # noqa: PLC0415
+  """`esspr-jax --mode=export [--update]`: restore the model, export (or update) the catalog."""
   if not update:
     check_out_dir(out_dir)  # before the model is restored
   model, params, info = restore.load_model_and_params(config, checkpoint or workdir, step=step)
   if data_dir is None:
-    from esspr_jax import workdir as workdir_lib  # noqa: PLC0415
     data_dir = workdir_lib.default_data_dir(config, workdir)
-  tokenizer = pipeline.load_tokenizer(config, data_dir)
+  tokenizer = tokenizer_stage.load_tokenizer(config, data_dir)
   items, listings = read_catalog(config, catalog_csv, image_dir)
   if update:
-    from esspr_jax.retrieval import update as update_lib  # noqa: PLC0415
+    # update.py imports this module (the export/update circle, not broken yet).
+    from esspr_jax.retrieval import update as update_lib  # noqa: PLC0415  (see above)
     manifest = update_lib.update_export(model, params, items, out_dir, config,
                                         tokenizer=tokenizer, listings=listings,
                                         checkpoint_info=info, image_dir=image_dir)
@@ -623,8 +621,6 @@ def export_catalog(config, workdir, catalog_csv, image_dir, out_dir, *, checkpoi
 def read_catalog(config, catalog_csv, image_dir):
   """The catalog's items (validated images) and listing metadata: the one call site of
   the catalog readers in export, so the single-reader change lands in one place."""
-  from esspr_jax.ingest import catalog as catalog_lib  # noqa: PLC0415
-  from esspr_jax.input import pipeline  # noqa: PLC0415
   listings = catalog_lib.read_catalog(str(catalog_csv))
   items = pipeline.CatalogItems(catalog_csv, image_dir,
                                 max_image_side=config.data.pipeline.build.max_image_side or None)

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import pathlib
+import re
 import shutil
 import tempfile
 import time
@@ -302,7 +303,7 @@ class ScannIndex:
 
   @classmethod
   def build(cls, vectors, scann_config, threads: int = 0) -> "ScannIndex":
-    import scann  # Deferred: a C++ extension that only search/export need.  # noqa: PLC0415
+    import scann  # noqa: PLC0415  (a C++ extension that only search/export need)
     vectors = _as_matrix(vectors, "ScaNN index vectors")
     n, dim = vectors.shape
     if n < 2:
@@ -447,8 +448,7 @@ def save_index(index, directory) -> None:
 def _load_scann(directory: pathlib.Path):
   """A ScaNN searcher from its protobuf + .npy assets; never ScaNN's `load_searcher`,
   which unpickles `scann_docids.pkl` (and writes files for old layouts)."""
-  import re  # noqa: PLC0415
-  from scann.scann_ops.py import scann_ops_pybind  # noqa: PLC0415
+  from scann.scann_ops.py import scann_ops_pybind  # noqa: PLC0415  (ScaNN's C++ extension)
   assets = directory / "scann_assets.pbtxt"
   if not assets.is_file():
     raise DataError(f"{directory}: ScaNN index lacks scann_assets.pbtxt")

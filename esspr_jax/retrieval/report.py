@@ -12,6 +12,7 @@ from typing import Sequence
 from etils import epath
 
 from esspr_jax.atomic_io import atomic_write  # noqa: F401 - callers import it from here
+from esspr_jax.event_files import TensorBoard
 from esspr_jax.retrieval.scoring import SettingResult
 
 
@@ -53,11 +54,16 @@ def results_json(results: Sequence[SettingResult], meta: dict) -> str:
        "seconds": r.seconds} for r in results]}, indent=2, default=float)
 
 
+def pyplot():
+  """matplotlib's pyplot on the file-only Agg backend, for the report plots."""
+  from matplotlib import pyplot as plt  # noqa: PLC0415  (heavy; only when a plot is written)
+  plt.switch_backend("Agg")
+  return plt
+
+
 def plot_recall_at_k(results: Sequence[SettingResult], ks: Sequence[int], path, title: str):
   """Recall@K against K, one line per setting (PNG)."""
-  import matplotlib  # noqa: PLC0415  (only when a plot is written)
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt  # noqa: PLC0415
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
   for r in results:
     ax.plot(ks, [r.metrics[f"recall@{k}"] for k in ks], marker="o",
@@ -95,7 +101,6 @@ def write_eval_reports(results: Sequence[SettingResult], ks: Sequence[int], out_
 
 
 def write_tensorboard(results: Sequence[SettingResult], tb_dir, step: int | None) -> None:
-  from esspr_jax.metrics_writer import TensorBoard  # noqa: PLC0415  (uploads on gs://)
   writer = TensorBoard(tb_dir)
   try:
     for key, value in scalars(results).items():

@@ -14,12 +14,15 @@ import hashlib
 import json
 import os
 
+import flax.linen as nn
 import jax
-from flax import traverse_util
+import orbax.checkpoint as ocp
 from etils import epath
+from flax import traverse_util
 
 from esspr_jax import checkpoint as checkpoint_lib
 from esspr_jax.errors import ConfigError, DataError
+from esspr_jax.models import build_model, example_side
 
 
 def config_hash(section) -> str:
@@ -71,10 +74,6 @@ def _locate(path) -> tuple[epath.Path, epath.Path | None]:
 
 def load_model_and_params(config, path, step: int | None = None):
   """(model, params, {'checkpoint': dir, 'step': int, 'config_hash': str})."""
-  import orbax.checkpoint as ocp  # noqa: PLC0415
-  from esspr_jax.models import build_model, example_side  # noqa: PLC0415
-  import flax.linen as nn  # noqa: PLC0415
-
   ckpt_dir, run_dir = _locate(path)
   steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
   if not steps:

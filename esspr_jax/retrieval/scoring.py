@@ -1,10 +1,11 @@
 """From embedded eval pairs to the per-setting retrieval table (no model, no I/O).
 
-Protocol (SPEC.md "Evaluation"): every annotated pair is a query, embedded from its
-trigger in modality x; the gallery is the set of *distinct* recall products, embedded
-in modality y; the pair's own recall is the positive. Two kinds of gallery items do not
-compete with the positive (see `PairLayout.ignore`): the trigger itself when it is also
-some pair's recall, and the trigger's other annotated recalls (they are correct too).
+Protocol (docs/retrieval.md, "Evaluation protocol"): every annotated pair is a query,
+embedded from its trigger in modality x; the gallery is the set of *distinct* recall
+products, embedded in modality y; the pair's own recall is the positive. Two kinds of
+gallery items do not compete with the positive (see `PairLayout.ignore`): the trigger
+itself when it is also some pair's recall, and the trigger's other annotated recalls
+(they are correct too).
 Ranks are pessimistic in ties (metrics.py).
 """
 import collections

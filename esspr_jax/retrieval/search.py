@@ -13,7 +13,7 @@ Python API:
     s.duplicates('supplier_7', threshold=0.95, modality='m') -> [(Hit, Hit, score)]
     s.write_html(path, title, hits, query_image=None, query_text='')
 
-`search_from_config(config, workdir, export_dir, ...)` is main.py --mode=search.
+`search_from_config(config, workdir, export_dir, ...)` is `esspr-jax --mode=search`.
 
 Hybrid (`hybrid=True` on by_id / by_text, `eval.search.hybrid` for the command): the
 dense top-N and the title TF-IDF top-N (N = `eval.hybrid.candidates`, lexical.py over
@@ -31,6 +31,7 @@ modality the export was not built for, a model whose embedding size differs from
 index, or a checkpoint whose model config differs from the one that made the export.
 """
 import dataclasses
+import html
 import pathlib
 import re
 from typing import Sequence
@@ -38,11 +39,14 @@ from typing import Sequence
 import numpy as np
 
 from esspr_jax.errors import ConfigError, DataError
+from esspr_jax.input import images
+from esspr_jax.models.tokenizer import Tokenizer
+from esspr_jax.retrieval import embed as embed_lib
 from esspr_jax.retrieval import export as export_lib
 from esspr_jax.retrieval import fusion
-from esspr_jax.retrieval import lexical as lexical_lib
 from esspr_jax.retrieval import index as index_lib
 from esspr_jax.retrieval import integrity
+from esspr_jax.retrieval import lexical as lexical_lib
 from esspr_jax.retrieval import report as report_lib
 from esspr_jax.retrieval import restore
 from esspr_jax.retrieval import update as update_lib
@@ -138,7 +142,6 @@ class Searcher:
       raise DataError(f"the model embeds in {self.config.model.embed_dim} dimensions but the "
                       f"index at {self.dir} holds {self.dim}-dimensional vectors")
     if self.tokenizer is None:
-      from esspr_jax.models.tokenizer import Tokenizer  # noqa: PLC0415
       if not self.manifest.get("tokenizer"):
         raise DataError(f"the export at {self.dir} has no tokenizer; pass tokenizer=")
       integrity.verify(self.dir, self.assets, [self.manifest["tokenizer"]])
@@ -276,7 +279,6 @@ class Searcher:
       raise DataError("empty query text: give some words (or search by image alone)")
     if image is None and text is None:
       raise DataError("give an image, a text, or both")
-    from esspr_jax.retrieval import embed as embed_lib  # noqa: PLC0415
     modality = "m" if image is not None and text is not None else ("i" if image is not None else "t")
     if modality not in self.model.available:
       raise DataError(f"this model cannot embed {modality!r} queries (it has {self.model.available})")
@@ -332,7 +334,6 @@ class Searcher:
   def write_html(self, path, title: str, hits: Sequence[Hit], *, query_image=None,
                  query_text: str = "", image_dir=None) -> pathlib.Path:
     """A page with the query and the top-k hits as image cards."""
-    import html  # noqa: PLC0415
     thumb = self.config.eval.search.html_thumb_px if self.config is not None else 160
     query = ""
     if query_image is not None:
@@ -348,7 +349,6 @@ def _load_image(image, size: int, resize_mode: str) -> np.ndarray:
   """A query image (path or bytes) as uint8 [size, size, 3], or a DataError naming it.
   Read and checked as the build reads images: a regular file only, within the byte and
   pixel caps (a FIFO or /dev/zero would otherwise hang or fill memory)."""
-  from esspr_jax.input import images  # noqa: PLC0415
   name = "<bytes>" if isinstance(image, (bytes, bytearray)) else str(image)
   try:
     if isinstance(image, (bytes, bytearray)):
@@ -391,7 +391,7 @@ def search_from_config(config, workdir, export_dir, *, listing_id: str = "", ima
                        text: str = "", supplier: str = "", more_suppliers: bool = False,
                        category: str = "", gallery: str = "m", k: int = 0, html_out: str = "",
                        image_dir: str = "", checkpoint=None) -> list:
-  """main.py --mode=search: one query (or a duplicates report with `supplier` alone)."""
+  """`esspr-jax --mode=search`: one query (or a duplicates report with `supplier` alone)."""
   del workdir
   k = k or config.eval.search.k
   needs_model = bool(image or text)

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from esspr_jax import cli
 from esspr_jax.config.data import mining_config, world_config
 from esspr_jax.demo_world import synthetic
 from esspr_jax.ingest import clicklog, mining
@@ -179,12 +180,13 @@ def test_no_constraints_keeps_noise_and_reads_parquet(hand_made, tmp_path):
 
 def test_cli_min_coclicks_override_and_beam_flags(hand_made, tmp_path, capsys):
   out = tmp_path / "pairs.csv"
-  mining.main(["mining", f"--config={REPO / 'configs' / 'tiny.py'}",
-               f"--clicklog={hand_made / 'log.csv'}",
-               f"--catalog={hand_made / 'cat' / 'catalog.csv'}", f"--out={out}",
-               "--config.data.mining.min_coclicks=2", "--config.data.mining.max_bad_fraction=1.0",
-               "--config.data.mining.write_rejects=False", "--precision",
-               "--direct_num_workers=1"])  # unknown to the CLI: passed on to Beam
+  cli.mine_entry(["mining", f"--config={REPO / 'configs' / 'tiny.py'}",
+                  f"--clicklog={hand_made / 'log.csv'}",
+                  f"--catalog={hand_made / 'cat' / 'catalog.csv'}", f"--out={out}",
+                  "--config.data.mining.min_coclicks=2",
+                  "--config.data.mining.max_bad_fraction=1.0",
+                  "--config.data.mining.write_rejects=False", "--precision",
+                  "--direct_num_workers=1"])  # unknown to the CLI: passed on to Beam
   assert _pairs(out) == {("a1", "a2")}
   report = json.loads((tmp_path / "pairs.report.json").read_text())
   assert report["stages"]["dropped_min_coclicks"] == 1 and report["rows_read"] == 24

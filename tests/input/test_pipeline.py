@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from esspr_jax.input import esspr_tfds, images, pipeline
+from esspr_jax.input import esspr_tfds, images, pipeline, tokenizer_stage
 from esspr_jax.errors import ConfigError, DataError
 from esspr_jax.models.tokenizer import Tokenizer
 from support import write_jpeg
@@ -205,10 +205,10 @@ def test_run_config_wiring_and_validation(built):
   with config.unlocked():
     config.data.pipeline.train_dataset = "train_pairs"
     config.data.pipeline.data_dir = str(built["root"] / "tfds")
-  tokenizer = pipeline.run_tokenizer(config)
+  tokenizer = tokenizer_stage.run_tokenizer(config)
   cached = list((built["root"] / "tfds").rglob("tokenizer-*.json"))
   assert len(cached) == 1
-  assert pipeline.run_tokenizer(config).vocab_size == tokenizer.vocab_size
+  assert tokenizer_stage.run_tokenizer(config).vocab_size == tokenizer.vocab_size
   batch = next(iter(pipeline.train_dataset(config, 4, process_index=0, process_count=1)))
   assert batch["trigger"]["image"].shape == (4, spec.image_size, spec.image_size, 3)
   config.data.pipeline.worker_count = -1
@@ -242,9 +242,9 @@ def test_data_readers_load_the_stage_s_tokenizer_and_never_train_one(built):
   with pytest.raises(DataError, match="no tokenizer trained"):
     pipeline.eval_dataset(config, 4, process_index=0, process_count=1)
   assert not list((built["root"] / "tfds").rglob(
-      pipeline._trained_tokenizer_path(config, None).name))
-  trained = pipeline.run_tokenizer(config)
-  assert pipeline.load_tokenizer(config).vocab_size == trained.vocab_size
+      tokenizer_stage.trained_tokenizer_path(config, None).name))
+  trained = tokenizer_stage.run_tokenizer(config)
+  assert tokenizer_stage.load_tokenizer(config).vocab_size == trained.vocab_size
 
 
 def test_the_abstract_batch_of_compile_mode_is_the_pipelines(built):

@@ -163,7 +163,7 @@ def _flax_tower(sd, classifier=True):
   tower = efficientnet.EfficientNetLite0(classifier=classifier)
   shapes = jax.eval_shape(tower.init, jax.random.key(0), np.zeros((1, 224, 224, 3), np.uint8))
   values = pretrained.match_to_tower(shapes["params"], efficientnet.from_torch_state_dict(sd))
-  return tower, pretrained._replace(nn.unbox(shapes["params"]), values)
+  return tower, pretrained.replace_leaves(nn.unbox(shapes["params"]), values)
 
 
 def test_feature_map_and_logits_match_the_torch_reference(state_dict, shared_data):

@@ -134,7 +134,7 @@ def test_bert_layout_matches_numpy_reference(bert_file, scan):
   values = pretrained.match_to_tower(params, converted, allow_unused=("pooler/*",))
   if scan:
     assert values["encoder/layers/attn/query/kernel"].shape == (2, 32, 2, 16)
-  loaded = pretrained._replace(params, values)
+  loaded = pretrained.replace_leaves(params, values)
   states, _ = jax.jit(tower.apply)({"params": loaded}, ids, mask)
   sd = {k[len("bert."):]: v for k, v in pretrained.read_safetensors(bert_file).items()}
   reference = _numpy_bert(sd, ids, mask)
@@ -311,7 +311,7 @@ def _load_vit(tower, converted, **kw):
   images = np.zeros((1, tower.image_size, tower.image_size, 3), np.uint8)
   params = nn.unbox(tower.init(jax.random.key(0), images)["params"])
   kw.setdefault("allow_unused", ("head/*",))
-  return pretrained._replace(params, pretrained.match_to_tower(params, converted,
+  return pretrained.replace_leaves(params, pretrained.match_to_tower(params, converted,
                                                                num_prefix=1, **kw))
 
 

@@ -20,7 +20,7 @@ from esspr_jax.config.data import world_config
 from esspr_jax.demo_world import synthetic
 from esspr_jax.errors import ConfigError
 from esspr_jax.ingest import catalog as catalog_lib
-from esspr_jax.input import pipeline
+from esspr_jax.input import tokenizer_stage
 from esspr_jax.retrieval import export, restore
 from esspr_jax.train import TrainState
 
@@ -46,7 +46,8 @@ def run_dir(tiny, tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _tokenizer(tiny, monkeypatch):
   """The run's tokenizer is the tiny fixture's (no train dataset is built here)."""
-  monkeypatch.setattr(pipeline, "load_tokenizer", lambda config, data_dir=None: tiny.tokenizer)
+  monkeypatch.setattr(tokenizer_stage, "load_tokenizer",
+                      lambda config, data_dir=None: tiny.tokenizer)
 
 
 def _run(run, *flags):

@@ -11,22 +11,19 @@ turns the first one into an error, `max_bad_fraction` stops a mostly-bad log. Th
 output, in the eSSPR release format, is renamed into place only after those checks
 pass, so a failed run never leaves a half-written pair file.
 
-This module is only the launcher: the graph, its types and DoFns are in mining_graph
-(importable by workers), the splittable click-log reads in clicklog_source. The same
-code runs on the local runner (default; beam_local.LocalRunner: Beam's FnApiRunner, its
-servers on loopback) or Dataflow/Flink/Spark: pass Beam pipeline options (docs/data.md).
-Output is sharded by `num_shards` (0 = the runner decides; one shard is written as OUT
-itself); pair_files reads OUT, its shards or any glob. CLI:
-  python -m esspr_jax.ingest.mining --config=configs/demo.py --clicklog=LOG --catalog=CAT \
-      --out=PAIRS.csv [--num_shards=N] [--config.data.mining.min_relevance=0.8] \
-      [--runner=... beam flags, e.g. --direct_running_mode=multi_processing]
+This package is only the launcher (`__main__.py` is its command line, docs/data.md its
+usage): the graph, its types and DoFns are in mining_graph (importable by workers), the
+splittable click-log reads in clicklog_source. The same code runs on the local runner
+(default; beam_local.LocalRunner: Beam's FnApiRunner, its servers on loopback) or
+Dataflow/Flink/Spark, given Beam pipeline options. Output is sharded by `num_shards`
+(0 = the runner decides; one shard is written as OUT itself); pair_files reads OUT, its
+shards or any glob.
 """
 import csv
 import dataclasses
 import io
 import os
 import shlex
-import sys
 import time
 import uuid
 from collections.abc import Sequence
@@ -36,6 +33,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from esspr_jax.config.data import validate_mining
 from esspr_jax.errors import DataError
 from esspr_jax.ingest import beam_local, clicklog, pair_files
 from esspr_jax.ingest.mining_graph import (
@@ -206,7 +204,6 @@ def mine_pairs(clicklog_path, catalog_path, out_csv, cfg,
   and when more than cfg.max_bad_fraction of the rows read were bad.
   """
   # Imported here: the config package pulls in JAX, which Beam workers do not need.
-  from esspr_jax.config.data import validate_mining  # noqa: PLC0415
   validate_mining(cfg)
   sources, paths = click_sources(clicklog_path, cfg.input_format)
   catalog_path, out = str(catalog_path), str(out_csv)
@@ -258,14 +255,3 @@ def mine_pairs(clicklog_path, catalog_path, out_csv, cfg,
   if verbose:
     print(report.table())
   return report
-
-
-def main(argv=None) -> int:
-  """`python -m esspr_jax.ingest.mining` is `esspr-jax --mode=mine` (one entry point and
-  one error handling, esspr_jax/cli.py); flags that command does not know go to Beam."""
-  from esspr_jax import cli  # noqa: PLC0415
-  return cli.mine_entry(list(sys.argv if argv is None else argv))
-
-
-if __name__ == "__main__":
-  sys.exit(main())
