@@ -32,8 +32,8 @@ from ml_collections import config_flags
 
 from esspr_jax import console
 from esspr_jax import distributed
-from esspr_jax import stages
 from esspr_jax import topology
+from esspr_jax.paths import Paths
 from esspr_jax import workdir as workdir_lib
 from esspr_jax.config import validate_config
 from esspr_jax.errors import ConfigError, DataError
@@ -56,6 +56,13 @@ _DISK_FAULT_TEXT = ("No space left on device", "Read-only file system", "Disk qu
 # A run a preemption notice (SIGTERM) stopped has saved its last step: a success for the
 # scheduler that sent it, and the same command resumes it (recipes stop with it too).
 EXIT_PREEMPTED = 0
+
+
+def _stages():
+  """The stages module, imported when a mode runs: --help and flag errors answer
+  without loading JAX, Grain, TFDS, ScaNN and Beam (about 3 s of start-up here)."""
+  from esspr_jax import stages  # noqa: PLC0415  (start-up time, see the docstring)
+  return stages
 
 
 class CommandLineError(ValueError):
@@ -232,7 +239,7 @@ def _require(fv, *names) -> None:
     raise ConfigError("flags", f"--mode={fv.mode} needs {', '.join('--' + n for n in missing)}")
 
 
-def _local_export_dir(fv, paths: stages.Paths) -> pathlib.Path:
+def _local_export_dir(fv, paths) -> pathlib.Path:
   """--export_dir, else <workdir>/export. Local either way: the shards and the ScaNN
   index are memory-mapped local files (with a gs:// workdir, pass --export_dir)."""
   return workdir_lib.local_path(fv.export_dir or paths.workdir / "export", "--export_dir")
@@ -240,6 +247,7 @@ def _local_export_dir(fv, paths: stages.Paths) -> pathlib.Path:
 
 def run(config, fv, beam_args=()):
   """Runs `fv.mode` for a parsed, validated config."""
+  stages = _stages()
   mode = fv.mode
   if mode == "fetch-images":
     report = fetch_images.fetch_from_config(config, fv.pairs or fv.train_pairs, fv.out,
@@ -257,7 +265,7 @@ def run(config, fv, beam_args=()):
   if beam_args:
     raise CommandLineError(f"unexpected arguments {list(beam_args)} (only --mode=mine passes "
                            "arguments after `--` on, to Beam)")
-  paths = stages.Paths.of(config, fv)
+  paths = Paths.of(config, fv)
   if mode == "all":
     return stages.run_all(config, paths)
   if mode == "demo-world":
@@ -292,7 +300,7 @@ def _log_dir(config, fv) -> pathlib.Path | None:
   if fv.mode in ("mine", "fetch-images") and not fv.workdir:
     out = fv.out or ""
     return pathlib.Path(out).absolute().parent / "logs" if out and "://" not in out else None
-  return stages.Paths.of(config, fv).logs
+  return Paths.of(config, fv).logs
 
 
 # ----------------------------------------------------------------------------- errors
@@ -391,7 +399,7 @@ def execute(argv: list[str], *, beam_args=()) -> int:
           topology.reserve_cpu_devices(fv.topology or "")
         distributed.initialize_from_flags(fv)
         if fv.mode != "compile":
-          stages.check_platform(config, allow_cpu=fv.allow_cpu)
+          _stages().check_platform(config, allow_cpu=fv.allow_cpu)
         result = run(config, fv, beam_args)
       except Exception as e:
         log.info("stopped by %s", type(e).__name__, exc_info=e)  # the details, in the log file

@@ -9,18 +9,32 @@ job to a fixed set of line formats); library logs go to <workdir>/logs/
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import pathlib
 import time
 
-from etils import epath
+import jax
 
 from esspr_jax import atomic_io
+from esspr_jax import compile_check as compile_lib
 from esspr_jax import console
 from esspr_jax import distributed
+from esspr_jax import sharding
+from esspr_jax import train as train_lib
 from esspr_jax import workdir as workdir_lib
+from esspr_jax.paths import Paths
+from esspr_jax.config.loss import composed_enabled
+from esspr_jax.demo_world import synthetic
+from esspr_jax.demo_world.pair_precision import pair_precision
 from esspr_jax.errors import ConfigError, DataError
+from esspr_jax.hard_negatives import miner
+from esspr_jax.input import esspr_tfds
+from esspr_jax.input import pipeline
+from esspr_jax.models import build_model
+from esspr_jax.retrieval import duplicates_stage
+from esspr_jax.retrieval import evaluate as evaluate_lib
+from esspr_jax.retrieval import export as export_lib
+from esspr_jax.retrieval import search as search_lib
 
 log = logging.getLogger(__name__)
 
@@ -29,36 +43,6 @@ _ACCELERATORS = ("gpu", "tpu")
 # No CPU device reaches this dense peak: a train.peak_flops at or above it was set for
 # an accelerator (the smallest entry of metrics_writer.PEAK_FLOPS_BY_DEVICE_KIND is 197e12).
 ACCELERATOR_PEAK_FLOPS = 50e12
-
-
-@dataclasses.dataclass
-class Paths:
-  """Where a run writes; printed at the end of the main job. The workdir may be a
-  gs:// URL (an epath); the world and the datasets are local (esspr_jax/workdir.py)."""
-  workdir: "epath.Path"
-  world: pathlib.Path
-  data_dir: pathlib.Path
-  logs: pathlib.Path | None = None  # where library logs go (esspr_jax/console.py)
-
-  @property
-  def data_per_host(self) -> bool:
-    """Each host prepares its own local copy of the data: the workdir is remote."""
-    return workdir_lib.is_remote(self.workdir) and not workdir_lib.is_remote(self.data_dir)
-
-  @classmethod
-  def of(cls, config, fv=None, *, workdir=None, world_dir=None) -> "Paths":
-    """From the flags `fv` (--workdir, --world_dir) or the same two values given."""
-    if fv is not None:
-      workdir, world_dir = fv.workdir, fv.world_dir
-    workdir = workdir_lib.workdir_path(workdir)
-    if world_dir:
-      world = workdir_lib.local_path(world_dir, "--world_dir")
-    elif workdir_lib.is_remote(workdir):
-      world = workdir_lib.local_data_root(config) / "world"
-    else:
-      world = pathlib.Path(workdir) / "world"
-    logs = console.default_log_dir(workdir, world.parent)
-    return cls(workdir, world, workdir_lib.default_data_dir(config, workdir).absolute(), logs)
 
 
 def say(message: str) -> None:
@@ -81,7 +65,6 @@ def required_platform(config) -> str | None:
 def check_platform(config, *, allow_cpu: bool) -> str:
   """Says which backend and devices JAX found; refuses a CPU-only JAX for a config laid
   out for TPU/GPU (a pod run would otherwise train on the host CPU) unless allow_cpu."""
-  import jax  # noqa: PLC0415
   backend = jax.default_backend()
   kind = jax.devices()[0].device_kind
   say(f"[jax] backend {backend}: {jax.device_count()} x {kind} "
@@ -101,7 +84,6 @@ def check_platform(config, *, allow_cpu: bool) -> str:
 # ----------------------------------------------------------------------------- stages
 def make_world(config, paths: Paths):
   """The demo world, generated once: a complete world has its manifest."""
-  from esspr_jax.demo_world import synthetic  # noqa: PLC0415
   world = synthetic.WorldPaths.under(paths.world)
   if world.manifest.is_file():
     say(f"[world] reusing {paths.world}")
@@ -115,7 +97,7 @@ def make_world(config, paths: Paths):
 def mine(config, clicklog, catalog, out, *, beam_args=None, precision: bool = False):
   """Mined pairs CSV `out` (and its report next to it); returns the mining report.
   The one mining entry point: `--mode=mine` and `python -m esspr_jax.ingest.mining`."""
-  from esspr_jax.ingest import mining  # noqa: PLC0415
+  from esspr_jax.ingest import mining  # noqa: PLC0415  (Apache Beam: only this stage)
   start = time.time()
   report = mining.mine_pairs(clicklog, catalog, out, config.data.mining, beam_args or (),
                              verbose=False)
@@ -123,7 +105,6 @@ def mine(config, clicklog, catalog, out, *, beam_args=None, precision: bool = Fa
     atomic_io.write_json(mining_report_path(out), report.to_dict())
   say(f"[mine] {report.pairs_written} pairs -> {out} in {time.time() - start:.1f}s")
   if precision:
-    from esspr_jax.demo_world.pair_precision import pair_precision  # noqa: PLC0415
     say(pair_precision(out, catalog).table())
   return report
 
@@ -136,8 +117,6 @@ def mining_report_path(out) -> str:
 def build(config, paths: Paths, train_pairs, eval_pairs, image_dir) -> list[str]:
   """Both datasets (each reused when its CSV and settings are unchanged), plus the
   composed-query triplets when that loss term is on; returns the dataset names."""
-  from esspr_jax.config.loss import composed_enabled  # noqa: PLC0415
-  from esspr_jax.input import esspr_tfds  # noqa: PLC0415
   p = config.data.pipeline
   datasets = [(p.train_dataset, train_pairs), (p.eval_dataset, eval_pairs)]
   if composed_enabled(config):  # the demo world's modification triplets
@@ -156,7 +135,6 @@ def build(config, paths: Paths, train_pairs, eval_pairs, image_dir) -> list[str]
 
 def tokenizer(config, paths: Paths):
   """The run's tokenizer (trained once on the train titles, cached in the data dir)."""
-  from esspr_jax.input import pipeline  # noqa: PLC0415
   start = time.time()
   tok = pipeline.run_tokenizer(config, paths.data_dir)
   say(f"[tokenizer] {config.model.tokenizer.kind} in {time.time() - start:.1f}s")
@@ -167,7 +145,6 @@ def shared_tokenizer(config, paths: Paths):
   """The run's tokenizer on every process. A trained one is cached in the data dir:
   process 0 trains/writes it first, the others load it after a barrier (or, where each
   host prepared its own copy of the data, run the same deterministic stage locally)."""
-  from esspr_jax.input import pipeline  # noqa: PLC0415
   if distributed.is_primary():
     tok = pipeline.run_tokenizer(config, paths.data_dir)
   distributed.barrier("esspr_jax.stages: tokenizer cached")
@@ -179,9 +156,6 @@ def shared_tokenizer(config, paths: Paths):
 
 def train(config, paths: Paths, tok=None):
   """Trains with the run's hooks (eval; the miner when on); returns the TrainResult."""
-  from esspr_jax import train as train_lib  # noqa: PLC0415
-  from esspr_jax.input import pipeline  # noqa: PLC0415
-  from esspr_jax.models import build_model  # noqa: PLC0415
   tok = tok or shared_tokenizer(config, paths)
   model = build_model(config.model)
   # With hard negatives on the trainer builds the pipeline itself (the miner attaches to it).
@@ -202,12 +176,9 @@ def training_hooks(config, workdir, *, train_source=None, model=None, eval_batch
   every eval.every_steps steps and at the end. Pass them as train(hooks=...)."""
   workdir, hooks = workdir_lib.workdir_path(workdir), []
   if config.train.hard_negatives.enabled:
-    from esspr_jax import train as train_lib  # noqa: PLC0415
-    from esspr_jax.hard_negatives import miner  # noqa: PLC0415
     hooks.append(miner.from_config(config, workdir, workdir_lib.default_data_dir(config, workdir),
                                    train_lib.per_process_batch_size(config), source=train_source))
   if eval_batches is not None:
-    from esspr_jax.retrieval import evaluate as evaluate_lib  # noqa: PLC0415
     hooks.append(evaluate_lib.eval_hook(config, workdir, model, eval_batches,
                                         batch_sharding=eval_sharding))
   return hooks
@@ -217,8 +188,6 @@ def eval_batch_sharding(config):
   """The trainer's batch sharding (same mesh, same rules) for the eval hook, so eval
   embeds each batch split over all devices. None (eval unsharded, with a warning) when
   the eval batch cannot be split evenly over the batch shards."""
-  from esspr_jax import sharding  # noqa: PLC0415
-  import jax  # noqa: PLC0415
   mesh = sharding.make_mesh(config.train)
   logical_rules = sharding.rules(config.train)
   shards = sharding.batch_shards(mesh, logical_rules)
@@ -232,7 +201,6 @@ def eval_batch_sharding(config):
 
 
 def evaluate(config, paths: Paths, *, checkpoint=None, step=None):
-  from esspr_jax.retrieval import evaluate as evaluate_lib  # noqa: PLC0415
   return evaluate_lib.evaluate_checkpoint(config, paths.workdir, checkpoint=checkpoint,
                                           step=step, data_dir=paths.data_dir)
 
@@ -241,21 +209,18 @@ def export(config, paths: Paths, catalog, image_dir, export_dir, *, checkpoint=N
            step=None, update: bool = False):
   """Embeddings of `catalog` in `export_dir`; with `update`, only new or changed
   listings are embedded into the existing export (docs/retrieval.md)."""
-  from esspr_jax.retrieval import export as export_lib  # noqa: PLC0415
   return export_lib.export_catalog(config, paths.workdir, catalog, image_dir, export_dir,
                                    checkpoint=checkpoint, step=step, data_dir=paths.data_dir,
                                    update=update)
 
 
 def search(config, paths: Paths, export_dir, **query):
-  from esspr_jax.retrieval import search as search_lib  # noqa: PLC0415
   return search_lib.search_from_config(config, paths.workdir, export_dir, **query)
 
 
 def duplicates(config, paths: Paths, catalog=None, image_dir=None, *, pairs=None,
                checkpoint=None, step=None):
   """--mode=duplicates (retrieval/duplicates_stage.py); the catalog defaults to the world's."""
-  from esspr_jax.retrieval import duplicates_stage  # noqa: PLC0415
   catalog = catalog or paths.world / "catalog.csv"
   report = duplicates_stage.run_duplicates(
       config, paths.workdir, catalog, image_dir or pathlib.Path(catalog).parent,
@@ -270,7 +235,6 @@ def duplicates(config, paths: Paths, catalog=None, image_dir=None, *, pairs=None
 def compile_check(config, paths: Paths, topology_name: str):
   """--mode=compile: the train and embedding steps compiled for a topology; prints the
   report and writes it under <workdir>/compile/ (compile_check.py)."""
-  from esspr_jax import compile_check as compile_lib  # noqa: PLC0415  (jax, the model)
   report = compile_lib.run(config, paths.workdir, topology_name)
   say(report.table())
   say(f"[compile] report: {compile_lib.report_path(paths.workdir, topology_name)}")
