@@ -1,6 +1,6 @@
 """Model FLOPs of one training step, counted from the config (what MFU divides by).
 
-XLA's own count of the step (`metrics_writer.compiled_flops`) is the program's, not
+XLA's own count of the step (its cost analysis) is the program's, not
 the model's: it includes remat's recomputed forward passes and the optimizer's
 elementwise updates, and it counts a scan's body once, so a scanned layer stack
 (`model.scan`) or gradient caching's micro-batches (`train.grad_accum_steps`) shrink
