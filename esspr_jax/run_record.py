@@ -9,6 +9,10 @@ term on or off) cannot change under a checkpoint: such a change is a ConfigError
 (Orbax would fail with a shape traceback, or resume silently on other data). Every
 other change (optimizer, schedule, steps, logging, eval, loss weights, performance
 knobs) is allowed, logged and recorded.
+
+The train dataset a run started on is recorded too (train_dataset.json: what its build
+says it was made from): a resume on a dataset rebuilt from other pairs since then is
+refused, since the checkpoint's data position would point into other data.
 """
 import json
 import logging
@@ -26,6 +30,7 @@ log = logging.getLogger(__name__)
 
 CONFIG = "config.json"
 HISTORY = "config_history.jsonl"
+DATASET = "train_dataset.json"
 
 # Changing these under a checkpoint is refused (dotted prefixes; "x." covers a section).
 FIXED = ("model.", "seed", "train.batch_size", "train.composed_batch_size",
@@ -154,3 +159,40 @@ def reconcile_config(workdir, config, *, resuming: bool, step: int | None = None
           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "resumed_at_step": step,
           "changes": {k: {"from": o, "to": n} for k, (o, n) in diff.items()}})
   return diff
+
+
+def dataset_identity(data_dir, name: str) -> dict | None:
+  """What the built dataset `name` in `data_dir` was made from (the pair files' bytes
+  and the build settings, from the `inputs` its build wrote to metadata.json; paths are
+  left out, so a moved workdir keeps its identity), or None where none is built."""
+  if not data_dir or not epath.Path(data_dir).is_dir():
+    return None
+  from esspr_jax.input import esspr_tfds  # noqa: PLC0415  (TensorFlow Datasets: only with data)
+  path = epath.Path(data_dir) / esspr_tfds.BUILDER_NAME / name / str(esspr_tfds.EssprPairs.VERSION)
+  meta = path / "metadata.json"
+  inputs = json.loads(meta.read_text()).get("inputs") if meta.exists() else None
+  if not inputs:
+    return None
+  return {"name": name, "path": os.fspath(path), "pairs": inputs.get("csv_path"),
+          "csv_sha256": inputs.get("csv_sha256"), "settings": inputs.get("settings")}
+
+
+def check_dataset(workdir, identity: dict | None, *, resuming: bool, write: bool = True) -> None:
+  """Records the train dataset's `identity` when the run starts (and where an older run
+  has none); on resume, refuses (ConfigError) a dataset whose pairs or build settings
+  changed since. Only the writing process (`write`) writes; every process checks."""
+  record = epath.Path(workdir) / DATASET
+  saved = json.loads(record.read_text()) if resuming and record.exists() else None
+  if saved and identity and any(saved.get(k) != identity[k] for k in ("csv_sha256", "settings")):
+    raise ConfigError(
+        "data.pipeline.train_dataset",
+        f"cannot resume the run in {os.fspath(workdir)}: its train dataset "
+        f"{identity['name']!r} ({identity['path']}) was rebuilt from other pairs or settings "
+        f"since the run started (now from {identity['pairs']}, then from {saved.get('pairs')}; "
+        f"{record}). Rebuild it from the run's pairs, or train on the new data in a new "
+        f"--workdir")
+  if write and saved is None:
+    if identity:
+      atomic_io.write_json(record, identity)
+    elif not resuming and record.exists():
+      record.unlink()  # a fresh run on data with no build record: none to keep

@@ -115,6 +115,13 @@ def mining_report_path(out) -> str:
 
 
 def build(config, paths: Paths, train_pairs, eval_pairs, image_dir) -> list[str]:
+  """--mode=build: the datasets (build_datasets), holding the workdir's run lock, so a
+  build never replaces the data of a run training there."""
+  with workdir_lib.holding_run(paths.workdir, distributed.is_primary()):
+    return build_datasets(config, paths, train_pairs, eval_pairs, image_dir)
+
+
+def build_datasets(config, paths: Paths, train_pairs, eval_pairs, image_dir) -> list[str]:
   """Both datasets (each reused when its CSV and settings are unchanged), plus the
   composed-query triplets when that loss term is on; returns the dataset names."""
   p = config.data.pipeline
@@ -201,17 +208,21 @@ def eval_batch_sharding(config):
 
 
 def evaluate(config, paths: Paths, *, checkpoint=None, step=None):
-  return evaluate_lib.evaluate_checkpoint(config, paths.workdir, checkpoint=checkpoint,
-                                          step=step, data_dir=paths.data_dir)
+  """--mode=eval, holding the workdir's run lock (it writes eval reports there)."""
+  with workdir_lib.holding_run(paths.workdir, distributed.is_primary()):
+    return evaluate_lib.evaluate_checkpoint(config, paths.workdir, checkpoint=checkpoint,
+                                            step=step, data_dir=paths.data_dir)
 
 
 def export(config, paths: Paths, catalog, image_dir, export_dir, *, checkpoint=None,
            step=None, update: bool = False):
   """Embeddings of `catalog` in `export_dir`; with `update`, only new or changed
-  listings are embedded into the existing export (docs/retrieval.md)."""
-  return export_lib.export_catalog(config, paths.workdir, catalog, image_dir, export_dir,
-                                   checkpoint=checkpoint, step=step, data_dir=paths.data_dir,
-                                   update=update)
+  listings are embedded into the existing export (docs/retrieval.md). Holds the
+  workdir's run lock."""
+  with workdir_lib.holding_run(paths.workdir, distributed.is_primary()):
+    return export_lib.export_catalog(config, paths.workdir, catalog, image_dir, export_dir,
+                                     checkpoint=checkpoint, step=step, data_dir=paths.data_dir,
+                                     update=update)
 
 
 def search(config, paths: Paths, export_dir, **query):
@@ -220,12 +231,14 @@ def search(config, paths: Paths, export_dir, **query):
 
 def duplicates(config, paths: Paths, catalog=None, image_dir=None, *, pairs=None,
                checkpoint=None, step=None):
-  """--mode=duplicates (retrieval/duplicates_stage.py); the catalog defaults to the world's."""
+  """--mode=duplicates (retrieval/duplicates_stage.py); the catalog defaults to the world's.
+  Holds the workdir's run lock (it writes <workdir>/duplicates)."""
   catalog = catalog or paths.world / "catalog.csv"
-  report = duplicates_stage.run_duplicates(
-      config, paths.workdir, catalog, image_dir or pathlib.Path(catalog).parent,
-      f"{paths.workdir}/duplicates", pairs=pairs, checkpoint=checkpoint, step=step,
-      data_dir=paths.data_dir)
+  with workdir_lib.holding_run(paths.workdir, distributed.is_primary()):
+    report = duplicates_stage.run_duplicates(
+        config, paths.workdir, catalog, image_dir or pathlib.Path(catalog).parent,
+        f"{paths.workdir}/duplicates", pairs=pairs, checkpoint=checkpoint, step=step,
+        data_dir=paths.data_dir)
   for line in duplicates_stage.summary_lines(report):
     say(line)
   return report
@@ -249,7 +262,8 @@ def prepare_data(config, paths: Paths) -> None:
     mine(config, world.clicklog, world.catalog, world.train_pairs)
   else:
     say(f"[mine] reusing {world.train_pairs}")
-  build(config, paths, world.train_pairs, world.eval_pairs, world.out_dir)
+  # run_all holds the workdir's lock already (on process 0 only, which runs this alone)
+  build_datasets(config, paths, world.train_pairs, world.eval_pairs, world.out_dir)
   tokenizer(config, paths)
 
 

@@ -322,13 +322,17 @@ def use_compilation_cache(config, workdir: epath.Path) -> str | None:
 def open_workdir(config, workdir: epath.Path) -> tuple[metrics_lib.MetricsWriter, Any]:
   """Takes the workdir for this run (one workdir, one run), checks the config against
   the one it was started with (run_record.py: config.json is written once, later
-  allowed changes go to config_history.jsonl) and opens its metrics (process 0 writes).
+  allowed changes go to config_history.jsonl) and its train dataset with the one it
+  started on, and opens its metrics (process 0 writes).
   Returns the writer and the lock to release when the run ends."""
   primary = distributed.is_primary()
   lock = workdir_lib.lock_run(workdir, primary)
   try:
-    run_record.reconcile_config(workdir, config, write=primary,
-                                **checkpoint_lib.resume_point(workdir / "checkpoints"))
+    resume = checkpoint_lib.resume_point(workdir / "checkpoints")
+    run_record.reconcile_config(workdir, config, write=primary, **resume)
+    run_record.check_dataset(workdir, run_record.dataset_identity(
+        workdir_lib.default_data_dir(config, workdir), config.data.pipeline.train_dataset),
+        resuming=resume["resuming"], write=primary)
   except BaseException:
     if lock:
       lock.release()

@@ -368,3 +368,16 @@ def lock_run(workdir, primary: bool = True, lease_s: float = LEASE_S) -> RunLock
       lock.release()
     raise refused or WorkdirBusy(workdir, None, f"{os.fspath(workdir)}/{LOCK_NAME}")
   return lock
+
+
+@contextlib.contextmanager
+def holding_run(workdir, primary: bool = True):
+  """`lock_run` for one stage's life (build, eval, export, duplicates write the workdir
+  too): a stage started on a workdir a run holds stops with WorkdirBusy instead of
+  replacing the data or files that run is using; the lock is released when it ends."""
+  lock = lock_run(workdir, primary)
+  try:
+    yield
+  finally:
+    if lock:
+      lock.release()

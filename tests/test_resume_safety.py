@@ -152,3 +152,45 @@ def test_resume_refuses_switching_uncertainty_weighting(two_step_run, tmp_path):
   with pytest.raises(ConfigError, match="loss.weighting.kind: 'fixed' -> 'uncertainty'"):
     run_record.reconcile_config(workdir, _config(4, loss__weighting__kind="uncertainty"),
                                 resuming=True)
+
+
+# ------------------------------------------------------------------ 25.9 rebuilt dataset
+def _build_train_dataset(config, workdir, pairs):
+  """The run's train dataset in <workdir>/tfds, built from `pairs` (rows of two ids)."""
+  from support import write_jpeg  # noqa: PLC0415  (with the helper below)
+  from esspr_jax.input import esspr_tfds  # noqa: PLC0415  (TensorFlow Datasets: this test only)
+  images = workdir / "images"
+  images.mkdir(parents=True, exist_ok=True)
+  rows = []
+  for n, (a, b) in enumerate(pairs):
+    for item in (a, b):
+      write_jpeg(images / f"{item}.jpg", (40 * n % 255, 80, 120))
+    rows.append(f"X,Y,{a},title {a},{b},title {b},{a}.jpg,{b}.jpg,1\n")
+  csv = workdir / f"pairs_{len(pairs)}.csv"
+  csv.write_text("cate_lv1_name,cate_name,trigger_id,trigger_title,recall_id,recall_title,"
+                 "trigger_img,recall_img,label\n" + "".join(rows))
+  esspr_tfds.build_from_config(config, csv, images, config.data.pipeline.train_dataset,
+                               data_dir=workdir / "tfds")
+  return csv
+
+
+def test_resume_on_a_train_dataset_rebuilt_from_other_pairs_is_refused(tmp_path):
+  """A build between two runs replaced the dataset: the checkpoint's data position would
+  point into other data, so the resume stops naming the dataset (a moved workdir, the
+  same pairs, resumes)."""
+  workdir = tmp_path / "run"
+  _build_train_dataset(_config(2), workdir, [("a", "b"), ("c", "d")])
+  _train(_config(2), workdir)
+  recorded = json.loads((workdir / run_record.DATASET).read_text())
+  assert recorded["name"] == _config(2).data.pipeline.train_dataset
+  moved = tmp_path / "moved"
+  workdir.rename(moved)
+  assert _train(_config(3), moved).resumed_from == 2  # same pairs elsewhere: resumes
+  new_csv = _build_train_dataset(_config(3), moved, [("a", "b"), ("c", "d"), ("e", "f")])
+  with pytest.raises(ConfigError) as info:
+    _train(_config(5), moved)
+  message = str(info.value)
+  assert message.startswith("config.data.pipeline.train_dataset: cannot resume the run in ")
+  assert f"'{recorded['name']}'" in message and str(new_csv) in message
+  assert "new --workdir" in message and "\n" not in message
+  assert sorted(p.name for p in (moved / "checkpoints").iterdir() if p.name.isdigit())[-1] == "3"

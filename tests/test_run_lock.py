@@ -126,3 +126,30 @@ def test_a_run_that_raised_frees_its_gs_lock_at_exit(gcs):
   start = time.time()
   workdir_lib.RunLock.acquire(workdir).release()  # at once, not after a 60 s lease
   assert time.time() - start < 10
+
+
+@pytest.mark.parametrize("mode", ["build", "eval", "export", "duplicates"])
+def test_a_stage_that_writes_a_workdir_a_run_holds_is_refused_naming_the_owner(tmp_path, mode):
+  """25.9: a build during a training would replace its dataset under it."""
+  from esspr_jax import stages  # noqa: PLC0415  (heavy: TensorFlow Datasets, Beam)
+  from esspr_jax.paths import Paths  # noqa: PLC0415  (with stages)
+  config, paths = _config(), Paths.of(_config(), workdir=tmp_path / "run")
+  pairs = tmp_path / "pairs.csv"
+  pairs.write_text("cate_lv1_name,cate_name,trigger_id,trigger_title,recall_id,recall_title,"
+                   "trigger_img,recall_img,label\n")
+  run = {"build": lambda: stages.build(config, paths, pairs, pairs, tmp_path),
+         "eval": lambda: stages.evaluate(config, paths),
+         "export": lambda: stages.export(config, paths, pairs, tmp_path, tmp_path / "export"),
+         "duplicates": lambda: stages.duplicates(config, paths, pairs, tmp_path)}[mode]
+  holder = _hold(paths.workdir)
+  try:
+    with pytest.raises(workdir_lib.WorkdirBusy) as info:
+      run()
+    assert f"pid {holder.pid}" in str(info.value) and "in use by another run" in str(info.value)
+    assert not paths.data_dir.exists() and not (tmp_path / "export").exists()
+  finally:
+    _kill(holder)
+  with pytest.raises(Exception) as info:  # free now: it gets past the lock (to the bad input)
+    run()
+  assert not isinstance(info.value, workdir_lib.WorkdirBusy)
+  _kill(_hold(paths.workdir))  # and released it when it ended
