@@ -175,7 +175,7 @@ def _step_report(name: str, lowered, config) -> StepReport:
   compiled, seconds = compile_report.compile_lowered(lowered, config, f"the {name}")
   memory = compile_report.Memory.of(compiled)
   hlo = compiled.as_text()
-  flops = metrics_lib.executable_flops(compiled, 1)
+  flops = metrics_lib.executable_flops(compiled, 1, hlo)
   return StepReport(name=name, memory=memory, flops_per_device=flops,
                     collectives=compile_report.collective_summary(hlo), compile_seconds=seconds,
                     hlo=hlo)

@@ -75,7 +75,6 @@ def hbm_bytes(device) -> int | None:
   """Memory XLA may use on `device`: the runtime's own limit where a live device
   reports one, else the table's entry for its kind (for a GPU, the share XLA's client
   takes: XLA_PYTHON_CLIENT_MEM_FRACTION, default 0.75), else None (e.g. a CPU)."""
-  stats = None
   try:
     stats = device.memory_stats()
   except Exception:  # noqa: BLE001  (compile-only and CPU devices have no stats)

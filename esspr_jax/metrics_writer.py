@@ -43,15 +43,17 @@ def utilisation(flops_per_step: float | None, step_seconds: float, num_devices: 
   return flops_per_step / step_seconds / (num_devices * peak_per_device)
 
 
-def executable_flops(compiled, num_devices: int) -> float | None:
+def executable_flops(compiled, num_devices: int,
+                     hlo_text: str | None = None) -> float | None:
   """FLOPs one step executes on the whole mesh: one device's compiled (partitioned)
   program times the devices. Counts what the hardware runs, remat recomputation and
   gradient caching's second forward included: its matmuls and convolutions with every
   loop's trip count (hlo_flops.py; XLA's cost analysis counts a scanned layer stack's
-  body once), else XLA's cost analysis. None when neither is available."""
+  body once), else XLA's cost analysis. None when neither is available. `hlo_text`:
+  the optimized module when the caller has it already (it can be large)."""
   flops = None
   try:
-    flops = hlo_flops.matmul_flops(compiled.as_text())
+    flops = hlo_flops.matmul_flops(hlo_text if hlo_text is not None else compiled.as_text())
   except Exception as e:  # noqa: BLE001  (a backend without HLO text)
     log.info("no optimized HLO to count: %s", e)
   if flops is None:
